@@ -1,0 +1,38 @@
+# kdjax: `make demo` runs the main example, `make test` runs the test suite.
+# Both create .venv on first use and install what they need into it.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+$(VENV)/.examples: pyproject.toml | $(PY)
+	$(PIP) install -e ".[examples]"
+	touch $@
+
+$(VENV)/.test: pyproject.toml | $(PY)
+	$(PIP) install -e ".[test,examples]"
+	touch $@
+
+demo: $(VENV)/.examples
+	$(PY) examples/optax_train_step.py
+
+test: $(VENV)/.test
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+bench: $(VENV)/.test
+	$(PY) benchmarks/bench_kd_loss.py
+
+lint: $(VENV)/.test
+	$(PY) -m pip install ruff
+	$(PY) -m ruff check kdjax tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

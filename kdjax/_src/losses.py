@@ -1,0 +1,466 @@
+"""Distillation losses on materialised logits: ``kd_loss``, ``distill_loss`` and friends.
+
+All of them validate their inputs at trace time, then run one jitted computation built on the
+blocked per-token engine (``dense.py``) and the shared reductions (``reductions.py``). Logits of
+any float dtype are computed in float32; the gradient comes back in the logits' dtype; no
+gradient flows to ``teacher_logits``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from kdjax._src import checks, dense, reductions
+from kdjax._src import divergences as div
+
+Array = jax.Array
+
+
+def hyperparameters(divergence: str, *, temperature, beta, alpha) -> dict[str, Any]:
+  """Validated hyperparameters that ``divergence`` uses (Python numbers or scalar arrays)."""
+  spec = div.get_divergence(divergence)
+  temperature = checks.scalar("temperature", temperature)
+  div.check_temperature(temperature)
+  hp = {"temperature": temperature}
+  for name, value in (("beta", beta), ("alpha", alpha)):
+    if name in spec.hyperparameters:
+      value = checks.scalar(name, value)
+      div.check_unit_interval(name, value)
+      hp[name] = value
+  return hp
+
+
+def _split(hp: dict[str, Any]) -> tuple[tuple[tuple[str, float], ...], dict[str, Array]]:
+  static = tuple(sorted((k, v) for k, v in hp.items() if isinstance(v, float)))
+  dynamic = {k: v for k, v in hp.items() if not isinstance(v, float)}
+  return static, dynamic
+
+
+def _validate_logits(logits, teacher_logits):
+  logits = checks.float_array("logits", logits)
+  teacher_logits = checks.float_array("teacher_logits", teacher_logits)
+  checks.same_logits_shape(logits, teacher_logits)
+  return logits, teacher_logits
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "divergence", "static_hp", "temperature_squared", "ignore_index", "reduction",
+        "token_block", "kd_coef_static", "output"),
+)
+def _distill(
+    logits, teacher_logits, labels, where, normalizer, dynamic_hp, kd_coef, *,
+    divergence, static_hp, temperature_squared, ignore_index, reduction, token_block,
+    kd_coef_static, output,
+):
+  """The one jitted body behind every public loss in this module.
+
+  ``output`` selects what is returned: ``"loss"`` (the reduced distillation loss),
+  ``"sum_count"`` (``(sum, count)``) or ``"combined"`` (``(1 - kd_coef) * ce + kd_coef * kd``
+  with both terms reduced alike, plus the two terms).
+  """
+  hp = dict(static_hp)
+  hp.update(dynamic_hp)
+  with_ce = output == "combined"
+  per_token, cross_entropy = dense.per_token(
+      logits, teacher_logits, labels if with_ce else None,
+      divergence=divergence, hyperparameters=hp, token_block=token_block)
+  if temperature_squared:
+    per_token = per_token * jnp.square(hp["temperature"])
+  mask = reductions.token_mask(per_token.shape, labels, where, ignore_index)
+  if output == "sum_count":
+    return reductions.sum_and_count(per_token, mask)
+  distill = reductions.reduce(per_token, mask, reduction=reduction, normalizer=normalizer)
+  if output == "loss":
+    return distill
+  kd_coef = kd_coef_static if kd_coef is None else kd_coef
+  ce = reductions.reduce(cross_entropy, mask, reduction=reduction, normalizer=normalizer)
+  return (1.0 - kd_coef) * ce + kd_coef * distill, ce, distill
+
+
+def _call(logits, teacher_logits, labels, *, divergence, beta, alpha, temperature,
+          temperature_squared, ignore_index, where, reduction, normalizer, token_block,
+          output, kd_coef=None):
+  logits, teacher_logits = _validate_logits(logits, teacher_logits)
+  token_shape = logits.shape[:-1]
+  labels = checks.token_array("labels", labels, token_shape, integer=True)
+  where = checks.token_array("where", where, token_shape, integer=False)
+  reductions.check_reduction(reduction, normalizer)
+  if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    raise TypeError(f"ignore_index must be a Python int, got {ignore_index!r}.")
+  token_block = checks.positive_int("token_block", token_block, optional=True)
+  hp = hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
+  static_hp, dynamic_hp = _split(hp)
+  kd_coef_static = None
+  if kd_coef is not None:
+    kd_coef = checks.scalar("kd_coef", kd_coef)
+    div.check_unit_interval("kd_coef", kd_coef)
+    if isinstance(kd_coef, float):
+      kd_coef_static, kd_coef = kd_coef, None
+  return _distill(
+      logits, teacher_logits, labels, where, normalizer, dynamic_hp, kd_coef,
+      divergence=divergence, static_hp=static_hp, temperature_squared=bool(temperature_squared),
+      ignore_index=ignore_index, reduction=reduction, token_block=token_block,
+      kd_coef_static=kd_coef_static, output=output)
+
+
+def distill_loss(
+    logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float | ArrayLike = 0.5,
+    alpha: float | ArrayLike = 0.1,
+    temperature: float | ArrayLike = 1.0,
+    temperature_squared: bool = False,
+    ignore_index: int = -100,
+    where: ArrayLike | None = None,
+    reduction: str = "mean",
+    normalizer: ArrayLike | None = None,
+    token_block: int | None = None,
+) -> Array:
+  r"""Distillation loss between student and teacher logits, masked and reduced.
+
+  With :math:`s = \text{logits} / T`, :math:`t = \text{teacher\_logits} / T`,
+  :math:`p = \mathrm{softmax}(t)` (teacher) and :math:`q = \mathrm{softmax}(s)` (student), the
+  per-token value is the chosen divergence :math:`D(p, q)` (see the README table), optionally
+  times :math:`T^2`, then masked and reduced over tokens.
+
+  .. math::
+
+      \text{loss} = \frac{1}{N} \sum_{i:\ \text{valid}} T^{2[\text{temperature\_squared}]}
+      D(p_i, q_i), \qquad N = \text{normalizer or the number of valid tokens}
+
+  Args:
+    logits: student logits ``[..., vocab]`` (for example ``[batch, seq, vocab]``), any float
+      dtype; computed in float32, gradient returned in this dtype.
+    teacher_logits: teacher logits, same shape. Treated as a constant: no gradient flows to it.
+    labels: optional integer token ids ``logits.shape[:-1]``; tokens equal to ``ignore_index``
+      are excluded. Not used otherwise (shift them with :func:`kdjax.shift_labels` for
+      next-token alignment).
+    divergence: ``"forward_kl"``, ``"reverse_kl"``, ``"generalized_jsd"``,
+      ``"skew_forward_kl"``, ``"skew_reverse_kl"``, ``"total_variation"`` or
+      ``"soft_cross_entropy"``.
+    beta: generalized JSD mixture weight of the teacher, TRL's convention: ``0`` is forward KL,
+      ``1`` is reverse KL (special cases, as in TRL). Only read by ``"generalized_jsd"``.
+    alpha: skew KL mixing weight (DistiLLM). Only read by the two skew divergences.
+    temperature: softmax temperature ``T > 0`` applied to both logits. A Python number is a
+      trace-time constant; pass a scalar array to schedule it without retracing.
+    temperature_squared: multiply per-token values by ``T**2`` (Hinton et al., 2015), which
+      keeps gradient magnitudes comparable across temperatures.
+    ignore_index: label value that marks a token to ignore.
+    where: optional boolean mask ``logits.shape[:-1]``; combined with ``labels`` by AND.
+    reduction: ``"mean"`` (over valid tokens; 0 when there are none), ``"sum"``, ``"none"``
+      (per-token, invalid tokens set to 0) or ``"sequence_mean"`` (mean per sequence along the
+      last token axis, then over sequences with any valid token).
+    normalizer: optional scalar that replaces the valid-token count of ``"mean"``, for example a
+      global count across hosts or gradient-accumulation steps.
+    token_block: rows per block of the blocked computation (default: about 2 MiB of float32
+      per block).
+
+  Returns:
+    A float32 scalar, or ``logits.shape[:-1]`` for ``reduction="none"``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, kdjax
+    >>> logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    >>> teacher = jnp.array([[1.0, 1.0, -1.0], [0.0, 2.0, 0.0]])
+    >>> labels = jnp.array([1, -100])
+    >>> loss = kdjax.distill_loss(logits, teacher, labels, divergence="generalized_jsd")
+    >>> bool(jnp.isfinite(loss))
+    True
+
+  References:
+    Hinton et al., *Distilling the Knowledge in a Neural Network*, 2015.
+    Agarwal et al., *On-Policy Distillation of Language Models* (GKD), 2024.
+    Ko et al., *DistiLLM: Towards Streamlined Distillation for LLMs*, 2024.
+  """
+  return _call(
+      logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
+      temperature=temperature, temperature_squared=temperature_squared,
+      ignore_index=ignore_index, where=where, reduction=reduction, normalizer=normalizer,
+      token_block=token_block, output="loss")
+
+
+def distill_loss_sum_and_count(
+    logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float | ArrayLike = 0.5,
+    alpha: float | ArrayLike = 0.1,
+    temperature: float | ArrayLike = 1.0,
+    temperature_squared: bool = False,
+    ignore_index: int = -100,
+    where: ArrayLike | None = None,
+    token_block: int | None = None,
+) -> tuple[Array, Array]:
+  """``(sum over valid tokens, number of valid tokens)`` of :func:`distill_loss`.
+
+  Sum both over hosts, devices (``jax.lax.psum``) or gradient-accumulation steps, then divide
+  once: the mean is then unbiased however the valid tokens are spread. Arguments as in
+  :func:`distill_loss`.
+
+  Returns:
+    Two float32 scalars ``(sum, count)``.
+
+  Example:
+    >>> import jax.numpy as jnp, kdjax
+    >>> total, count = kdjax.distill_loss_sum_and_count(
+    ...     jnp.zeros((2, 4)), jnp.zeros((2, 4)), jnp.array([3, -100]))
+    >>> float(total), float(count)
+    (0.0, 1.0)
+  """
+  return _call(
+      logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
+      temperature=temperature, temperature_squared=temperature_squared,
+      ignore_index=ignore_index, where=where, reduction="sum", normalizer=None,
+      token_block=token_block, output="sum_count")
+
+
+def kd_loss(
+    logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    ignore_index: int = -100,
+) -> Array:
+  r"""OpenRLHF's ``KDLoss``: teacher-weighted student cross entropy, mean over valid tokens.
+
+  .. math::
+
+      \text{kd\_loss} = -\frac{1}{N} \sum_{i:\ \text{label}_i \ne \text{ignore}}
+      \sum_{v:\ |\text{logits}_{iv}| < \infty}
+      \mathrm{softmax}(\text{teacher\_logits}_i)_v \, \mathrm{log\_softmax}(\text{logits}_i)_v
+
+  Exactly ``distill_loss(..., divergence="soft_cross_entropy", reduction="mean")``. Deliberate
+  differences from OpenRLHF: a batch with every label ignored returns 0 with zero gradients
+  (OpenRLHF: NaN); values and gradients are finite when ``-inf`` appears in either logits; any
+  float input dtype is computed in float32 and the gradient comes back in that dtype; no
+  gradient flows to ``teacher_logits``.
+
+  Args:
+    logits: student logits ``[..., vocab]``.
+    teacher_logits: teacher logits ``[..., vocab]``.
+    labels: integer token ids ``logits.shape[:-1]``; ``ignore_index`` marks ignored tokens.
+    ignore_index: the ignored label value (default -100).
+
+  Returns:
+    A float32 scalar.
+
+  Example:
+    >>> import jax.numpy as jnp, kdjax
+    >>> logits = jnp.log(jnp.array([[0.5, 0.25, 0.25]]))
+    >>> round(float(kdjax.kd_loss(logits, logits, jnp.array([0]))), 4)  # teacher entropy
+    1.0397
+  """
+  return _call(
+      logits, teacher_logits, labels, divergence="soft_cross_entropy", beta=0.5, alpha=0.1,
+      temperature=1.0, temperature_squared=False, ignore_index=ignore_index, where=None,
+      reduction="mean", normalizer=None, token_block=None, output="loss")
+
+
+def distill_with_cross_entropy(
+    logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    kd_coef: float | ArrayLike = 0.5,
+    divergence: str = "forward_kl",
+    beta: float | ArrayLike = 0.5,
+    alpha: float | ArrayLike = 0.1,
+    temperature: float | ArrayLike = 1.0,
+    temperature_squared: bool = False,
+    ignore_index: int = -100,
+    where: ArrayLike | None = None,
+    reduction: str = "mean",
+    normalizer: ArrayLike | None = None,
+    token_block: int | None = None,
+    return_components: bool = False,
+):
+  r"""``(1 - kd_coef) * cross_entropy(logits, labels) + kd_coef * distill_loss(...)``.
+
+  The combined objective of OpenRLHF's KD trainer. Both terms use the same mask and reduction;
+  the hard-label cross entropy is at temperature 1 (on the raw logits), the distillation term
+  at ``temperature``. Both come from one blocked pass over the logits, sharing its memory bound.
+
+  Args:
+    logits, teacher_logits, labels: as in :func:`distill_loss`; ``labels`` is required (the
+      cross-entropy targets, already aligned: see :func:`kdjax.shift_labels`). A label whose
+      student logit is ``-inf`` gives an infinite cross entropy.
+    kd_coef: weight of the distillation term in ``[0, 1]``; a scalar array may be scheduled.
+    return_components: also return ``(cross_entropy, distill)``, each reduced.
+    Others: as in :func:`distill_loss`.
+
+  Returns:
+    The float32 loss (or per-token values for ``reduction="none"``); with
+    ``return_components=True``, ``(loss, (cross_entropy, distill))``.
+
+  Example:
+    >>> import jax.numpy as jnp, kdjax
+    >>> logits = jnp.zeros((1, 2, 4)); teacher = jnp.zeros((1, 2, 4))
+    >>> labels = kdjax.shift_labels(jnp.array([[1, 2]]))  # [[2, -100]]
+    >>> round(float(kdjax.distill_with_cross_entropy(logits, teacher, labels, kd_coef=0.5)), 4)
+    0.6931
+  """
+  if labels is None:
+    raise ValueError("labels is required: it holds the cross-entropy targets.")
+  loss, ce, distill = _call(
+      logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
+      temperature=temperature, temperature_squared=temperature_squared,
+      ignore_index=ignore_index, where=where, reduction=reduction, normalizer=normalizer,
+      token_block=token_block, output="combined", kd_coef=kd_coef)
+  if return_components:
+    return loss, (ce, distill)
+  return loss
+
+
+def shift_labels(labels: ArrayLike, *, ignore_index: int = -100) -> Array:
+  """Labels for next-token prediction: ``out[..., t] = labels[..., t + 1]``, last = ignored.
+
+  A causal LM's logits at position ``t`` predict token ``t + 1``. Passing the input ids as
+  labels unshifted compares each prediction with the token it was conditioned on: the
+  cross entropy then rewards copying the input, and the mask is off by one (the last real
+  token's prediction is kept and the first is dropped). Shifting the labels -- not the logits --
+  aligns them without copying the ``[..., vocab]`` arrays; the last position, which predicts
+  past the end of the sequence, is ignored.
+
+  Args:
+    labels: integer ``[..., seq]`` token ids (with ``ignore_index`` for padding).
+    ignore_index: value written into the last position.
+
+  Returns:
+    An array of the same shape and dtype.
+
+  Example:
+    >>> import jax.numpy as jnp, kdjax
+    >>> kdjax.shift_labels(jnp.array([[5, 6, 7, -100]])).tolist()
+    [[6, 7, -100, -100]]
+  """
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer) or labels.ndim < 1:
+    raise TypeError(
+        f"labels must be an integer array of rank >= 1, got dtype {labels.dtype} and shape "
+        f"{labels.shape}.")
+  pad = jnp.full(labels.shape[:-1] + (1,), ignore_index, labels.dtype)
+  return jnp.concatenate([labels[..., 1:], pad], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-token divergences: ``logits.shape[:-1]`` float32 values, no masking or reduction.
+# ----------------------------------------------------------------------------------------------
+
+
+def _per_token(divergence, logits, teacher_logits, *, temperature, beta=0.5, alpha=0.1,
+               token_block=None):
+  return _call(
+      logits, teacher_logits, None, divergence=divergence, beta=beta, alpha=alpha,
+      temperature=temperature, temperature_squared=False, ignore_index=-100, where=None,
+      reduction="none", normalizer=None, token_block=token_block, output="loss")
+
+
+_PER_TOKEN_ARGS = """
+  Args:
+    logits: student logits ``[..., vocab]``, any float dtype (computed in float32).
+    teacher_logits: teacher logits, same shape; no gradient flows to them.
+    temperature: ``T > 0``; both logits are divided by it before the softmax.
+    token_block: rows per block of the blocked computation (default: automatic).
+
+  Returns:
+    float32 ``logits.shape[:-1]``: one value per token. ``-inf`` logits follow the conventions
+    of the README (``0 log 0 = 0``; a term whose compared distribution has no mass is 0).
+"""
+
+
+def forward_kl(logits: ArrayLike, teacher_logits: ArrayLike, *,
+               temperature: float | ArrayLike = 1.0, token_block: int | None = None) -> Array:
+  return _per_token("forward_kl", logits, teacher_logits, temperature=temperature,
+                    token_block=token_block)
+
+
+def reverse_kl(logits: ArrayLike, teacher_logits: ArrayLike, *,
+               temperature: float | ArrayLike = 1.0, token_block: int | None = None) -> Array:
+  return _per_token("reverse_kl", logits, teacher_logits, temperature=temperature,
+                    token_block=token_block)
+
+
+def generalized_jsd(logits: ArrayLike, teacher_logits: ArrayLike, *,
+                    beta: float | ArrayLike = 0.5, temperature: float | ArrayLike = 1.0,
+                    token_block: int | None = None) -> Array:
+  return _per_token("generalized_jsd", logits, teacher_logits, temperature=temperature,
+                    beta=beta, token_block=token_block)
+
+
+def skew_forward_kl(logits: ArrayLike, teacher_logits: ArrayLike, *,
+                    alpha: float | ArrayLike = 0.1, temperature: float | ArrayLike = 1.0,
+                    token_block: int | None = None) -> Array:
+  return _per_token("skew_forward_kl", logits, teacher_logits, temperature=temperature,
+                    alpha=alpha, token_block=token_block)
+
+
+def skew_reverse_kl(logits: ArrayLike, teacher_logits: ArrayLike, *,
+                    alpha: float | ArrayLike = 0.1, temperature: float | ArrayLike = 1.0,
+                    token_block: int | None = None) -> Array:
+  return _per_token("skew_reverse_kl", logits, teacher_logits, temperature=temperature,
+                    alpha=alpha, token_block=token_block)
+
+
+def total_variation(logits: ArrayLike, teacher_logits: ArrayLike, *,
+                    temperature: float | ArrayLike = 1.0,
+                    token_block: int | None = None) -> Array:
+  return _per_token("total_variation", logits, teacher_logits, temperature=temperature,
+                    token_block=token_block)
+
+
+def soft_cross_entropy(logits: ArrayLike, teacher_logits: ArrayLike, *,
+                       temperature: float | ArrayLike = 1.0,
+                       token_block: int | None = None) -> Array:
+  return _per_token("soft_cross_entropy", logits, teacher_logits, temperature=temperature,
+                    token_block=token_block)
+
+
+forward_kl.__doc__ = r"""Forward KL, :math:`\mathrm{KL}(p \,\|\, q) = \sum_v p_v (\log p_v - \log q_v)`.
+
+  ``p`` is the teacher's and ``q`` the student's softmax at the temperature. Mode-covering: the
+  student is pushed to put mass everywhere the teacher does. Includes the teacher-entropy term,
+  so it is 0 when the distributions are equal.
+""" + _PER_TOKEN_ARGS
+reverse_kl.__doc__ = r"""Reverse KL, :math:`\mathrm{KL}(q \,\|\, p) = \sum_v q_v (\log q_v - \log p_v)`.
+
+  Mode-seeking: the student is pushed to put mass only where the teacher does.
+""" + _PER_TOKEN_ARGS
+generalized_jsd.__doc__ = r"""Generalized Jensen-Shannon divergence (TRL / GKD convention).
+
+  .. math::
+
+      \beta \, \mathrm{KL}(p \,\|\, m) + (1 - \beta)\, \mathrm{KL}(q \,\|\, m),
+      \qquad m = \beta p + (1 - \beta) q
+
+  ``beta=0`` is forward KL and ``beta=1`` reverse KL, special cases as in TRL (the formula
+  itself tends to 0 at both ends). ``beta=0.5`` is the symmetric JSD, bounded by ``log 2``.
+  ``beta`` must be in [0, 1].
+""" + _PER_TOKEN_ARGS
+skew_forward_kl.__doc__ = r"""Skew forward KL (DistiLLM): :math:`\mathrm{KL}(p \,\|\, \alpha p + (1 - \alpha) q)`.
+
+  ``alpha=0`` is forward KL; larger ``alpha`` bounds the loss where the student has no mass.
+  ``alpha`` must be in [0, 1].
+""" + _PER_TOKEN_ARGS
+skew_reverse_kl.__doc__ = r"""Skew reverse KL (DistiLLM): :math:`\mathrm{KL}(q \,\|\, \alpha q + (1 - \alpha) p)`.
+
+  ``alpha=0`` is reverse KL. ``alpha`` must be in [0, 1].
+""" + _PER_TOKEN_ARGS
+total_variation.__doc__ = r"""Total variation distance, :math:`\tfrac12 \sum_v |p_v - q_v|`, in [0, 1].
+""" + _PER_TOKEN_ARGS
+soft_cross_entropy.__doc__ = r"""Soft cross entropy, :math:`-\sum_v p_v \log q_v` (OpenRLHF's KD objective).
+
+  Equals forward KL plus the teacher entropy; same gradient as forward KL. Entries where the
+  student logit is ``-inf`` contribute 0, as in OpenRLHF.
+""" + _PER_TOKEN_ARGS
