@@ -1,5 +1,6 @@
 """kdjax: knowledge-distillation losses for language models in JAX."""
 
+from kdjax._src.divergences import DIVERGENCES as _DIVERGENCE_SPECS
 from kdjax._src.losses import (
     distill_loss,
     distill_loss_sum_and_count,
@@ -17,7 +18,11 @@ from kdjax._src.losses import (
 
 __version__ = "0.1.0"
 
+#: Names accepted by the ``divergence=`` argument.
+DIVERGENCES: tuple[str, ...] = tuple(sorted(_DIVERGENCE_SPECS))
+
 __all__ = (
+    "DIVERGENCES",
     "distill_loss",
     "distill_loss_sum_and_count",
     "distill_with_cross_entropy",

@@ -16,8 +16,20 @@ Array = jax.Array
 DEFAULT_BLOCK_ELEMENTS = 1 << 19
 
 
+# At least this many rows per block (when there are that many tokens), so a block can still be
+# split across the devices of a data-parallel mesh axis under GSPMD (see map_token_blocks).
+MIN_DEFAULT_BLOCK = 16
+
+
 def default_token_block(num_tokens: int, vocab_size: int) -> int:
-  return max(1, min(num_tokens, DEFAULT_BLOCK_ELEMENTS // max(vocab_size, 1)))
+  target = max(MIN_DEFAULT_BLOCK, DEFAULT_BLOCK_ELEMENTS // max(vocab_size, 1))
+  target = max(1, min(num_tokens, target))
+  # Prefer a divisor of num_tokens close to the target: map_token_blocks then uses strided
+  # blocks, which keep a sharded token axis sharded.
+  for block in range(target, (target + 1) // 2 - 1, -1):
+    if num_tokens % block == 0:
+      return block
+  return target
 
 
 def map_token_blocks(
@@ -30,11 +42,15 @@ def map_token_blocks(
   """Writes ``fn(*row_blocks(inputs))`` into row blocks of ``outputs``.
 
   Every array in ``inputs`` and ``outputs`` has the token axis first, of the same length ``n``.
-  ``fn`` maps a block of ``block`` rows of each input to a block of rows of each output. When
-  ``block`` does not divide ``n`` the last block starts at ``n - block`` and overlaps the one
-  before it; overlapping rows are recomputed with identical results, which avoids padding (a
-  copy of the inputs) and ragged shapes. ``outputs`` give the shapes and dtypes, and are
-  overwritten in place by XLA.
+  ``fn`` maps a block of ``block`` rows of each input to a block of rows of each output; rows
+  are independent. When ``block`` divides ``n``, block ``i`` holds the strided rows
+  ``i, i + n // block, ...``: the token axis becomes the leading axis of a
+  ``[block, n // block, ...]`` view and the loop runs over the second, so under GSPMD a token
+  axis sharded over devices stays sharded (contiguous blocks would make the partitioner gather
+  it). Otherwise the blocks are contiguous and the last one starts at ``n - block``, overlapping
+  the one before it; overlapping rows are recomputed with identical results, which avoids
+  padding (a copy of the inputs) and ragged shapes. ``outputs`` give the shapes and dtypes, and
+  are overwritten in place by XLA.
   """
   num_tokens = inputs[0].shape[0]
   block = max(1, min(block, num_tokens))
@@ -45,6 +61,21 @@ def map_token_blocks(
         jnp.asarray(o).astype(out.dtype) for o, out in zip(fn(*inputs), outputs))
 
   num_blocks = -(-num_tokens // block)
+  if num_tokens % block == 0:
+    def strided(x):
+      return x.reshape((block, num_blocks) + x.shape[1:])
+
+    strided_inputs = [strided(x) for x in inputs]
+
+    def strided_body(i, outs):
+      blocks = [lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False) for x in strided_inputs]
+      return tuple(
+          lax.dynamic_update_index_in_dim(o, b.astype(o.dtype), i, axis=1)
+          for o, b in zip(outs, fn(*blocks)))
+
+    outputs = _shard_like_inputs(outputs, inputs)
+    outs = lax.fori_loop(0, num_blocks, strided_body, tuple(strided(o) for o in outputs))
+    return tuple(o.reshape((num_tokens,) + o.shape[2:]) for o in outs)
 
   def body(i, outs):
     start = jnp.minimum(i * block, num_tokens - block)
@@ -54,3 +85,26 @@ def map_token_blocks(
         for o, b in zip(outs, fn(*blocks)))
 
   return lax.fori_loop(0, num_blocks, body, tuple(outputs))
+
+
+def _shard_like_inputs(outputs: Sequence[Array], inputs: Sequence[Array]) -> list[Array]:
+  """On a mesh with explicit axes, gives the fresh ``outputs`` the inputs' token sharding.
+
+  Explicit sharding types require a block written into an output to be sharded like it. Every
+  output is sharded along the token axis like ``inputs[0]``; one shaped like a rank >= 2 input
+  also takes that input's other axes (a gradient like its logits). Elsewhere this does nothing.
+  """
+  sharding = getattr(jax.typeof(inputs[0]), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or not any(
+      t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+    return list(outputs)
+  token_spec = tuple(sharding.spec)[:1] or (None,)
+  result = []
+  for out in outputs:
+    like = next((x for x in inputs if x.ndim > 1 and x.shape == out.shape), None)
+    rest = tuple(jax.typeof(like).sharding.spec)[1:] if like is not None else ()
+    spec = token_spec + rest + (None,) * (out.ndim - 1 - len(rest))
+    result.append(jax.sharding.reshard(
+        out, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))))
+  return result

@@ -39,6 +39,7 @@ class Config(NamedTuple):
   static_hp: tuple[tuple[str, float], ...]  # hyperparameters known at trace time.
   token_block: int | None
   with_cross_entropy: bool
+  temperature_squared: bool = False
   axis_name: Hashable | None = None  # vocabulary-parallel mesh axis, inside shard_map.
 
 
@@ -79,120 +80,224 @@ def _label_logit(raw_logits: Array, labels: Array, offset, reduce: Reducers) -> 
   return reduce.sum(picked[:, None])
 
 
-def _block_forward(config: Config, hp, logits, teacher_logits, labels):
-  """Per-token value, statistics for the backward pass, and the optional cross entropy."""
+def _block(config: Config, hp, with_grad: bool, logits, teacher_logits, labels):
+  """One block of tokens: per-token (value, divergence, cross entropy) and optionally the
+  gradient of ``value`` with respect to ``logits`` (in ``logits.dtype``)."""
   reduce = reducers(config.axis_name)
   spec = div.get_divergence(config.divergence)
   temperature = hp["temperature"]
   raw = logits.astype(jnp.float32)
   s = raw / temperature
   t = teacher_logits.astype(jnp.float32) / temperature
-  student_lse = div.logsumexp(s, reduce_max=reduce.max, reduce_sum=reduce.sum)
-  teacher_lse = div.logsumexp(t, reduce_max=reduce.max, reduce_sum=reduce.sum)
-  terms, _ = div.pointwise_terms(spec, s, t, student_lse, teacher_lse, hp)
-  value = reduce.sum(terms.value)
-  sum_dlog_q = reduce.sum(terms.dlog_q)
+  _, student, student_nonempty = div.log_softmax(
+      s, reduce_max=reduce.max, reduce_sum=reduce.sum)
+  _, teacher, teacher_nonempty = div.log_softmax(
+      t, reduce_max=reduce.max, reduce_sum=reduce.sum)
+  nonempty = student_nonempty & teacher_nonempty  # Empty rows contribute 0 (conventions).
+  terms = spec.terms(teacher, student, hp)
+  divergence = jnp.where(nonempty, reduce.sum(terms.value), 0.0)
+  div_scale = jnp.square(temperature) if config.temperature_squared else 1.0
   if config.with_cross_entropy:
+    kd_coef = hp["kd_coef"]
     raw_lse = div.logsumexp(raw, reduce_max=reduce.max, reduce_sum=reduce.sum)
     offset = _vocab_offset(config.axis_name, raw.shape[-1])
     cross_entropy = raw_lse - _label_logit(raw, labels, offset, reduce)
+    value = (1.0 - kd_coef) * cross_entropy + kd_coef * div_scale * divergence
   else:
-    raw_lse = cross_entropy = jnp.zeros_like(value)
-  return value, cross_entropy, student_lse, teacher_lse, sum_dlog_q, raw_lse
-
-
-def _block_backward(config: Config, hp, logits, teacher_logits, labels,
-                    student_lse, teacher_lse, sum_dlog_q, raw_lse, value_ct, ce_ct):
-  spec = div.get_divergence(config.divergence)
-  temperature = hp["temperature"]
-  raw = logits.astype(jnp.float32)
-  s = raw / temperature
-  t = teacher_logits.astype(jnp.float32) / temperature
-  terms, q = div.pointwise_terms(spec, s, t, student_lse, teacher_lse, hp)
-  grad = div.student_grad(terms, q, sum_dlog_q) * (value_ct / temperature)[:, None]
+    kd_coef = 1.0
+    cross_entropy = jnp.zeros_like(divergence)
+    value = div_scale * divergence
+  outputs = (value, div_scale * divergence, cross_entropy)
+  if not with_grad:
+    return outputs
+  grad = div.student_grad(terms, student.prob, reduce.sum(terms.dlog_q))
+  grad = jnp.where(nonempty[:, None], grad, 0.0) * (kd_coef * div_scale / temperature)
   if config.with_cross_entropy:
     softmax = jnp.exp(raw - raw_lse[:, None])
-    offset = _vocab_offset(config.axis_name, raw.shape[-1])
     vocab_ids = offset + lax.broadcasted_iota(labels.dtype, raw.shape, 1)
-    onehot = (vocab_ids == labels[:, None]).astype(jnp.float32)
-    grad = grad + (softmax - onehot) * ce_ct[:, None]
-  return (grad.astype(logits.dtype),)
+    grad = grad + (1.0 - kd_coef) * jnp.where(vocab_ids == labels[:, None], softmax - 1.0, softmax)
+  return outputs + (grad.astype(logits.dtype),)
 
 
-def _forward_loop(config: Config, hp, logits, teacher_logits, labels):
+def _loop(config: Config, dynamic_hp, logits, teacher_logits, labels, row_weights, *,
+          with_grad: bool):
+  """Runs ``_block`` over token blocks; the gradient rows are scaled by ``row_weights``."""
+  hp = dict(config.static_hp)
+  hp.update(dynamic_hp)
   num_tokens, vocab = logits.shape
   block = config.token_block or blocking.default_token_block(num_tokens, vocab)
-  vector = jnp.zeros((num_tokens,), jnp.float32)
+
+  def block_fn(logits, teacher_logits, labels, row_weights):
+    outputs = _block(config, hp, with_grad, logits, teacher_logits, labels)
+    if not with_grad:
+      return outputs
+    *outputs, grad = outputs
+    return (*outputs, (grad * row_weights[:, None]).astype(logits.dtype))
+
+  outputs = (jnp.zeros((num_tokens,), jnp.float32),) * 3
+  if with_grad:
+    outputs += (lax.empty(logits.shape, logits.dtype),)
   return blocking.map_token_blocks(
-      functools.partial(_block_forward, config, hp),
-      (logits, teacher_logits, labels), (vector,) * 6, block=block)
+      block_fn, (logits, teacher_logits, labels, row_weights), outputs, block=block)
+
+
+def _hp_zeros(dynamic_hp):
+  # The teacher is a constant of the loss: no gradient flows to it, nor to labels, token
+  # weights (masks and counts) or hyperparameters such as a scheduled temperature.
+  return jax.tree.map(jnp.zeros_like, dynamic_hp)
+
+
+# Two entry points share the loop above. ``_per_token`` returns per-token values and scales
+# the stored gradient by the per-token cotangent in its backward pass. ``_weighted_sum``
+# returns ``sum_i w_i value_i`` for token weights known in the forward pass (masks and the
+# mean's divisor), so the stored gradient already is the final one: under ``jax.grad`` its
+# backward multiplies by the constant 1, which XLA removes. Either way the gradient is
+# computed in the same pass as the values (the probabilities are already at hand) and kept
+# in the logits' dtype: nothing [tokens, vocab] in float32 is kept.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _per_token(config: Config, logits, teacher_logits, labels, dynamic_hp):
-  hp = _hyperparameters(config, dynamic_hp)
-  value, cross_entropy, *_ = _forward_loop(config, hp, logits, teacher_logits, labels)
-  return value, cross_entropy
+  ones = jnp.ones(logits.shape[:1], jnp.float32)
+  return _loop(config, dynamic_hp, logits, teacher_logits, labels, ones, with_grad=False)
 
 
 def _per_token_fwd(config: Config, logits, teacher_logits, labels, dynamic_hp):
-  hp = _hyperparameters(config, dynamic_hp)
-  value, cross_entropy, *stats = _forward_loop(config, hp, logits, teacher_logits, labels)
-  return (value, cross_entropy), (logits, teacher_logits, labels, dynamic_hp, tuple(stats))
+  ones = jnp.ones(logits.shape[:1], jnp.float32)
+  *outputs, grad = _loop(
+      config, dynamic_hp, logits, teacher_logits, labels, ones, with_grad=True)
+  return tuple(outputs), (grad, dynamic_hp)
 
 
 def _per_token_bwd(config: Config, residuals, cotangents):
-  logits, teacher_logits, labels, dynamic_hp, stats = residuals
-  value_ct, ce_ct = cotangents
-  hp = _hyperparameters(config, dynamic_hp)
-  num_tokens, vocab = logits.shape
-  block = config.token_block or blocking.default_token_block(num_tokens, vocab)
-  (grad,) = blocking.map_token_blocks(
-      functools.partial(_block_backward, config, hp),
-      (logits, teacher_logits, labels, *stats, value_ct, ce_ct),
-      (jnp.zeros_like(logits),), block=block)
-  # The teacher is a constant of the loss: no gradient flows to it (nor to labels and
-  # hyperparameters such as a scheduled temperature).
-  hp_ct = jax.tree.map(jnp.zeros_like, dynamic_hp)
-  return grad, None, None, hp_ct
+  grad, dynamic_hp = residuals
+  value_ct = cotangents[0]  # The other two outputs are returned under stop_gradient.
+  grad = (grad.astype(jnp.float32) * value_ct[:, None]).astype(grad.dtype)
+  return grad, None, None, _hp_zeros(dynamic_hp)
 
 
 _per_token.defvjp(_per_token_fwd, _per_token_bwd)
 
 
-def per_token(
-    logits: Array,
-    teacher_logits: Array,
-    labels: Array | None,
-    *,
-    divergence: str,
-    hyperparameters: Mapping[str, float | Array],
-    token_block: int | None = None,
-    axis_name: Hashable | None = None,
-) -> tuple[Array, Array | None]:
-  """Per-token divergence (and hard-label cross entropy when ``labels`` is given).
+def _weighted_total(value, row_weights):
+  return jnp.sum(jnp.where(row_weights != 0, row_weights * value, 0.0))
 
-  Inputs must already be validated. ``logits`` and ``teacher_logits`` are ``[..., vocab]``;
-  returns float32 arrays of shape ``logits.shape[:-1]``. Python-number hyperparameters are
-  baked into the trace; array ones (for example a scheduled temperature) stay traced.
-  """
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _weighted_sum(config: Config, logits, teacher_logits, labels, row_weights, dynamic_hp):
+  outputs = _loop(
+      config, dynamic_hp, logits, teacher_logits, labels, row_weights, with_grad=False)
+  return (_weighted_total(outputs[0], row_weights), *outputs)
+
+
+def _weighted_sum_fwd(config: Config, logits, teacher_logits, labels, row_weights, dynamic_hp):
+  *outputs, grad = _loop(
+      config, dynamic_hp, logits, teacher_logits, labels, row_weights, with_grad=True)
+  return (_weighted_total(outputs[0], row_weights), *outputs), (grad, dynamic_hp)
+
+
+def _weighted_sum_bwd(config: Config, residuals, cotangents):
+  grad, dynamic_hp = residuals
+  total_ct = cotangents[0]  # The per-token outputs are returned under stop_gradient.
+  grad = grad * total_ct.astype(grad.dtype)
+  return grad, None, None, None, _hp_zeros(dynamic_hp)
+
+
+_weighted_sum.defvjp(_weighted_sum_fwd, _weighted_sum_bwd)
+
+
+def _prepare(logits, teacher_logits, labels, *, divergence, hyperparameters,
+             temperature_squared, kd_coef, token_block, axis_name):
   token_shape = logits.shape[:-1]
   vocab = logits.shape[-1]
-  static_hp = tuple(sorted(
-      (k, float(v)) for k, v in hyperparameters.items() if isinstance(v, (int, float))))
+  with_ce = kd_coef is not None
+  hp = dict(hyperparameters)
+  if with_ce:
+    if labels is None:
+      raise ValueError("labels are required for the cross-entropy term (kd_coef is set).")
+    hp["kd_coef"] = kd_coef
+  static_hp = tuple(sorted((k, float(v)) for k, v in hp.items() if isinstance(v, (int, float))))
   dynamic_hp = {
-      k: jnp.asarray(v, jnp.float32)
-      for k, v in hyperparameters.items() if not isinstance(v, (int, float))}
-  config = Config(divergence, static_hp, token_block, labels is not None, axis_name)
-  flat_labels = (jnp.zeros(token_shape, jnp.int32) if labels is None else labels)
-  value, cross_entropy = _per_token(
-      config,
+      k: jnp.asarray(v, jnp.float32) for k, v in hp.items() if not isinstance(v, (int, float))}
+  config = Config(divergence, static_hp, token_block, with_ce, bool(temperature_squared),
+                  axis_name)
+  flat_labels = labels if with_ce else jnp.zeros(token_shape, jnp.int32)
+  flat = (
       logits.reshape(-1, vocab),
       lax.stop_gradient(teacher_logits).reshape(-1, teacher_logits.shape[-1]),
       flat_labels.reshape(-1).astype(jnp.int32),
-      dynamic_hp,
   )
-  value = value.reshape(token_shape)
-  if labels is None:
+  return config, flat, dynamic_hp, token_shape
+
+
+def _components(config: Config, outputs, token_shape):
+  value, divergence_values, cross_entropy = (x.reshape(token_shape) for x in outputs)
+  if not config.with_cross_entropy:
     return value, None
-  return value, cross_entropy.reshape(token_shape)
+  return value, tuple(lax.stop_gradient(x) for x in (divergence_values, cross_entropy))
+
+
+def weighted_sum(
+    logits: Array,
+    teacher_logits: Array,
+    labels: Array | None,
+    token_weights: Array,
+    *,
+    divergence: str,
+    hyperparameters: Mapping[str, float | Array],
+    temperature_squared: bool = False,
+    kd_coef: float | Array | None = None,
+    token_block: int | None = None,
+    axis_name: Hashable | None = None,
+) -> tuple[Array, tuple[Array, tuple[Array, Array] | None]]:
+  """``sum_i token_weights[i] * value[i]`` of :func:`per_token`'s values, and those values.
+
+  ``token_weights`` (``logits.shape[:-1]``, float32) are constants of the loss -- a mask
+  divided by a count, say -- and get no gradient; a token whose weight is 0 contributes 0
+  even if its value is not finite. Returns ``(total, (value, components))`` where the per-token
+  ``value`` and ``components`` are under ``stop_gradient`` (for logging); see
+  :func:`per_token` for their meaning. This is the fastest way to a reduced loss: the gradient
+  is complete after the forward pass.
+  """
+  config, flat, dynamic_hp, token_shape = _prepare(
+      logits, teacher_logits, labels, divergence=divergence, hyperparameters=hyperparameters,
+      temperature_squared=temperature_squared, kd_coef=kd_coef, token_block=token_block,
+      axis_name=axis_name)
+  weights = lax.stop_gradient(jnp.asarray(token_weights, jnp.float32)).reshape(-1)
+  total, *outputs = _weighted_sum(config, *flat, weights, dynamic_hp)
+  value, components = _components(config, outputs, token_shape)
+  return total, (lax.stop_gradient(value), components)
+
+
+def per_token(
+    logits: Array,
+    teacher_logits: Array,
+    labels: Array | None = None,
+    *,
+    divergence: str,
+    hyperparameters: Mapping[str, float | Array],
+    temperature_squared: bool = False,
+    kd_coef: float | Array | None = None,
+    token_block: int | None = None,
+    axis_name: Hashable | None = None,
+) -> tuple[Array, tuple[Array, Array] | None]:
+  """Per-token divergence, or the combined hard-label objective, with an analytic gradient.
+
+  Inputs must already be validated. ``logits`` and ``teacher_logits`` are ``[..., vocab]``
+  (inside ``shard_map`` with ``axis_name``: this device's contiguous vocabulary slice).
+  Python-number hyperparameters are baked into the trace; array ones (for example a scheduled
+  temperature) stay traced.
+
+  Returns ``(value, components)``, float32 arrays of shape ``logits.shape[:-1]``:
+
+  * ``kd_coef is None``: ``value`` is the divergence (times ``T**2`` with
+    ``temperature_squared``) and ``components`` is None; ``labels`` is not read.
+  * otherwise ``value = (1 - kd_coef) * cross_entropy(logits, labels) + kd_coef * divergence``
+    (cross entropy at temperature 1) and ``components = (divergence, cross_entropy)`` for
+    logging, under ``stop_gradient``. ``labels`` must be valid ids wherever the value is used.
+  """
+  config, flat, dynamic_hp, token_shape = _prepare(
+      logits, teacher_logits, labels, divergence=divergence, hyperparameters=hyperparameters,
+      temperature_squared=temperature_squared, kd_coef=kd_coef, token_block=token_block,
+      axis_name=axis_name)
+  return _components(config, _per_token(config, *flat, dynamic_hp), token_shape)

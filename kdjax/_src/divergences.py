@@ -32,7 +32,8 @@ Numerical conventions (documented once, used everywhere):
   this is OpenRLHF's ``masked_fill(isinf(logits), 0)``; kdjax applies the same rule to the teacher
   so reverse KL stays finite. The loss is then blind to mass on entries the other side forbids:
   mask padded vocabulary entries on both sides alike.
-* a row whose logits are all ``-inf`` is an empty distribution and contributes 0.
+* a token whose student or teacher logits are all ``-inf`` (an empty distribution, for
+  example a fully masked position) contributes 0 and gets a zero gradient.
 * ``+inf`` and NaN logits are not supported.
 """
 
@@ -224,6 +225,18 @@ def _max_last(x: Array) -> Array:
   return jnp.max(x, axis=-1)
 
 
+def _row_max(scaled_logits: Array, reduce_max: Reducer) -> tuple[Array, Array]:
+  """``(finite row max, whether the row has any entry > -inf)``."""
+  row_max = reduce_max(scaled_logits)
+  nonempty = row_max > -jnp.inf
+  return jax.lax.stop_gradient(jnp.where(nonempty, row_max, 0.0)), nonempty
+
+
+def _lse_from(row_max: Array, sum_exp: Array) -> Array:
+  # An all -inf row has sum_exp == 0; lse 0 then makes every log-probability -inf.
+  return jnp.where(sum_exp > 0, row_max + jnp.log(jnp.where(sum_exp > 0, sum_exp, 1.0)), 0.0)
+
+
 def logsumexp(
     scaled_logits: Array, *, reduce_max: Reducer = _max_last, reduce_sum: Reducer = _sum_last
 ) -> Array:
@@ -232,11 +245,28 @@ def logsumexp(
   ``reduce_max``/``reduce_sum`` reduce over the last axis; the vocabulary-parallel path passes
   versions that also ``pmax``/``psum`` across devices, which is all it changes.
   """
-  row_max = reduce_max(scaled_logits)
-  row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-  sum_exp = reduce_sum(jnp.exp(scaled_logits - row_max[..., None]))
-  # An all -inf row has sum_exp == 0; lse 0 then makes every log-probability -inf.
-  return jnp.where(sum_exp > 0, row_max + jnp.log(jnp.where(sum_exp > 0, sum_exp, 1.0)), 0.0)
+  row_max, _ = _row_max(scaled_logits, reduce_max)
+  return _lse_from(row_max, reduce_sum(jnp.exp(scaled_logits - row_max[..., None])))
+
+
+def log_softmax(
+    scaled_logits: Array, *, reduce_max: Reducer = _max_last, reduce_sum: Reducer = _sum_last
+) -> tuple[Array, _Dist, Array]:
+  """``(lse, distribution, nonempty)`` of a block of rows, with one ``exp`` per entry.
+
+  ``nonempty`` is False for a row whose logits are all ``-inf``. The shifted exponentials are
+  computed once and kept (a block-sized temporary): the probabilities are then a
+  multiplication, not a second ``exp``. Use it on blocks of rows.
+  """
+  row_max, nonempty = _row_max(scaled_logits, reduce_max)
+  shifted_exp = jax.lax.optimization_barrier(jnp.exp(scaled_logits - row_max[..., None]))
+  sum_exp = reduce_sum(shifted_exp)
+  lse = _lse_from(row_max, sum_exp)
+  inv_sum = jnp.where(sum_exp > 0, 1.0 / jnp.where(sum_exp > 0, sum_exp, 1.0), 0.0)
+  log = scaled_logits - lse[..., None]
+  has_mass = log > -jnp.inf
+  return lse, _Dist(log, shifted_exp * inv_sum[..., None], has_mass,
+                    jnp.where(has_mass, log, 0.0)), nonempty
 
 
 def pointwise_terms(

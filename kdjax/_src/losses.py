@@ -67,21 +67,29 @@ def _distill(
   """
   hp = dict(static_hp)
   hp.update(dynamic_hp)
-  with_ce = output == "combined"
-  per_token, cross_entropy = dense.per_token(
-      logits, teacher_logits, labels if with_ce else None,
-      divergence=divergence, hyperparameters=hp, token_block=token_block)
-  if temperature_squared:
-    per_token = per_token * jnp.square(hp["temperature"])
-  mask = reductions.token_mask(per_token.shape, labels, where, ignore_index)
+  if output == "combined":
+    kd_coef = kd_coef_static if kd_coef is None else kd_coef
+  else:
+    kd_coef = None
+  common = dict(divergence=divergence, hyperparameters=hp,
+                temperature_squared=temperature_squared, kd_coef=kd_coef,
+                token_block=token_block)
+  mask = reductions.token_mask(logits.shape[:-1], labels, where, ignore_index)
+  if reduction == "none":
+    per_token, components = dense.per_token(logits, teacher_logits, labels, **common)
+    loss = reductions.reduce(per_token, mask, reduction="none")
+  else:
+    weights = reductions.token_weights(
+        mask, reduction="sum" if output == "sum_count" else reduction, normalizer=normalizer)
+    loss, (_, components) = dense.weighted_sum(
+        logits, teacher_logits, labels, weights, **common)
   if output == "sum_count":
-    return reductions.sum_and_count(per_token, mask)
-  distill = reductions.reduce(per_token, mask, reduction=reduction, normalizer=normalizer)
+    return loss, jnp.sum(mask).astype(jnp.float32)
   if output == "loss":
-    return distill
-  kd_coef = kd_coef_static if kd_coef is None else kd_coef
-  ce = reductions.reduce(cross_entropy, mask, reduction=reduction, normalizer=normalizer)
-  return (1.0 - kd_coef) * ce + kd_coef * distill, ce, distill
+    return loss
+  distill, ce = (
+      reductions.reduce(x, mask, reduction=reduction, normalizer=normalizer) for x in components)
+  return loss, ce, distill
 
 
 def _call(logits, teacher_logits, labels, *, divergence, beta, alpha, temperature,

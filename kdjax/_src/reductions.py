@@ -52,6 +52,26 @@ def sum_and_count(per_token: Array, mask: Array) -> tuple[Array, Array]:
   return total, jnp.sum(mask).astype(jnp.float32)
 
 
+def token_weights(mask: Array, *, reduction: str, normalizer=None) -> Array:
+  """Weights ``w`` such that ``reduce(v, mask, ...) == sum(w * v)`` for the scalar reductions.
+
+  They are constants of the loss (a mask divided by a count): no gradient flows to
+  ``normalizer``.
+  """
+  weights = mask.astype(jnp.float32)
+  if reduction == "sum":
+    return weights
+  if reduction == "mean":
+    count = jnp.sum(weights) if normalizer is None else jnp.asarray(normalizer, jnp.float32)
+    return _safe_divide(weights, jax.lax.stop_gradient(count))
+  if reduction == "sequence_mean":
+    seq_weights = jnp.atleast_1d(weights)
+    seq_count = jnp.sum(seq_weights, axis=-1, keepdims=True)
+    num_sequences = jnp.sum(seq_count > 0)
+    return _safe_divide(_safe_divide(seq_weights, seq_count), num_sequences).reshape(mask.shape)
+  raise ValueError(f"reduction {reduction!r} has no token weights.")
+
+
 def reduce(per_token: Array, mask: Array, *, reduction: str, normalizer=None) -> Array:
   masked = jnp.where(mask, per_token, 0.0)
   if reduction == "none":

@@ -1,0 +1,183 @@
+"""Distillation losses on a device mesh: vocabulary-parallel and data-parallel reductions.
+
+Large-vocabulary models shard the output projection, hence the logits, along the vocabulary
+(a ``model`` mesh axis) and the batch along a ``data`` axis. There are two ways to run kdjax
+there, and both give the single-device answer:
+
+* **GSPMD** (``jax.jit`` on arrays placed with ``NamedSharding``): call :func:`kdjax.distill_loss`
+  and friends unchanged. Every vocabulary reduction in the engine is a per-token ``max``/``sum``
+  that the partitioner turns into an all-reduce of ``[tokens]`` vectors; the token blocks are
+  strided (``blocking.map_token_blocks``) so a data-sharded token axis stays sharded. Nothing of
+  size vocabulary is gathered.
+* **shard_map** (explicit collectives): inside ``jax.shard_map`` each device holds a contiguous
+  slice of the vocabulary and :func:`vocab_parallel_distill_loss` runs the same engine with
+  ``axis_name``: the row statistics (max, sum of exponentials, sums of the divergence's terms)
+  are ``pmax``/``psum``-ed over that axis, which is all that moves between devices. The
+  gradient is local: given the per-token statistics, each device computes the gradient for its
+  own vocabulary slice. ``data_axis_name`` makes the token reduction global: the sum and the
+  number of valid tokens are ``psum``-ed, so the mean equals the single-device mean however the
+  valid tokens are spread over devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from kdjax._src import checks, dense, losses, reductions
+
+Array = jax.Array
+AxisName = Hashable  # a mesh axis name, or a tuple of them.
+
+
+def _check_axis(argument: str, axis_name: AxisName | None) -> None:
+  """Raises a readable error when ``axis_name`` is not a bound mesh axis at trace time."""
+  if axis_name is None:
+    return
+  try:
+    lax.axis_size(axis_name)
+  except NameError as error:  # jax raises NameError for an unbound axis name.
+    raise ValueError(
+        f"{argument}={axis_name!r} is not a mesh axis bound here: call this loss inside "
+        f"jax.shard_map (or jax.pmap) over a mesh with an axis named {axis_name!r}. Outside "
+        "shard_map, call kdjax.distill_loss on sharded arrays under jax.jit instead.") from error
+
+
+def _global_token_weights(
+    mask: Array, *, reduction: str, normalizer, data_axis_name: AxisName | None
+) -> Array:
+  """Token weights of ``reduction`` whose divisor counts the tokens of every data shard."""
+  if data_axis_name is None:
+    return reductions.token_weights(mask, reduction=reduction, normalizer=normalizer)
+  if reduction == "sum":
+    return reductions.token_weights(mask, reduction="sum")
+  if reduction == "mean":
+    if normalizer is None:
+      normalizer = lax.psum(jnp.sum(mask).astype(jnp.float32), data_axis_name)
+    return reductions.token_weights(mask, reduction="mean", normalizer=normalizer)
+  # sequence_mean: each sequence lives on one data shard; only the number of sequences that
+  # have a valid token is global.
+  local_weights = reductions.token_weights(mask, reduction="sequence_mean")
+  has_tokens = jnp.any(jnp.atleast_1d(mask), axis=-1)
+  local_sequences = jnp.sum(has_tokens).astype(jnp.float32)
+  global_sequences = lax.psum(local_sequences, data_axis_name)
+  return local_weights * (local_sequences / jnp.maximum(global_sequences, 1.0))
+
+
+def vocab_parallel_distill_loss(
+    logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    axis_name: AxisName | None,
+    data_axis_name: AxisName | None = None,
+    divergence: str = "forward_kl",
+    beta: float | ArrayLike = 0.5,
+    alpha: float | ArrayLike = 0.1,
+    temperature: float | ArrayLike = 1.0,
+    temperature_squared: bool = False,
+    ignore_index: int = -100,
+    where: ArrayLike | None = None,
+    reduction: str = "mean",
+    normalizer: ArrayLike | None = None,
+    token_block: int | None = None,
+) -> Array:
+  r""":func:`kdjax.distill_loss` inside ``jax.shard_map``, with the vocabulary split over devices.
+
+  Each device along ``axis_name`` holds a contiguous slice of the vocabulary of both logits
+  (device ``k`` of ``n`` holds entries ``[k V / n, (k + 1) V / n)``, which is what
+  ``PartitionSpec(..., axis_name)`` gives). Only per-token statistics cross devices:
+
+  .. math::
+
+      m_i = \operatorname{pmax}_k \max_{v \in k} s_{iv}, \quad
+      \operatorname{lse}(s_i) = m_i + \log \operatorname{psum}_k \sum_{v \in k} e^{s_{iv} - m_i},
+      \quad D_i = \operatorname{psum}_k \sum_{v \in k} \text{terms}_{iv}
+
+  (the same for the teacher, and for the sum of the divergence's ``dterms`` the gradient needs).
+  The gradient of each device's slice is then computed locally. With ``data_axis_name`` the
+  tokens are split too, and the masked sum and the valid-token count are ``psum``-ed over it:
+
+  .. math::
+
+      \text{loss} = \frac{\operatorname{psum}_{\text{data}} \sum_{i \text{ valid}} D_i}
+      {\operatorname{psum}_{\text{data}} \#\{i \text{ valid}\}}
+
+  The result is the same scalar on every device of the reduced axes (a value replicated over
+  them, so ``out_specs=P()`` is valid when both axes are given), equal to
+  :func:`kdjax.distill_loss` of the unsharded arrays.
+
+  Args:
+    logits: this device's student logits ``[..., vocab / n]``, any float dtype (computed in
+      float32; the gradient comes back in this dtype).
+    teacher_logits: this device's teacher logits, same shape; no gradient flows to them.
+    labels: optional integer ids ``logits.shape[:-1]`` (global ids, replicated over
+      ``axis_name``); ``ignore_index`` marks ignored tokens. Only used for the mask.
+    axis_name: the mesh axis (or tuple of axes) that splits the vocabulary; ``None`` if the
+      vocabulary is not split.
+    data_axis_name: the mesh axis (or tuple) that splits the tokens, or ``None``. When given,
+      ``"mean"``, ``"sum"`` and ``"sequence_mean"`` reduce over the tokens of every device
+      (``"sequence_mean"`` needs each sequence on one device); ``"none"`` returns this device's
+      per-token values.
+    divergence, beta, alpha, temperature, temperature_squared, ignore_index, where: as in
+      :func:`kdjax.distill_loss`.
+    reduction: ``"mean"``, ``"sum"``, ``"none"`` or ``"sequence_mean"``, as in
+      :func:`kdjax.distill_loss`.
+    normalizer: optional scalar divisor for ``"mean"``, used as given (not ``psum``-ed): pass
+      the global count, for example across gradient-accumulation steps.
+    token_block: rows per block of the blocked computation (default: automatic).
+
+  Returns:
+    A float32 scalar (replicated over ``axis_name`` and ``data_axis_name``), or
+    ``logits.shape[:-1]`` for ``reduction="none"``.
+
+  Raises:
+    ValueError: if ``axis_name`` or ``data_axis_name`` is not a mesh axis bound where the loss
+      is traced (that is, outside ``shard_map``), or for the errors of
+      :func:`kdjax.distill_loss`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, kdjax
+    >>> from jax.sharding import PartitionSpec as P
+    >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+    >>> loss_fn = jax.shard_map(
+    ...     lambda s, t, y: kdjax.vocab_parallel_distill_loss(
+    ...         s, t, y, axis_name="model", data_axis_name="data"),
+    ...     mesh=mesh, in_specs=(P("data", None, "model"),) * 2 + (P("data", None),),
+    ...     out_specs=P())
+    >>> logits = jnp.zeros((2, 3, 8)); labels = jnp.array([[1, 2, -100], [3, 4, 5]])
+    >>> float(jax.jit(loss_fn)(logits, logits, labels))
+    0.0
+  """
+  logits, teacher_logits = losses._validate_logits(logits, teacher_logits)
+  token_shape = logits.shape[:-1]
+  labels = checks.token_array("labels", labels, token_shape, integer=True)
+  where = checks.token_array("where", where, token_shape, integer=False)
+  reductions.check_reduction(reduction, normalizer)
+  if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    raise TypeError(f"ignore_index must be a Python int, got {ignore_index!r}.")
+  token_block = checks.positive_int("token_block", token_block, optional=True)
+  hp = losses.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
+  if axis_name is not None and axis_name == data_axis_name:
+    raise ValueError(
+        f"axis_name and data_axis_name must be different mesh axes, both are {axis_name!r}.")
+  _check_axis("axis_name", axis_name)
+  _check_axis("data_axis_name", data_axis_name)
+
+  common = dict(divergence=divergence, hyperparameters=hp,
+                temperature_squared=bool(temperature_squared), token_block=token_block,
+                axis_name=axis_name)
+  mask = reductions.token_mask(token_shape, labels, where, ignore_index)
+  if reduction == "none":
+    per_token, _ = dense.per_token(logits, teacher_logits, None, **common)
+    return reductions.reduce(per_token, mask, reduction="none")
+  weights = _global_token_weights(
+      mask, reduction=reduction, normalizer=normalizer, data_axis_name=data_axis_name)
+  total, _ = dense.weighted_sum(logits, teacher_logits, None, weights, **common)
+  if data_axis_name is not None:
+    total = lax.psum(total, data_axis_name)
+  return total
