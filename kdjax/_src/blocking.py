@@ -58,7 +58,7 @@ def map_token_blocks(
     return tuple(outputs)
   if block == num_tokens:
     return tuple(
-        jnp.asarray(o).astype(out.dtype) for o, out in zip(fn(*inputs), outputs))
+        jnp.asarray(o).astype(out.dtype) for o, out in zip(fn(*inputs), outputs, strict=True))
 
   num_blocks = -(-num_tokens // block)
   if num_tokens % block == 0:
@@ -71,9 +71,10 @@ def map_token_blocks(
       blocks = [lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False) for x in strided_inputs]
       return tuple(
           lax.dynamic_update_index_in_dim(o, b.astype(o.dtype), i, axis=1)
-          for o, b in zip(outs, fn(*blocks)))
+          for o, b in zip(outs, fn(*blocks), strict=True))
 
     outputs = _shard_like_inputs(outputs, inputs)
+    outputs = _vary_like_blocks(outputs, fn, [x[:, 0] for x in strided_inputs])
     outs = lax.fori_loop(0, num_blocks, strided_body, tuple(strided(o) for o in outputs))
     return tuple(o.reshape((num_tokens,) + o.shape[2:]) for o in outs)
 
@@ -82,9 +83,35 @@ def map_token_blocks(
     blocks = [lax.dynamic_slice_in_dim(x, start, block, axis=0) for x in inputs]
     return tuple(
         lax.dynamic_update_slice_in_dim(o, b.astype(o.dtype), start, axis=0)
-        for o, b in zip(outs, fn(*blocks)))
+        for o, b in zip(outs, fn(*blocks), strict=True))
 
+  outputs = _vary_like_blocks(outputs, fn, [x[:block] for x in inputs])
   return lax.fori_loop(0, num_blocks, body, tuple(outputs))
+
+
+def _varying_axes(aval) -> frozenset:
+  manual = getattr(aval, "manual_axis_type", None)
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", ()))
+
+
+def _vary_like_blocks(outputs: Sequence[Array], fn, blocks: Sequence[Array]) -> list[Array]:
+  """Inside ``shard_map``, marks the fresh ``outputs`` as varying like ``fn``'s block results.
+
+  A loop carry must keep its type, and under ``shard_map`` the type records the mesh axes a
+  value varies over: zeros are replicated, a block computed from a vocabulary shard varies.
+  ``pcast`` to varying only changes that record (no communication). Elsewhere nothing varies
+  and this does nothing.
+  """
+  if not any(_varying_axes(jax.typeof(x)) for x in blocks):
+    return list(outputs)
+  block_types = jax.eval_shape(fn, *blocks)
+  result = []
+  for out, block_type in zip(outputs, block_types, strict=True):
+    missing = tuple(sorted(_varying_axes(block_type) - _varying_axes(jax.typeof(out)), key=str))
+    result.append(lax.pcast(out, missing, to="varying") if missing else out)
+  return result
 
 
 def _shard_like_inputs(outputs: Sequence[Array], inputs: Sequence[Array]) -> list[Array]:
