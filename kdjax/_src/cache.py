@@ -1,0 +1,398 @@
+"""Offline teacher cache: top-k ids and log-probabilities written once, read during training.
+
+Run the teacher over the training tokens once, keep :func:`kdjax.topk_teacher`'s
+``(ids, logprobs)`` for every position, and distill the student later with
+:func:`kdjax.sparse_distill_loss` without the teacher in memory.
+
+On disk a cache is a directory::
+
+    manifest.json      format, version, k, vocab_size, dtypes, temperature, num_tokens, and per
+                       shard: file name, number of tokens, number of bytes, CRC-32 of the bytes
+    shard-00000.bin    ids of the shard's tokens ([tokens, k], little endian), then their
+    shard-00001.bin    log-probabilities ([tokens, k], little endian)
+    ...
+
+* ids use the narrowest unsigned type that holds ``vocab_size - 1`` (uint8 up to 256 ids,
+  uint16 up to 65536, else uint32); they are returned as int32.
+* log-probabilities are stored as float16 (default) or bfloat16. float16 is the better choice
+  for log-probabilities: they lie in ``[-inf, 0]``, where float16's 10-bit mantissa is 8 times
+  finer than bfloat16's 7 bits and its range (down to -65504) loses nothing that matters
+  (``exp(-65504)`` is 0 in float32); ``-inf`` is kept exactly.
+* bytes per token: ``k * (id bytes + 2)``; for example k = 32 with a 152k vocabulary: 192 B.
+
+Tokens are stored in the order the writer received them (the leading axes of each batch
+flattened in C order), so a reader with the same batch shape yields batches aligned with the
+token batches. Every shard is written to a temporary file and renamed, and the manifest is
+written last: an interrupted writer leaves no manifest, never a cache that looks complete. The
+reader checks each shard's size (truncation) and CRC-32 (corruption) before returning any of it,
+and raises :class:`TeacherCacheError` naming the file rather than returning wrong data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+import ml_dtypes
+import numpy as np
+
+FORMAT = "kdjax-teacher-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+DEFAULT_SHARD_BYTES = 1 << 28  # 256 MiB: few files, and a shard is cheap to read and check.
+
+_LOGPROB_DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+class TeacherCacheError(ValueError):
+  """A teacher cache that is missing, incomplete, truncated or corrupted."""
+
+
+class ShardInfo(NamedTuple):
+  file: str
+  num_tokens: int
+  num_bytes: int
+  crc32: int
+
+
+class CacheInfo(NamedTuple):
+  """What a cache's manifest says (see :func:`open_teacher_cache`)."""
+
+  directory: str
+  num_tokens: int
+  k: int
+  vocab_size: int
+  id_dtype: str
+  logprob_dtype: str
+  temperature: float
+  shards: tuple[ShardInfo, ...]
+  metadata: dict[str, Any]
+
+  @property
+  def bytes_per_token(self) -> int:
+    return bytes_per_token(self.k, self.vocab_size, logprob_dtype=self.logprob_dtype)
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+  """The narrowest little-endian unsigned integer type that holds ids ``0 .. vocab_size - 1``."""
+  if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or (
+      vocab_size < 1):
+    raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}.")
+  for dtype in ("<u1", "<u2", "<u4"):
+    if vocab_size - 1 <= np.iinfo(dtype).max:
+      return np.dtype(dtype)
+  raise ValueError(f"vocab_size must be < 2**32, got {vocab_size}.")
+
+
+def bytes_per_token(k: int, vocab_size: int, *, logprob_dtype: str = "float16") -> int:
+  """Bytes stored per token for ``k`` entries: ``k * (id bytes + log-probability bytes)``."""
+  return k * (id_dtype(vocab_size).itemsize + _logprob_dtype(logprob_dtype).itemsize)
+
+
+def _logprob_dtype(name: str) -> np.dtype:
+  if name not in _LOGPROB_DTYPES:
+    raise ValueError(f"logprob_dtype must be one of {sorted(_LOGPROB_DTYPES)}, got {name!r}.")
+  return _LOGPROB_DTYPES[name]
+
+
+def _shard_name(index: int) -> str:
+  return f"shard-{index:05d}.bin"
+
+
+def _write_atomic(path: str, chunks: Iterable[bytes]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    for chunk in chunks:
+      f.write(chunk)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def write_teacher_cache(
+    directory: str | os.PathLike,
+    batches: Iterable[tuple[Any, Any]],
+    *,
+    vocab_size: int,
+    temperature: float = 1.0,
+    logprob_dtype: str = "float16",
+    tokens_per_shard: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> CacheInfo:
+  """Writes a stream of top-k teacher batches to ``directory`` as checksummed shards.
+
+  Args:
+    directory: where to write; created if missing. It must not already hold a cache unless
+      ``overwrite`` (then its manifest and shards are replaced).
+    batches: iterable of ``(ids, logprobs)``, NumPy or JAX arrays ``[..., k]`` (for example
+      :func:`kdjax.topk_teacher` of a ``[batch, seq, vocab]`` teacher batch); the leading axes
+      are flattened into tokens in C order, batch after batch.
+    vocab_size: the teacher's (aligned) vocabulary size; every id must be in ``[0, vocab_size)``.
+    temperature: the temperature the log-probabilities were computed at (recorded, so the
+      student is distilled at the same one).
+    logprob_dtype: ``"float16"`` (default, 8x finer than bfloat16 on log-probabilities) or
+      ``"bfloat16"``.
+    tokens_per_shard: tokens per shard file (default: about 256 MiB per shard).
+    metadata: JSON-serialisable extras recorded in the manifest (teacher name, dataset, ...).
+    overwrite: replace an existing cache in ``directory``.
+
+  Returns:
+    The :class:`CacheInfo` of the written cache.
+
+  Example:
+    >>> import tempfile, jax.numpy as jnp
+    >>> from kdjax._src.sparse import topk_teacher
+    >>> from kdjax._src.cache import write_teacher_cache, read_teacher_cache
+    >>> teacher_logits = jnp.arange(24.0).reshape(2, 3, 4)  # [batch, seq, vocab]
+    >>> path = tempfile.mkdtemp()
+    >>> info = write_teacher_cache(path, [topk_teacher(teacher_logits, 2)], vocab_size=4)
+    >>> info.num_tokens, info.bytes_per_token
+    (6, 6)
+    >>> ids, logprobs = next(read_teacher_cache(path, batch_shape=(2, 3)))
+    >>> ids.shape, ids[0, 0].tolist()
+    ((2, 3, 2), [3, 2])
+  """
+  directory = os.fspath(directory)
+  ids_dtype = id_dtype(vocab_size)
+  lp_dtype = _logprob_dtype(logprob_dtype)
+  if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(
+      temperature)):
+    raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+  if tokens_per_shard is not None and (
+      isinstance(tokens_per_shard, bool) or not isinstance(tokens_per_shard, int)
+      or tokens_per_shard < 1):
+    raise ValueError(f"tokens_per_shard must be a positive integer, got {tokens_per_shard!r}.")
+  os.makedirs(directory, exist_ok=True)
+  manifest_path = os.path.join(directory, MANIFEST)
+  if os.path.exists(manifest_path) and not overwrite:
+    raise FileExistsError(
+        f"{directory!r} already holds a teacher cache; pass overwrite=True to replace it.")
+  if os.path.exists(manifest_path):
+    os.remove(manifest_path)  # First, so a failure below never leaves a stale complete cache.
+  for name in os.listdir(directory):
+    if name.startswith("shard-") and name.endswith((".bin", ".bin.tmp")):
+      os.remove(os.path.join(directory, name))
+
+  k = None
+  shards: list[ShardInfo] = []
+  pending_ids: list[np.ndarray] = []
+  pending_lp: list[np.ndarray] = []
+  pending = 0
+
+  def flush(count: int) -> None:
+    nonlocal pending_ids, pending_lp, pending
+    ids = np.concatenate(pending_ids) if len(pending_ids) > 1 else pending_ids[0]
+    lp = np.concatenate(pending_lp) if len(pending_lp) > 1 else pending_lp[0]
+    payload = (np.ascontiguousarray(ids[:count]).tobytes(),
+               np.ascontiguousarray(lp[:count]).tobytes())
+    crc = zlib.crc32(payload[1], zlib.crc32(payload[0]))
+    name = _shard_name(len(shards))
+    _write_atomic(os.path.join(directory, name), payload)
+    shards.append(ShardInfo(name, count, len(payload[0]) + len(payload[1]), crc))
+    pending_ids, pending_lp = [ids[count:]], [lp[count:]]
+    pending -= count
+
+  for batch_index, batch in enumerate(batches):
+    try:
+      ids, logprobs = batch
+    except (TypeError, ValueError):
+      raise ValueError(
+          f"batch {batch_index}: each batch must be a pair (ids, logprobs).") from None
+    ids, logprobs = np.asarray(ids), np.asarray(logprobs)
+    if not np.issubdtype(ids.dtype, np.integer):
+      raise TypeError(f"batch {batch_index}: ids must be integers, got dtype {ids.dtype}.")
+    if not (np.issubdtype(logprobs.dtype, np.floating)
+            or logprobs.dtype == _LOGPROB_DTYPES["bfloat16"]):
+      raise TypeError(
+          f"batch {batch_index}: logprobs must be floating point, got dtype {logprobs.dtype}.")
+    if ids.ndim < 1 or ids.shape != logprobs.shape:
+      raise ValueError(
+          f"batch {batch_index}: ids and logprobs must have the same shape [..., k], got "
+          f"{ids.shape} and {logprobs.shape}.")
+    if k is None:
+      k = ids.shape[-1]
+      if k < 1:
+        raise ValueError(f"batch {batch_index}: k must be >= 1, got shape {ids.shape}.")
+      if tokens_per_shard is None:
+        tokens_per_shard = max(1, DEFAULT_SHARD_BYTES // (k * (ids_dtype.itemsize + 2)))
+    elif ids.shape[-1] != k:
+      raise ValueError(f"batch {batch_index}: k changed from {k} to {ids.shape[-1]}.")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+      raise ValueError(
+          f"batch {batch_index}: ids must be in [0, vocab_size={vocab_size}), got values in "
+          f"[{ids.min()}, {ids.max()}].")
+    pending_ids.append(ids.reshape(-1, k).astype(ids_dtype))
+    pending_lp.append(logprobs.reshape(-1, k).astype(np.float32).astype(lp_dtype))
+    pending += pending_ids[-1].shape[0]
+    while pending >= tokens_per_shard:
+      flush(tokens_per_shard)
+  if k is None:
+    raise ValueError("batches is empty: there is nothing to cache.")
+  if pending:
+    flush(pending)
+
+  num_tokens = sum(shard.num_tokens for shard in shards)
+  manifest = {
+      "format": FORMAT, "version": VERSION, "num_tokens": num_tokens, "k": k,
+      "vocab_size": int(vocab_size), "id_dtype": ids_dtype.name, "logprob_dtype": logprob_dtype,
+      "temperature": float(temperature), "metadata": metadata or {},
+      "shards": [shard._asdict() for shard in shards],
+  }
+  _write_atomic(manifest_path, [json.dumps(manifest, indent=1).encode()])
+  return open_teacher_cache(directory)
+
+
+def open_teacher_cache(directory: str | os.PathLike) -> CacheInfo:
+  """Reads and checks a cache's manifest, and that every shard file has its recorded size.
+
+  Raises:
+    TeacherCacheError: no manifest (missing or unfinished cache), an unreadable or
+      inconsistent manifest, or a missing or truncated shard.
+  """
+  directory = os.fspath(directory)
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(path):
+    raise TeacherCacheError(
+        f"{path!r} does not exist: {directory!r} is not a teacher cache, or its writer did "
+        "not finish.")
+  try:
+    with open(path, "rb") as f:
+      manifest = json.loads(f.read())
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+      raise TeacherCacheError(
+          f"{path!r} is not a {FORMAT} version {VERSION} manifest (format="
+          f"{manifest.get('format')!r}, version={manifest.get('version')!r}).")
+    shards = tuple(ShardInfo(**shard) for shard in manifest["shards"])
+    info = CacheInfo(
+        directory, int(manifest["num_tokens"]), int(manifest["k"]), int(manifest["vocab_size"]),
+        str(manifest["id_dtype"]), str(manifest["logprob_dtype"]),
+        float(manifest["temperature"]), shards, dict(manifest.get("metadata", {})))
+    expected_bytes = info.bytes_per_token
+  except TeacherCacheError:
+    raise
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise TeacherCacheError(f"{path!r} is corrupted: {e}") from e
+  if id_dtype(info.vocab_size).name != info.id_dtype:
+    raise TeacherCacheError(f"{path!r} is corrupted: id_dtype does not match vocab_size.")
+  if sum(shard.num_tokens for shard in shards) != info.num_tokens:
+    raise TeacherCacheError(f"{path!r} is corrupted: shard token counts do not add up.")
+  for shard in shards:
+    if shard.num_bytes != shard.num_tokens * expected_bytes:
+      raise TeacherCacheError(
+          f"{path!r} is corrupted: shard {shard.file!r} records {shard.num_bytes} bytes for "
+          f"{shard.num_tokens} tokens of {expected_bytes} bytes.")
+    shard_path = os.path.join(directory, shard.file)
+    if not os.path.exists(shard_path):
+      raise TeacherCacheError(f"shard {shard_path!r} is missing.")
+    size = os.path.getsize(shard_path)
+    if size != shard.num_bytes:
+      raise TeacherCacheError(
+          f"shard {shard_path!r} is {'truncated' if size < shard.num_bytes else 'too long'}: "
+          f"the manifest records {shard.num_bytes} bytes, the file has {size}.")
+  return info
+
+
+def read_shard(info: CacheInfo, index: int, *, verify: bool = True) -> tuple[np.ndarray,
+                                                                             np.ndarray]:
+  """One shard's ``(ids, logprobs)``: int32 ``[tokens, k]`` and the storage dtype ``[tokens, k]``.
+
+  With ``verify`` (default) the shard's size and CRC-32 are checked first.
+  """
+  shard = info.shards[index]
+  path = os.path.join(info.directory, shard.file)
+  with open(path, "rb") as f:
+    payload = f.read()
+  if len(payload) != shard.num_bytes:
+    raise TeacherCacheError(
+        f"shard {path!r} is {'truncated' if len(payload) < shard.num_bytes else 'too long'}: "
+        f"the manifest records {shard.num_bytes} bytes, the file has {len(payload)}.")
+  if verify and zlib.crc32(payload) != shard.crc32:
+    raise TeacherCacheError(
+        f"shard {path!r} is corrupted: its CRC-32 is {zlib.crc32(payload):#010x}, the manifest "
+        f"records {shard.crc32:#010x}.")
+  ids_dtype = np.dtype(info.id_dtype).newbyteorder("<")
+  id_bytes = shard.num_tokens * info.k * ids_dtype.itemsize
+  ids = np.frombuffer(payload, ids_dtype, count=shard.num_tokens * info.k)
+  logprobs = np.frombuffer(payload, _logprob_dtype(info.logprob_dtype), offset=id_bytes)
+  ids = ids.reshape(shard.num_tokens, info.k).astype(np.int32)
+  if ids.size and ids.max() >= info.vocab_size:
+    raise TeacherCacheError(f"shard {path!r} is corrupted: an id is >= {info.vocab_size}.")
+  return ids, logprobs.reshape(shard.num_tokens, info.k)
+
+
+def read_teacher_cache(
+    directory: str | os.PathLike,
+    *,
+    batch_shape: tuple[int, ...],
+    start_token: int = 0,
+    drop_remainder: bool = True,
+    verify: bool = True,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Yields ``(ids, logprobs)`` batches aligned with token batches of shape ``batch_shape``.
+
+  Batch ``i`` holds the cached tokens ``start_token + i * prod(batch_shape)`` onwards, reshaped
+  to ``batch_shape + (k,)``: iterate the token dataset with the same batch shape and order it had
+  when the cache was written, and ``zip`` the two. Shards are read one at a time (and checked:
+  see :func:`read_shard`); batches may span shard boundaries.
+
+  Args:
+    directory: the cache directory.
+    batch_shape: token shape of one batch, for example ``(batch, seq)``.
+    start_token: first token to yield (to resume a run; a multiple of ``prod(batch_shape)``
+      keeps the alignment).
+    drop_remainder: drop a final batch with fewer tokens. Otherwise it is yielded with a shorter
+      first axis when it holds whole rows of ``batch_shape[1:]``, and an error is raised if not.
+    verify: check each shard's CRC-32 before using it.
+
+  Yields:
+    ``ids`` int32 and ``logprobs`` (float16 or bfloat16, as stored) of shape
+    ``batch_shape + (k,)``; pass them to :func:`kdjax.sparse_distill_loss` as they are.
+
+  Raises:
+    TeacherCacheError: a missing, truncated or corrupted manifest or shard.
+  """
+  info = open_teacher_cache(directory)
+  batch_shape = tuple(int(d) for d in batch_shape)
+  if not batch_shape or any(d < 1 for d in batch_shape):
+    raise ValueError(f"batch_shape must be a non-empty tuple of positive ints, got {batch_shape}.")
+  if not 0 <= start_token <= info.num_tokens:
+    raise ValueError(
+        f"start_token must be in [0, num_tokens={info.num_tokens}], got {start_token}.")
+  batch_tokens = math.prod(batch_shape)
+  buffered_ids: list[np.ndarray] = []
+  buffered_lp: list[np.ndarray] = []
+  buffered = 0
+  shard_start = 0
+  for index, shard in enumerate(info.shards):
+    shard_end = shard_start + shard.num_tokens
+    if shard_end <= start_token:
+      shard_start = shard_end
+      continue
+    ids, logprobs = read_shard(info, index, verify=verify)
+    skip = max(0, start_token - shard_start)
+    buffered_ids.append(ids[skip:])
+    buffered_lp.append(logprobs[skip:])
+    buffered += shard.num_tokens - skip
+    shard_start = shard_end
+    if buffered < batch_tokens:
+      continue
+    all_ids, all_lp = np.concatenate(buffered_ids), np.concatenate(buffered_lp)
+    full = buffered // batch_tokens * batch_tokens
+    for offset in range(0, full, batch_tokens):
+      yield (all_ids[offset:offset + batch_tokens].reshape(batch_shape + (info.k,)),
+             all_lp[offset:offset + batch_tokens].reshape(batch_shape + (info.k,)))
+    buffered_ids, buffered_lp = [all_ids[full:]], [all_lp[full:]]
+    buffered -= full
+  if buffered and not drop_remainder:
+    row = math.prod(batch_shape[1:])
+    if buffered % row:
+      raise ValueError(
+          f"the last {buffered} cached tokens do not fill whole rows of batch_shape[1:] = "
+          f"{batch_shape[1:]}; pass drop_remainder=True to drop them.")
+    shape = (buffered // row,) + batch_shape[1:] + (info.k,)
+    yield np.concatenate(buffered_ids).reshape(shape), np.concatenate(buffered_lp).reshape(shape)
