@@ -1,0 +1,288 @@
+"""kd_loss, distill_loss, reductions and the combined objective against independent references."""
+
+import chex
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+import kdjax
+from tests import reference
+
+IGNORE = -100
+
+
+def openrlhf_kd_loss(logits, teacher_logits, label):
+  """OpenRLHF's KDLoss.forward, verbatim formula (PyTorch)."""
+  teacher_probs = F.softmax(teacher_logits, dim=-1, dtype=torch.float32)
+  inf_mask = torch.isinf(logits)
+  logprobs = F.log_softmax(logits, dim=-1, dtype=torch.float32)
+  prod_probs = torch.masked_fill(teacher_probs * logprobs, inf_mask, 0)
+  x = torch.sum(prod_probs, dim=-1).view(-1)
+  mask = (label != IGNORE).int()
+  return -torch.sum(x * mask.view(-1), dim=0) / torch.sum(mask.view(-1), dim=0)
+
+
+def _inputs(rng, shape, *, neg_inf=0.0, ignore=0.3):
+  logits = reference.random_logits(rng, shape, neg_inf_fraction=neg_inf)
+  teacher = reference.random_logits(rng, shape, neg_inf_fraction=neg_inf)
+  labels = rng.integers(0, shape[-1], shape[:-1])
+  labels = np.where(rng.random(shape[:-1]) < ignore, IGNORE, labels).astype(np.int32)
+  labels.reshape(-1)[0] = 1  # At least one valid token.
+  return logits, teacher, labels
+
+
+@pytest.mark.parametrize("shape", [(7, 33), (2, 5, 19)])
+@pytest.mark.parametrize("neg_inf", [0.0, 0.15])
+def test_kd_loss_matches_openrlhf_pytorch(shape, neg_inf):
+  rng = np.random.default_rng(sum(shape) + int(neg_inf * 100))
+  logits, teacher, labels = _inputs(rng, shape, neg_inf=neg_inf)
+  # Teacher -inf only where the student is -inf too, as with a shared padded vocabulary:
+  # OpenRLHF's formula gives NaN (0 * -inf) where only the teacher is -inf.
+  teacher = np.where(np.isneginf(logits) | np.isfinite(teacher), teacher, 0.0)
+  t_logits = torch.tensor(logits, requires_grad=True)
+  want = openrlhf_kd_loss(t_logits, torch.tensor(teacher), torch.tensor(labels))
+  want.backward()
+  value, grad = jax.value_and_grad(kdjax.kd_loss)(logits, teacher, labels)
+  np.testing.assert_allclose(value, want.item(), rtol=1e-5)
+  np.testing.assert_allclose(grad, t_logits.grad.numpy(), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("neg_inf", [0.0, 0.2])
+def test_kd_loss_matches_float64_numpy(neg_inf):
+  rng = np.random.default_rng(1)
+  logits, teacher, labels = _inputs(rng, (3, 4, 21), neg_inf=neg_inf)
+  mask = labels != IGNORE
+  per_token = reference.per_token("soft_cross_entropy", logits, teacher)
+  want = reference.reduce(per_token, mask, "mean")
+  np.testing.assert_allclose(kdjax.kd_loss(logits, teacher, labels), want, rtol=1e-5)
+  want_grad = reference.numerical_grad(
+      lambda x: reference.reduce(
+          reference.per_token("soft_cross_entropy", x, teacher), mask, "mean"), logits)
+  grad = jax.grad(kdjax.kd_loss)(logits, teacher, labels)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_gets_no_gradient():
+  rng = np.random.default_rng(2)
+  logits, teacher, labels = _inputs(rng, (5, 9))
+  grad_teacher = jax.grad(kdjax.kd_loss, argnums=1)(logits, teacher, labels)
+  assert np.all(np.asarray(grad_teacher) == 0)
+
+
+@pytest.mark.parametrize("divergence", kdjax.DIVERGENCES)
+def test_all_ignored_gives_zero_and_zero_grad(divergence):
+  rng = np.random.default_rng(3)
+  logits, teacher, _ = _inputs(rng, (2, 3, 8), neg_inf=0.2)
+  labels = np.full((2, 3), IGNORE, np.int32)
+  for reduction in ("mean", "sum", "sequence_mean"):
+    fn = lambda x, r=reduction: kdjax.distill_loss(  # noqa: E731
+        x, teacher, labels, divergence=divergence, reduction=r)
+    value, grad = jax.value_and_grad(fn)(logits)
+    assert float(value) == 0.0 and np.all(np.asarray(grad) == 0)
+  value, grad = jax.value_and_grad(kdjax.kd_loss)(logits, teacher, labels)
+  assert float(value) == 0.0 and np.all(np.asarray(grad) == 0)
+
+
+def test_neg_inf_everywhere_is_finite():
+  logits = np.array([[0.0, -np.inf, 1.0], [-np.inf, -np.inf, -np.inf], [2.0, 0.0, -np.inf]],
+                    np.float32)
+  teacher = np.array([[-np.inf, 0.0, 1.0], [0.0, 1.0, 2.0], [-np.inf, -np.inf, -np.inf]],
+                     np.float32)
+  labels = np.array([0, 1, 2], np.int32)
+  for divergence in kdjax.DIVERGENCES:
+    value, grad = jax.value_and_grad(
+        lambda x, d=divergence: kdjax.distill_loss(x, teacher, labels, divergence=d))(logits)
+    assert np.isfinite(value) and np.all(np.isfinite(grad)), divergence
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_inputs(dtype):
+  rng = np.random.default_rng(4)
+  logits, teacher, labels = _inputs(rng, (6, 40), neg_inf=0.1)
+  lo, te = jnp.asarray(logits, dtype), jnp.asarray(teacher, dtype)
+  value, grad = jax.value_and_grad(kdjax.kd_loss)(lo, te, labels)
+  assert value.dtype == jnp.float32 and grad.dtype == dtype
+  up_lo, up_te = np.asarray(lo, np.float32), np.asarray(te, np.float32)
+  want = reference.reduce(reference.per_token("soft_cross_entropy", up_lo, up_te),
+                          labels != IGNORE, "mean")
+  np.testing.assert_allclose(value, want, rtol=1e-5)  # Computed in float32 from the inputs.
+  want_grad = jax.grad(kdjax.kd_loss)(up_lo, up_te, labels)
+  np.testing.assert_allclose(np.asarray(grad, np.float32), want_grad, rtol=1e-2, atol=1e-4)
+
+
+def test_jit_vmap_check_grads_and_single_trace():
+  rng = np.random.default_rng(5)
+  logits, teacher, labels = _inputs(rng, (4, 6, 10))
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def loss_fn(x, t, y, temperature):
+    return kdjax.distill_loss(x, t, y, temperature=temperature, temperature_squared=True)
+
+  for temperature in (1.0, 2.0, 3.0):  # A traced temperature schedule does not retrace.
+    value = loss_fn(logits, teacher, labels, jnp.float32(temperature))
+    per_token = reference.per_token("forward_kl", logits, teacher, temperature=temperature)
+    want = reference.reduce(per_token * temperature**2, labels != IGNORE, "mean")
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+  batched = jax.vmap(kdjax.kd_loss)(logits, teacher, labels)
+  want = [kdjax.kd_loss(a, b, c) for a, b, c in zip(logits, teacher, labels)]
+  np.testing.assert_allclose(batched, want, rtol=1e-6)
+  check_grads(lambda x: kdjax.kd_loss(x, teacher, labels), (jnp.asarray(logits),), order=1,
+              modes=["rev"], eps=1e-3, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("divergence", kdjax.DIVERGENCES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "sequence_mean"])
+def test_reductions_and_masks_match_numpy(divergence, reduction):
+  rng = np.random.default_rng(6)
+  logits, teacher, labels = _inputs(rng, (3, 5, 12), neg_inf=0.1)
+  where = rng.random((3, 5)) < 0.8
+  labels[1] = IGNORE  # A sequence with no valid token.
+  kw = dict(divergence=divergence, temperature=1.5, beta=0.4, alpha=0.2, where=where,
+            reduction=reduction)
+  mask = (labels != IGNORE) & where
+  per_token = reference.per_token(divergence, logits, teacher, temperature=1.5, beta=0.4,
+                                  alpha=0.2)
+  want = reference.reduce(per_token, mask, reduction)
+  got = kdjax.distill_loss(logits, teacher, labels, **kw)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+  weights = rng.random(np.shape(want)) if reduction == "none" else 1.0
+  want_grad = reference.numerical_grad(
+      lambda x: np.sum(weights * reference.reduce(
+          reference.per_token(divergence, x, teacher, temperature=1.5, beta=0.4, alpha=0.2),
+          mask, reduction)), logits)
+  grad = jax.grad(
+      lambda x: jnp.sum(weights * kdjax.distill_loss(x, teacher, labels, **kw)))(logits)
+  np.testing.assert_allclose(grad, want_grad, rtol=2e-4, atol=2e-6)
+
+
+def test_normalizer_and_sum_and_count():
+  rng = np.random.default_rng(7)
+  logits, teacher, labels = _inputs(rng, (2, 8, 16))
+  per_token = reference.per_token("forward_kl", logits, teacher)
+  mask = labels != IGNORE
+  np.testing.assert_allclose(
+      kdjax.distill_loss(logits, teacher, labels, normalizer=100.0),
+      np.sum(per_token[mask]) / 100.0, rtol=1e-5)
+  # Two "hosts" holding different numbers of valid tokens: (sum, count) gives the global mean.
+  sums, counts = zip(*(kdjax.distill_loss_sum_and_count(logits[i], teacher[i], labels[i])
+                       for i in range(2)))
+  np.testing.assert_allclose(sum(sums) / sum(counts), per_token[mask].mean(), rtol=1e-5)
+  np.testing.assert_allclose(counts, mask.sum(-1))
+  total_grad = jax.grad(lambda x: kdjax.distill_loss_sum_and_count(x, teacher, labels)[0])(
+      logits)
+  np.testing.assert_allclose(
+      total_grad, jax.grad(
+          lambda x: kdjax.distill_loss(x, teacher, labels, reduction="sum"))(logits),
+      rtol=1e-6)
+
+
+@pytest.mark.parametrize("kd_coef", [0.0, 0.3, 1.0])
+def test_distill_with_cross_entropy(kd_coef):
+  rng = np.random.default_rng(8)
+  logits, teacher, labels = _inputs(rng, (2, 6, 11), neg_inf=0.05)
+  logits = np.where(np.arange(11) == labels[..., None], 1.0, logits)  # Labels never -inf.
+  mask = labels != IGNORE
+
+  def want_fn(x):
+    kd = reference.reduce(reference.per_token("reverse_kl", x, teacher, temperature=2.0),
+                          mask, "mean")
+    ce = reference.reduce(reference.cross_entropy(x, labels), mask, "mean")
+    return (1 - kd_coef) * ce + kd_coef * 4.0 * kd, ce, 4.0 * kd
+
+  kw = dict(kd_coef=kd_coef, divergence="reverse_kl", temperature=2.0,
+            temperature_squared=True)
+  loss, (ce, distill) = kdjax.distill_with_cross_entropy(
+      logits, teacher, labels, return_components=True, **kw)
+  np.testing.assert_allclose([loss, ce, distill], want_fn(logits), rtol=1e-5)
+  grad = jax.grad(lambda x: kdjax.distill_with_cross_entropy(x, teacher, labels, **kw))(logits)
+  np.testing.assert_allclose(
+      grad, reference.numerical_grad(lambda x: want_fn(x)[0], logits), rtol=1e-4, atol=1e-6)
+  traced = jax.jit(lambda k: kdjax.distill_with_cross_entropy(
+      logits, teacher, labels, kd_coef=k, divergence="reverse_kl", temperature=2.0,
+      temperature_squared=True))(jnp.float32(kd_coef))
+  np.testing.assert_allclose(traced, loss, rtol=1e-6)
+  none = kdjax.distill_with_cross_entropy(logits, teacher, labels, reduction="none", **kw)
+  assert none.shape == labels.shape and np.all(np.asarray(none)[~mask] == 0)
+
+
+def test_shift_labels_aligns_next_token():
+  ids = np.array([[5, 6, 7, IGNORE]], np.int32)
+  np.testing.assert_array_equal(kdjax.shift_labels(ids), [[6, 7, IGNORE, IGNORE]])
+  # A model that predicts the next token perfectly has ~0 loss only with shifted labels.
+  vocab = 10
+  logits = np.full((1, 4, vocab), -20.0, np.float32)
+  for t, nxt in enumerate([6, 7, 8, 9]):
+    logits[0, t, nxt] = 20.0
+  shifted = kdjax.distill_with_cross_entropy(logits, logits, kdjax.shift_labels(ids),
+                                             kd_coef=0.0)
+  unshifted = kdjax.distill_with_cross_entropy(logits, logits, ids, kd_coef=0.0)
+  assert float(shifted) < 1e-6 and float(unshifted) > 10.0
+
+
+def test_gradient_memory_is_blocked():
+  tokens, vocab = 2048, 32000
+  x = jax.ShapeDtypeStruct((tokens, vocab), jnp.float32)
+  y = jax.ShapeDtypeStruct((tokens,), jnp.int32)
+  logits_bytes = tokens * vocab * 4
+  for divergence in kdjax.DIVERGENCES:
+    fn = lambda a, b, c, d=divergence: kdjax.distill_loss(a, b, c, divergence=d)  # noqa: E731
+    grad_temp = jax.jit(jax.value_and_grad(fn)).lower(x, x, y).compile().memory_analysis()
+    assert grad_temp.temp_size_in_bytes <= 0.1 * logits_bytes, divergence
+    value_temp = jax.jit(fn).lower(x, x, y).compile().memory_analysis()
+    # A call that is not differentiated keeps no gradient-sized buffer.
+    assert value_temp.temp_size_in_bytes <= 0.05 * logits_bytes, divergence
+
+
+_logit_rows = hnp.arrays(np.float32, (3, 9), elements=st.floats(-15, 15, width=32))
+
+
+@given(_logit_rows, _logit_rows)
+def test_kd_loss_is_at_least_teacher_entropy(logits, teacher):
+  labels = np.array([0, 1, 2], np.int32)
+  log_p = reference.log_softmax(teacher)
+  entropy = -np.sum(np.exp(log_p) * log_p, -1).mean()
+  assert float(kdjax.kd_loss(logits, teacher, labels)) >= entropy - 1e-4
+  np.testing.assert_allclose(kdjax.kd_loss(teacher, teacher, labels), entropy, rtol=1e-4,
+                             atol=1e-5)
+  shift = np.array([[-50.0], [0.0], [75.0]], np.float32)
+  np.testing.assert_allclose(kdjax.kd_loss(logits + shift, teacher - shift, labels),
+                             kdjax.kd_loss(logits, teacher, labels), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("call, match, error", [
+    (lambda: kdjax.kd_loss(np.zeros((2, 5)), np.zeros((2, 6)), np.zeros(2, np.int32)),
+     "different vocabulary sizes.*align_vocab", ValueError),
+    (lambda: kdjax.kd_loss(np.zeros((2, 5)), np.zeros((3, 5)), np.zeros(2, np.int32)),
+     "same shape", ValueError),
+    (lambda: kdjax.kd_loss(np.zeros((2, 5)), np.zeros((2, 5)), np.zeros(3, np.int32)),
+     r"labels must have shape logits.shape\[:-1\]", ValueError),
+    (lambda: kdjax.kd_loss(np.zeros((2, 5)), np.zeros((2, 5)), np.zeros(2, np.float32)),
+     "labels must be an integer array", TypeError),
+    (lambda: kdjax.kd_loss(np.zeros((2, 5), np.int32), np.zeros((2, 5)), np.zeros(2, np.int32)),
+     "logits must be a floating-point array", TypeError),
+    (lambda: kdjax.kd_loss(np.zeros((2, 5)), np.zeros((2, 5), np.int32), np.zeros(2, np.int32)),
+     "teacher_logits must be a floating-point array", TypeError),
+    (lambda: kdjax.distill_loss(np.zeros((2, 5)), np.zeros((2, 5)), reduction="avg"),
+     "reduction must be one of", ValueError),
+    (lambda: kdjax.distill_loss(np.zeros((2, 5)), np.zeros((2, 5)), reduction="sum",
+                                normalizer=3.0),
+     "normalizer replaces", ValueError),
+    (lambda: kdjax.distill_loss(np.zeros((2, 5)), np.zeros((2, 5)), where=np.ones(2)),
+     "where must be a boolean mask", TypeError),
+    (lambda: kdjax.distill_with_cross_entropy(np.zeros((2, 5)), np.zeros((2, 5)),
+                                              np.zeros(2, np.int32), kd_coef=1.5),
+     "kd_coef must be in", ValueError),
+    (lambda: kdjax.distill_loss(np.zeros((2, 5)), np.zeros((2, 5)), token_block=0),
+     "token_block must be a positive integer", ValueError),
+])
+def test_errors_name_the_argument(call, match, error):
+  with pytest.raises(error, match=match):
+    call()
