@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from kdjax._src import checks, dense, losses, reductions
+from kdjax._src import blocking, checks, dense, losses, reductions
 
 Array = jax.Array
 AxisName = Hashable  # a mesh axis name, or a tuple of them.
@@ -143,7 +143,8 @@ def vocab_parallel_distill_loss(
   Example:
     >>> import jax, jax.numpy as jnp, kdjax
     >>> from jax.sharding import PartitionSpec as P
-    >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+    >>> mesh = jax.make_mesh((1, 1), ("data", "model"),
+    ...                      axis_types=(jax.sharding.AxisType.Auto,) * 2)
     >>> loss_fn = jax.shard_map(
     ...     lambda s, t, y: kdjax.vocab_parallel_distill_loss(
     ...         s, t, y, axis_name="model", data_axis_name="data"),
@@ -179,5 +180,21 @@ def vocab_parallel_distill_loss(
       mask, reduction=reduction, normalizer=normalizer, data_axis_name=data_axis_name)
   total, _ = dense.weighted_sum(logits, teacher_logits, None, weights, **common)
   if data_axis_name is not None:
-    total = lax.psum(total, data_axis_name)
+    total = _sum_over_data(total, data_axis_name)
   return total
+
+
+def _sum_over_data(local_total: Array, data_axis_name: AxisName) -> Array:
+  """``psum`` of each device's share of the loss, with the gradient of the global loss.
+
+  Under ``shard_map`` (which tracks the axes a value varies over) ``psum`` is differentiated
+  exactly. Under ``pmap`` or ``shard_map(check_vma=False)`` the transpose of ``psum`` is
+  another ``psum``, which would scale the gradient by the number of devices; there the value is
+  the global sum and the gradient that of this device's share, the usual data-parallel
+  convention (``psum`` the parameter gradients afterwards).
+  """
+  axes = set(data_axis_name) if isinstance(data_axis_name, tuple) else {data_axis_name}
+  if axes <= blocking._varying_axes(jax.typeof(local_total)):
+    return lax.psum(local_total, data_axis_name)
+  others = lax.stop_gradient(lax.psum(local_total, data_axis_name) - local_total)
+  return local_total + others
