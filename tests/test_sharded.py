@@ -18,7 +18,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kdjax
-from kdjax._src import sharded
+from kdjax._src import fused, sharded
 from tests import reference
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
@@ -57,17 +57,27 @@ def _rel_err(actual, expected):
   return np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30)
 
 
-def _collectives(hlo_text):
-  """``[(op, [shape, ...])]`` for every collective in a compiled HLO module."""
+def _collectives(hlo_text, *, with_groups=False):
+  """``[(op, [shape, ...])]`` for every collective in a compiled HLO module that communicates.
+
+  A collective whose replica groups are all single devices moves nothing and is left out.
+  ``with_groups`` adds the replica groups (device id tuples; None in the iota format).
+  """
   found = []
   for line in hlo_text.splitlines():
     match = re.search(
         r"=\s*(.*?)\s(all-reduce|all-gather|all-to-all|reduce-scatter|collective-permute)"
         r"(?:-start)?\(", line)
-    if match:
-      shapes = [tuple(int(d) for d in dims.split(",") if d)
-                for dims in re.findall(r"[a-z]\w*\[([\d,]*)\]", match.group(1))]
-      found.append((match.group(2), shapes))
+    if not match:
+      continue
+    shapes = [tuple(int(d) for d in dims.split(",") if d)
+              for dims in re.findall(r"[a-z]\w*\[([\d,]*)\]", match.group(1))]
+    groups = re.search(r"replica_groups=\{(\{[\d,{}]*\})\}", line)
+    groups = groups and [tuple(int(d) for d in g.split(",") if d)
+                         for g in re.findall(r"\{([\d,]*)\}", groups.group(1))]
+    if groups and all(len(group) <= 1 for group in groups):
+      continue
+    found.append((match.group(2), shapes, groups) if with_groups else (match.group(2), shapes))
   return found
 
 
@@ -336,6 +346,93 @@ def test_pmap_matches_single_device():
 
 
 # ----------------------------------------------------------------------------------------------
+# The fused linear head: kernels split along the vocabulary.
+# ----------------------------------------------------------------------------------------------
+
+D_STUDENT, D_TEACHER = 16, 40  # neither is a vocabulary size.
+FUSED_KWARGS = dict(divergence="generalized_jsd", beta=0.3, temperature=1.5)
+
+
+@pytest.fixture(scope="module")
+def fused_data():
+  rng = np.random.default_rng(8)
+  student_hidden = rng.normal(size=(BATCH, SEQ, D_STUDENT)).astype(np.float32)
+  student_kernel = (rng.normal(size=(D_STUDENT, VOCAB)) / 4).astype(np.float32)
+  teacher_hidden = rng.normal(size=(BATCH, SEQ, D_TEACHER)).astype(np.float32)
+  teacher_kernel = (rng.normal(size=(D_TEACHER, VOCAB)) / 4).astype(np.float32)
+  student_bias = rng.normal(size=(VOCAB,)).astype(np.float32)
+  labels = _data()[2]
+  inputs = (student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias, labels)
+
+  def loss(hs, ws, ht, wt, bs, y):
+    return fused.fused_linear_distill_loss(hs, ws, ht, wt, y, student_bias=bs, token_block=8,
+                                           **FUSED_KWARGS)
+
+  value, grads = jax.value_and_grad(loss, argnums=(0, 1, 4))(*inputs)
+  logits = student_hidden @ student_kernel + student_bias  # the baseline vs float64 NumPy.
+  expected = reference.reduce(reference.per_token(
+      "generalized_jsd", logits, teacher_hidden @ teacher_kernel, beta=0.3, temperature=1.5),
+      labels != -100, "mean")
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  return inputs, loss, value, grads
+
+
+FUSED_SPECS = (P("data"), P(None, "model"), P("data"), P(None, "model"), P("model"), P("data"))
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES)
+def test_fused_gspmd_matches_single_device(fused_data, mesh_shape):
+  inputs, loss, want_value, want_grads = fused_data
+  mesh = _mesh(mesh_shape)
+  args = [jax.device_put(x, NamedSharding(mesh, spec)) for x, spec in zip(
+      inputs, FUSED_SPECS, strict=True)]
+  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 4))).lower(*args).compile()
+  value, grads = compiled(*args)
+  assert _rel_err(value, want_value) <= RTOL
+  for grad, want in zip(grads, want_grads, strict=True):
+    assert _rel_err(grad, want) <= RTOL
+  # Nothing vocabulary-sized crosses devices. (The fused token loop slices contiguous token
+  # blocks, so GSPMD may still gather the data-sharded hidden states: see docs/sharding.md.)
+  vocab_sizes = {VOCAB, VOCAB // mesh_shape[1]}
+  for op, shapes in _collectives(compiled.as_text()):
+    assert op in ("all-reduce", "all-gather"), op
+    assert all(not vocab_sizes & set(shape) for shape in shapes), (op, shapes)
+
+
+def _fused_shard_map(mesh, **kwargs):
+  def local(hs, ws, ht, wt, bs, y):
+    return sharded.vocab_parallel_fused_linear_distill_loss(
+        hs, ws, ht, wt, y, student_bias=bs, axis_name="model", data_axis_name="data",
+        **FUSED_KWARGS, **kwargs)
+  loss = jax.shard_map(local, mesh=mesh, in_specs=FUSED_SPECS, out_specs=P())
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 4)))
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 4), (1, 8)])
+def test_vocab_parallel_fused_matches_single_device(fused_data, mesh_shape):
+  inputs, _, want_value, want_grads = fused_data
+  compiled = _fused_shard_map(_mesh(mesh_shape), token_block=3).lower(*inputs).compile()
+  value, grads = compiled(*inputs)
+  assert _rel_err(value, want_value) <= RTOL
+  for grad, want in zip(grads, want_grads, strict=True):
+    assert _rel_err(grad, want) <= RTOL
+  # Along the vocabulary axis: per-token statistics and the [tokens, d_student] hidden-state
+  # gradient. Vocabulary-sized arrays are reduced only over the data axis: the kernel's and
+  # bias's gradients (they are replicated over it), the usual data-parallel gradient sum.
+  mesh = _mesh(mesh_shape)
+  model_coordinate = {int(d.id): m for (_, m), d in np.ndenumerate(mesh.devices)}
+  vocab_sizes = {VOCAB, VOCAB // mesh_shape[1]}
+  collectives = _collectives(compiled.as_text(), with_groups=True)
+  assert {op for op, _, _ in collectives} == {"all-reduce"}, collectives
+  for _, shapes, groups in collectives:
+    if any(vocab_sizes & set(shape) for shape in shapes):
+      assert groups and all(len({model_coordinate[d] for d in g}) == 1 for g in groups), (
+          shapes, groups)
+  tokens = BATCH * SEQ // mesh_shape[0]
+  assert any((tokens, D_STUDENT) in shapes for _, shapes, _ in collectives), collectives
+
+
+# ----------------------------------------------------------------------------------------------
 # Errors.
 # ----------------------------------------------------------------------------------------------
 
@@ -366,6 +463,16 @@ def test_errors_name_the_argument():
     sharded.vocab_parallel_distill_loss(logits, teacher, labels[:, :1], axis_name=None)
   with pytest.raises(TypeError, match="logits must be a floating-point array"):
     sharded.vocab_parallel_distill_loss(labels[..., None], teacher, axis_name=None)
+  hidden, kernel = np.ones((4, 8), np.float32), np.ones((8, 32), np.float32)
+  with pytest.raises(ValueError, match="axis_name='model' is not a mesh axis"):
+    sharded.vocab_parallel_fused_linear_distill_loss(
+        hidden, kernel, hidden, kernel, axis_name="model")
+  with pytest.raises(ValueError, match="It looks transposed"):
+    sharded.vocab_parallel_fused_linear_distill_loss(
+        hidden, kernel.T, hidden, kernel, axis_name=None)
+  with pytest.raises(ValueError, match="must hold the same vocabulary slice"):
+    sharded.vocab_parallel_fused_linear_distill_loss(
+        hidden, kernel, hidden, kernel[:, :16], axis_name=None)
 
 
 # ----------------------------------------------------------------------------------------------

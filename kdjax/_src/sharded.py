@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from kdjax._src import blocking, checks, dense, losses, reductions
+from kdjax._src import blocking, checks, dense, fused, losses, reductions
 
 Array = jax.Array
 AxisName = Hashable  # a mesh axis name, or a tuple of them.
@@ -198,3 +198,150 @@ def _sum_over_data(local_total: Array, data_axis_name: AxisName) -> Array:
     return lax.psum(local_total, data_axis_name)
   others = lax.stop_gradient(lax.psum(local_total, data_axis_name) - local_total)
   return local_total + others
+
+
+def _vary_like(param: Array | None, hidden: Array) -> Array | None:
+  """Marks a parameter replicated over the data axes as varying like ``hidden``.
+
+  Inside ``shard_map`` a parameter replicated over the data axis meets data-sharded hidden
+  states; its gradient is then a sum over the data shards, which ``pcast``'s transpose (a
+  ``psum``) provides. Nothing moves in the forward pass. Elsewhere this does nothing.
+  """
+  if param is None:
+    return None
+  missing = blocking._varying_axes(jax.typeof(hidden)) - blocking._varying_axes(
+      jax.typeof(param))
+  if not missing:
+    return param
+  return lax.pcast(param, tuple(sorted(missing, key=str)), to="varying")
+
+
+def vocab_parallel_fused_linear_distill_loss(
+    student_hidden: ArrayLike,
+    student_kernel: ArrayLike,
+    teacher_hidden: ArrayLike,
+    teacher_kernel: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    axis_name: AxisName | None,
+    data_axis_name: AxisName | None = None,
+    divergence: str = "forward_kl",
+    beta: float | ArrayLike = 0.5,
+    alpha: float | ArrayLike = 0.1,
+    temperature: float | ArrayLike = 1.0,
+    temperature_squared: bool = False,
+    student_bias: ArrayLike | None = None,
+    teacher_bias: ArrayLike | None = None,
+    logit_scale=None,
+    softcap=None,
+    ignore_index: int = -100,
+    where: ArrayLike | None = None,
+    reduction: str = "mean",
+    normalizer: ArrayLike | None = None,
+    token_block: int | None = None,
+    vocab_block: int | None = None,
+) -> Array:
+  r""":func:`kdjax.fused_linear_distill_loss` inside ``jax.shard_map``, kernels split by vocabulary.
+
+  Each device along ``axis_name`` holds a contiguous vocabulary slice of both output
+  projections (``student_kernel`` ``[d_student, vocab / n]``, ``teacher_kernel``
+  ``[d_teacher, vocab / n]``, and of the biases), and the full hidden states of its tokens
+  (replicated over ``axis_name``). Each device computes the logits of its slice block by block;
+  as in :func:`vocab_parallel_distill_loss`, only per-token statistics (max, sum of
+  exponentials, sums of the divergence's terms) are ``pmax``/``psum``-ed. In the backward pass
+  the gradient with respect to ``student_hidden`` is ``psum``-ed over ``axis_name`` (a
+  ``[tokens, d_student]`` array: every vocabulary slice contributes to it), kernel and bias
+  gradients stay on their slice. With ``data_axis_name`` the token reduction is global and the
+  gradient of a parameter replicated over the data axis is summed over it.
+
+  .. math::
+
+      \text{loss} = \frac{\operatorname{psum}_{\text{data}} \sum_{i \text{ valid}}
+      D\big(\operatorname{softmax}(z^t_i / T), \operatorname{softmax}(z^s_i / T)\big)}
+      {\operatorname{psum}_{\text{data}} \#\{i \text{ valid}\}}, \qquad z = h W + b
+
+  Args:
+    student_hidden: ``[..., d_student]``, this device's tokens.
+    student_kernel: this device's vocabulary slice ``[d_student, vocab / n]`` (flax layout).
+    teacher_hidden: ``[..., d_teacher]``, the same tokens; no gradient flows to the teacher.
+    teacher_kernel: ``[d_teacher, vocab / n]``, the same slice of the vocabulary.
+    labels: optional integer ids ``student_hidden.shape[:-1]`` for the mask.
+    axis_name: the mesh axis (or tuple) that splits the vocabulary; ``None`` if not split.
+    data_axis_name: the mesh axis (or tuple) that splits the tokens, or ``None``; see
+      :func:`vocab_parallel_distill_loss`.
+    student_bias, teacher_bias: optional ``[vocab / n]`` slices of the biases.
+    Others: as in :func:`kdjax.fused_linear_distill_loss` (``vocab_block`` blocks the local
+    slice).
+
+  Returns:
+    A float32 scalar (replicated over both axes), or ``student_hidden.shape[:-1]`` for
+    ``reduction="none"``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, kdjax
+    >>> from jax.sharding import PartitionSpec as P
+    >>> mesh = jax.make_mesh((1, 1), ("data", "model"),
+    ...                      axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    >>> loss_fn = jax.shard_map(
+    ...     lambda hs, ws, ht, wt: kdjax.vocab_parallel_fused_linear_distill_loss(
+    ...         hs, ws, ht, wt, axis_name="model", data_axis_name="data"),
+    ...     mesh=mesh, in_specs=(P("data"), P(None, "model"), P("data"), P(None, "model")),
+    ...     out_specs=P())
+    >>> hidden, kernel = jnp.ones((4, 8)), jnp.ones((8, 32))
+    >>> float(jax.jit(loss_fn)(hidden, kernel, hidden, kernel))
+    0.0
+  """
+  student_hidden = checks.float_array("student_hidden", student_hidden)
+  student_kernel = checks.float_array("student_kernel", student_kernel)
+  teacher_hidden = checks.float_array("teacher_hidden", teacher_hidden)
+  teacher_kernel = checks.float_array("teacher_kernel", teacher_kernel)
+  student_bias = None if student_bias is None else checks.float_array(
+      "student_bias", student_bias)
+  teacher_bias = None if teacher_bias is None else checks.float_array(
+      "teacher_bias", teacher_bias)
+  fused._check_head("student_hidden", student_hidden, "student_kernel", student_kernel,
+                    "student_bias", student_bias)
+  fused._check_head("teacher_hidden", teacher_hidden, "teacher_kernel", teacher_kernel,
+                    "teacher_bias", teacher_bias)
+  if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+    raise ValueError(
+        "student_hidden and teacher_hidden must have the same token shape (all but the last "
+        f"axis), got student_hidden.shape={student_hidden.shape} and "
+        f"teacher_hidden.shape={teacher_hidden.shape}.")
+  if student_kernel.shape[1] != teacher_kernel.shape[1]:
+    raise ValueError(
+        "student_kernel and teacher_kernel must hold the same vocabulary slice, got "
+        f"student_kernel.shape={student_kernel.shape} and "
+        f"teacher_kernel.shape={teacher_kernel.shape}.")
+  token_shape = student_hidden.shape[:-1]
+  labels = checks.token_array("labels", labels, token_shape, integer=True)
+  where = checks.token_array("where", where, token_shape, integer=False)
+  reductions.check_reduction(reduction, normalizer)
+  if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    raise TypeError(f"ignore_index must be a Python int, got {ignore_index!r}.")
+  token_block = checks.positive_int("token_block", token_block, optional=True)
+  vocab_block = checks.positive_int("vocab_block", vocab_block, optional=True)
+  hp = losses.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
+  for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
+    for side, side_value in zip(fused._SIDES, fused._per_model(name, value), strict=True):
+      hp[f"{side}_{name}"] = fused._positive(name, side_value)
+  if axis_name is not None and axis_name == data_axis_name:
+    raise ValueError(
+        f"axis_name and data_axis_name must be different mesh axes, both are {axis_name!r}.")
+  _check_axis("axis_name", axis_name)
+  _check_axis("data_axis_name", data_axis_name)
+
+  args = (student_hidden, _vary_like(student_kernel, student_hidden), teacher_hidden,
+          teacher_kernel, _vary_like(student_bias, student_hidden), teacher_bias)
+  common = dict(divergence=divergence, hyperparameters=hp,
+                temperature_squared=bool(temperature_squared), token_block=token_block,
+                vocab_block=vocab_block, axis_name=axis_name)
+  mask = reductions.token_mask(token_shape, labels, where, ignore_index)
+  if reduction == "none":
+    return reductions.reduce(fused.per_token(*args, **common), mask, reduction="none")
+  weights = _global_token_weights(
+      mask, reduction=reduction, normalizer=normalizer, data_axis_name=data_axis_name)
+  total, _ = fused.per_token(*args, weights=lax.stop_gradient(weights), **common)
+  if data_axis_name is not None:
+    total = _sum_over_data(total, data_axis_name)
+  return total
