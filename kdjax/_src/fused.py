@@ -55,14 +55,16 @@ from kdjax._src import divergences as div
 
 Array = jax.Array
 
-# Tokens per block by default. The kernel is re-read from memory once per token block, so
+# Tokens per block by default, chosen by measurement (benchmarks/bench_fused.py, CPU, float32,
+# tokens=4096, d=512, vocab=32000): the kernel is re-read from memory once per token block, so
 # blocks must be large enough for the matmuls to stay compute bound, and small enough that the
-# few [block, vocab] float32 temporaries stay far below the logits (measured on CPU at
-# tokens=4096, d=512, vocab=32000: see benchmarks/bench_fused.py and docs/fused.md).
+# five [block, vocab] float32 temporaries of a block (two logits, two exponentials, one
+# gradient) stay below a tenth of the materialised version's temporaries. At most
+# DEFAULT_TOKEN_BLOCK tokens, and about _DEFAULT_BLOCK_ELEMENTS elements per [block, vocab]
+# array (24 MiB of float32; 192 tokens at vocab 32000, 48 at vocab 128000).
 DEFAULT_TOKEN_BLOCK = 256
-# Cap on the float32 elements of one [block, vocab] temporary for the default block, so very
-# large vocabularies get smaller blocks (256 * 32768 elements = 32 MiB).
-_DEFAULT_BLOCK_ELEMENTS = 256 * 32768
+_DEFAULT_BLOCK_ELEMENTS = 192 * 32768
+
 
 _SIDES = ("student", "teacher")
 
@@ -152,6 +154,16 @@ def _both_logits(hp, student_hidden, teacher_hidden, params: _Params, valid_colu
   return student, teacher
 
 
+def _zeros(shape, *like: Array | None) -> Array:
+  """float32 zeros that vary over the same ``shard_map`` axes as ``like`` (loop carries must
+  match the type of what the loop body makes of them); plain zeros outside ``shard_map``."""
+  out = jnp.zeros(shape, jnp.float32)
+  for ref in like:
+    if ref is not None:
+      out = out + jnp.zeros_like(ref, dtype=jnp.float32, shape=())
+  return out
+
+
 def _lse_or_empty(x: Array) -> Array:
   """Local row log-sum-exp, ``-inf`` for a row with no mass (so partial results combine)."""
   lse = div.logsumexp(x)
@@ -164,6 +176,7 @@ class _Stats(NamedTuple):
 
 
 def _terms(config: Config, hp, student: _Side, teacher: _Side, stats: _Stats):
+  """Terms of a vocabulary block from row statistics computed beforehand (online)."""
   spec = div.get_divergence(config.divergence)
   return div.pointwise_terms(
       spec, student.scaled, teacher.scaled, stats.student_lse, stats.teacher_lse, hp)
@@ -193,23 +206,26 @@ def _param_grads(hidden, kernel, with_bias: bool, grad_logits: Array) -> _BlockG
 
 def _token_block_full_vocab(config: Config, hp, with_grad: bool, student_hidden, teacher_hidden,
                             weights, params: _Params):
-  """One token block over the whole (local) vocabulary at once.
+  """One token block over the whole (local) vocabulary at once, exactly as ``dense._block``.
 
   Returns the per-token values and, with ``with_grad``, the gradients of
   ``sum(weights * values)``.
   """
   reduce = dense.reducers(config.axis_name)
-  student, teacher = _both_logits(hp, student_hidden, teacher_hidden, params)
-  stats = _Stats(
-      div.logsumexp(student.scaled, reduce_max=reduce.max, reduce_sum=reduce.sum),
-      div.logsumexp(teacher.scaled, reduce_max=reduce.max, reduce_sum=reduce.sum))
-  terms, q = _terms(config, hp, student, teacher, stats)
-  value = _value_scale(config, hp) * reduce.sum(terms.value)
+  spec = div.get_divergence(config.divergence)
+  student_side, teacher_side = _both_logits(hp, student_hidden, teacher_hidden, params)
+  _, student, student_nonempty = div.log_softmax(
+      student_side.scaled, reduce_max=reduce.max, reduce_sum=reduce.sum)
+  _, teacher, teacher_nonempty = div.log_softmax(
+      teacher_side.scaled, reduce_max=reduce.max, reduce_sum=reduce.sum)
+  nonempty = student_nonempty & teacher_nonempty  # Empty rows contribute 0 (conventions).
+  terms = spec.terms(teacher, student, hp)
+  value = jnp.where(nonempty, _value_scale(config, hp) * reduce.sum(terms.value), 0.0)
   if not with_grad:
     return value, None
-  grad_scaled = div.student_grad(terms, q, reduce.sum(terms.dlog_q))
-  grad_scaled = grad_scaled * (weights * _value_scale(config, hp))[:, None]
-  grad_logits = _logit_grad(hp, student, grad_scaled)
+  grad_scaled = div.student_grad(terms, student.prob, reduce.sum(terms.dlog_q))
+  row_weights = jnp.where(nonempty, weights * _value_scale(config, hp), 0.0)
+  grad_logits = _logit_grad(hp, student_side, grad_scaled * row_weights[:, None])
   return value, _param_grads(student_hidden, params.student_kernel,
                              params.student_bias is not None, grad_logits)
 
@@ -240,28 +256,30 @@ def _token_block_vocab_blocks(config: Config, hp, with_grad: bool, student_hidde
     _, _, student, teacher = block_logits(j)
     return tuple(
         _lse_or_empty(jnp.stack([acc, _lse_or_empty(side.scaled)], axis=-1))
-        for acc, side in zip(carry, (student, teacher)))
+        for acc, side in zip(carry, (student, teacher), strict=True))
 
-  empty = jnp.full((num_tokens,), -jnp.inf, jnp.float32)
+  empty = _zeros((num_tokens,), student_hidden, teacher_hidden, *params) - jnp.inf
   local_lse = lax.fori_loop(0, num_blocks, lse_pass, (empty, empty))
   # Combine the shards' partial log-sum-exps; a row with no mass anywhere gets 0 as in
   # ``div.logsumexp``.
   stats = _Stats(*(
       div.logsumexp(x[:, None], reduce_max=reduce.max, reduce_sum=reduce.sum)
       for x in local_lse))
+  nonempty = (reduce.max(local_lse[0][:, None]) > -jnp.inf) & (
+      reduce.max(local_lse[1][:, None]) > -jnp.inf)
 
   def terms_pass(j, carry):
     _, _, student, teacher = block_logits(j)
     terms, _ = _terms(config, hp, student, teacher, stats)
     return carry[0] + jnp.sum(terms.value, axis=-1), carry[1] + jnp.sum(terms.dlog_q, axis=-1)
 
-  zeros = jnp.zeros((num_tokens,), jnp.float32)
+  zeros = _zeros((num_tokens,), student_hidden, teacher_hidden, *params)
   value_sum, dlog_q_sum = lax.fori_loop(0, num_blocks, terms_pass, (zeros, zeros))
-  value = _value_scale(config, hp) * reduce.sum(value_sum[:, None])
+  value = jnp.where(nonempty, _value_scale(config, hp) * reduce.sum(value_sum[:, None]), 0.0)
   if not with_grad:
     return value, None
   dlog_q_sum = reduce.sum(dlog_q_sum[:, None])
-  row_weights = (weights * _value_scale(config, hp))[:, None]
+  row_weights = jnp.where(nonempty, weights * _value_scale(config, hp), 0.0)[:, None]
   with_bias = params.student_bias is not None
 
   def grad_pass(j, grads: _BlockGrads):
@@ -282,10 +300,11 @@ def _token_block_vocab_blocks(config: Config, hp, with_grad: bool, student_hidde
           start, axis=0)
     return _BlockGrads(grads.hidden + block_grads.hidden, d_kernel, d_bias)
 
+  like = (student_hidden, teacher_hidden, *params, weights)
   init = _BlockGrads(
-      jnp.zeros((num_tokens, student_hidden.shape[1]), jnp.float32),
-      jnp.zeros(params.student_kernel.shape, jnp.float32),
-      jnp.zeros((vocab,), jnp.float32) if with_bias else None)
+      _zeros((num_tokens, student_hidden.shape[1]), *like),
+      _zeros(params.student_kernel.shape, *like),
+      _zeros((vocab,), *like) if with_bias else None)
   return value, lax.fori_loop(0, num_blocks, grad_pass, init)
 
 
@@ -314,12 +333,17 @@ def _loop(config: Config, dynamic_hp, inputs: _Inputs, weights: Array | None):
   num_blocks = -(-num_tokens // block) if num_tokens else 0
   with_bias = params.student_bias is not None
 
-  values = jnp.zeros((num_tokens,), jnp.float32)
-  d_hidden = jnp.zeros((num_tokens, d_student), inputs.student_hidden.dtype)
-  d_kernel = jnp.zeros(params.student_kernel.shape, jnp.float32)
-  d_bias = jnp.zeros(params.student_kernel.shape[1:], jnp.float32) if with_bias else None
   if not with_grad:
     weights = jnp.zeros((num_tokens,), jnp.float32)
+  # Per-token values are complete (reduced over the vocabulary shards); gradients are partial
+  # sums over this shard's vocabulary columns until the final psum.
+  values = _zeros((num_tokens,), inputs.student_hidden, inputs.teacher_hidden)
+  like = (inputs.student_hidden, inputs.teacher_hidden, *params, weights)
+  # Sharded, the partial hidden-state gradients stay float32 until they are summed.
+  d_hidden_dtype = inputs.student_hidden.dtype if config.axis_name is None else jnp.float32
+  d_hidden = _zeros((num_tokens, d_student), *like).astype(d_hidden_dtype)
+  d_kernel = _zeros(params.student_kernel.shape, *like)
+  d_bias = _zeros(params.student_kernel.shape[1:], *like) if with_bias else None
 
   def body(i, carry):
     values, d_hidden, d_kernel, d_bias = carry
@@ -350,9 +374,9 @@ def _loop(config: Config, dynamic_hp, inputs: _Inputs, weights: Array | None):
     return values, None
   if config.axis_name is not None:
     # Each shard saw only its vocabulary columns: sum the partial hidden-state gradients.
-    d_hidden = lax.psum(d_hidden.astype(jnp.float32), config.axis_name).astype(d_hidden.dtype)
+    d_hidden = lax.psum(d_hidden, config.axis_name)
   return values, _BlockGrads(
-      d_hidden,
+      d_hidden.astype(inputs.student_hidden.dtype),
       d_kernel.astype(params.student_kernel.dtype),
       None if d_bias is None else d_bias.astype(params.student_bias.dtype))
 
@@ -369,15 +393,19 @@ def _scale_grads(grads: _BlockGrads, scale: Array) -> _BlockGrads:
 # Weighted sum: value and gradient in one pass (the forward), the backward only scales.
 
 
+def _weighted_total(weights, values):
+  return jnp.sum(jnp.where(weights != 0, weights * values, 0.0))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _weighted(config: Config, weights, inputs: _Inputs, dynamic_hp):
   values, _ = _loop(config, dynamic_hp, inputs, None)
-  return jnp.sum(weights * values), values
+  return _weighted_total(weights, values), values
 
 
 def _weighted_fwd(config: Config, weights, inputs: _Inputs, dynamic_hp):
   values, grads = _loop(config, dynamic_hp, inputs, weights)
-  return (jnp.sum(weights * values), values), (grads, weights, inputs, dynamic_hp)
+  return (_weighted_total(weights, values), values), (grads, weights, inputs, dynamic_hp)
 
 
 def _student_cotangents(inputs: _Inputs, grads: _BlockGrads) -> _Inputs:
@@ -690,7 +718,7 @@ def fused_linear_distill_loss(
   vocab_block = checks.positive_int("vocab_block", vocab_block, optional=True)
   hp = losses.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
   for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
-    for side, side_value in zip(_SIDES, _per_model(name, value)):
+    for side, side_value in zip(_SIDES, _per_model(name, value), strict=True):
       hp[f"{side}_{name}"] = _positive(name, side_value)
   static_hp, dynamic_hp = _split_hp(hp)
   if token_block is None:

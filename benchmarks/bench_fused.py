@@ -1,0 +1,134 @@
+"""Fused linear-head distillation vs. materialised logits: time and compiled temporaries.
+
+For each ``(tokens, d, vocab)`` shape, in one process and interleaved (one run of each variant
+per round, median over rounds), float32, forward KL, value and gradient with respect to the
+student's hidden states and kernel:
+
+* ``materialised``: ``distill_loss(h_s @ W_s, h_t @ W_t)`` under ``jax.value_and_grad``;
+* ``fused``: ``fused_linear_distill_loss(h_s, W_s, h_t, W_t)`` under ``jax.value_and_grad``;
+* ``4 matmuls``: four plain ``[tokens, d] x [d, vocab]`` products, the compute floor of
+  either (two logit matmuls forward, two gradient matmuls backward).
+
+Temporaries are ``jax.jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes``.
+Prints a markdown table of ratios. Usage::
+
+    python benchmarks/bench_fused.py                      # the README table
+    python benchmarks/bench_fused.py --sweep 128,256,512  # choose the default token_block
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import kdjax
+from kdjax._src import fused
+
+
+def _inputs(tokens: int, d: int, vocab: int):
+  keys = jax.random.split(jax.random.key(0), 4)
+  scale = d ** -0.5
+  return (jax.random.normal(keys[0], (tokens, d)),
+          jax.random.normal(keys[1], (d, vocab)) * scale,
+          jax.random.normal(keys[2], (tokens, d)),
+          jax.random.normal(keys[3], (d, vocab)) * scale,
+          jnp.zeros((tokens,), jnp.int32))
+
+
+def _materialised(h_s, w_s, h_t, w_t, labels):
+  def loss(h_s, w_s):
+    return kdjax.distill_loss(h_s @ w_s, jax.lax.stop_gradient(h_t @ w_t), labels)
+  return jax.value_and_grad(loss, argnums=(0, 1))(h_s, w_s)
+
+
+def _fused(token_block, vocab_block=None):
+  def run(h_s, w_s, h_t, w_t, labels):
+    def loss(h_s, w_s):
+      return fused.fused_linear_distill_loss(
+          h_s, w_s, h_t, w_t, labels, token_block=token_block, vocab_block=vocab_block)
+    return jax.value_and_grad(loss, argnums=(0, 1))(h_s, w_s)
+  return run
+
+
+def _four_matmuls(h_s, w_s, h_t, w_t, labels):
+  del labels
+  # Four products of the same shapes as the logits; summed so only scalars leave the call.
+  return [jnp.sum(h @ w) for h, w in ((h_s, w_s), (h_t, w_t), (h_s + 1.0, w_s), (h_t + 1.0, w_t))]
+
+
+def _temp_bytes(fn, args) -> int:
+  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def _time(variants: dict, args, repeats: int) -> dict[str, float]:
+  compiled = {name: jax.jit(fn).lower(*args).compile() for name, fn in variants.items()}
+  for fn in compiled.values():  # warm up
+    jax.block_until_ready(fn(*args))
+  times = {name: [] for name in variants}
+  for _ in range(repeats):
+    for name, fn in compiled.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _check(args, token_block):
+  (value_m, grads_m) = jax.jit(_materialised)(*args)
+  (value_f, grads_f) = jax.jit(_fused(token_block))(*args)
+  errors = [abs(float(value_f - value_m)) / abs(float(value_m))]
+  for gf, gm in zip(grads_f, grads_m, strict=True):
+    errors.append(float(jnp.linalg.norm(gf - gm) / jnp.linalg.norm(gm)))
+  return max(errors)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shapes", default="4096x512x32000,2048x512x128000",
+                      help="comma-separated TOKENSxDxVOCAB")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--token-block", type=int, default=None)
+  parser.add_argument("--sweep", default=None,
+                      help="comma-separated token blocks: time only the fused path")
+  args_ns = parser.parse_args()
+
+  print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, float32, forward KL, "
+        f"value+grad (h_s, W_s), median of {args_ns.repeats} interleaved runs\n")
+  for shape in args_ns.shapes.split(","):
+    tokens, d, vocab = (int(x) for x in shape.split("x"))
+    args = _inputs(tokens, d, vocab)
+    if args_ns.sweep:
+      blocks = [int(b) for b in args_ns.sweep.split(",")]
+      variants = {f"fused token_block={b}": _fused(b) for b in blocks}
+      variants["materialised"] = _materialised
+      times = _time(variants, args, args_ns.repeats)
+      print(f"| {tokens}x{d}x{vocab} | time (s) | / materialised | temp MiB |")
+      print("| --- | --- | --- | --- |")
+      for name, t in times.items():
+        temp = _temp_bytes(variants[name], args) / 2**20
+        print(f"| {name} | {t:.3f} | {t / times['materialised']:.3f} | {temp:.0f} |")
+      print()
+      continue
+    token_block = args_ns.token_block or fused.default_token_block(tokens, vocab)
+    variants = {"materialised": _materialised, "fused": _fused(token_block),
+                "4 matmuls": _four_matmuls}
+    temps = {name: _temp_bytes(fn, args) for name, fn in variants.items()}
+    times = _time(variants, args, args_ns.repeats)
+    error = _check(args, token_block)
+    print("| tokens x d x vocab | token_block | materialised (s) | fused (s) | "
+          "fused / materialised time | fused / 4 matmuls time | materialised temp (MiB) | "
+          "fused temp (MiB) | fused / materialised temp | max rel. error |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| {tokens} x {d} x {vocab} | {token_block} | {times['materialised']:.3f} | "
+          f"{times['fused']:.3f} | {times['fused'] / times['materialised']:.3f} | "
+          f"{times['fused'] / times['4 matmuls']:.3f} | {temps['materialised'] / 2**20:.0f} | "
+          f"{temps['fused'] / 2**20:.0f} | {temps['fused'] / temps['materialised']:.3f} | "
+          f"{error:.1e} |\n", flush=True)
+
+
+if __name__ == "__main__":
+  main()
