@@ -213,17 +213,19 @@ def _block(config: _Config, with_grad: bool, temperature, logits, ids, teacher_l
     grad = _scatter_rows(jnp.zeros(s.shape, jnp.float32), ids, grad_top)
   else:
     k = ids.shape[-1]
-    dlog_q = _scatter_rows(jnp.zeros(s.shape, jnp.float32), ids, terms.dlog_q[:, :k])
     if config.tail == "zero":
       q_full = jnp.exp(s - student_log_norm[:, None])
+      rest_dlog_q = 0.0
     else:
       # d log q_r / d log q_v = q_v / q_r for v outside the top k: the remainder's derivative
       # is shared among those entries (0 when q_r has no mass, by the conventions).
-      rest_dlog_q = terms.dlog_q[:, k]
       share = jnp.exp(jnp.where(in_top, -jnp.inf, s - student_log_norm[:, None])
                       - jnp.where(jnp.isfinite(log_q_rest), log_q_rest, 0.0)[:, None])
-      dlog_q = dlog_q + rest_dlog_q[:, None] * share
-    grad = div.student_grad(terms._replace(dlog_q=dlog_q), q_full, sum_dlog_q)
+      rest_dlog_q = terms.dlog_q[:, k, None] * share
+    # student_grad over the full vocabulary, with the k-entry derivatives added by a scatter
+    # instead of materialising a dense dlog_q that is zero almost everywhere.
+    grad = div.student_grad(terms._replace(dlog_q=rest_dlog_q), q_full, sum_dlog_q)
+    grad = _scatter_rows(grad, ids, terms.dlog_q[:, :k])
   grad = jnp.where(valid_ids[:, None], grad * (scale / temperature), jnp.nan)
   return value, grad.astype(logits.dtype)
 
