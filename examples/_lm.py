@@ -1,0 +1,347 @@
+"""The pieces of ``distill_lm.py``: corpus, byte tokenizer, a Flax NNX transformer, train loop.
+
+Everything here is deterministic given a seed: the corpus is a sorted list of files from the
+running interpreter's standard library, training batch ``k`` is drawn from a NumPy generator
+seeded with ``(seed, k)``, and the model has no dropout. A run resumed from a checkpoint (which
+holds the parameters, the optimizer state -- including its step count, which drives the
+learning-rate schedule -- and the step) therefore replays exactly the batches and updates of an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import pathlib
+import sysconfig
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm.auto import tqdm
+
+import kdjax
+
+VOCAB = 256  # byte-level tokenizer: a token is a byte.
+IGNORE_INDEX = -100
+
+# ----------------------------------------------------------------------------------------------
+# Corpus and byte tokenizer.
+# ----------------------------------------------------------------------------------------------
+
+
+def stdlib_files() -> list[pathlib.Path]:
+  """The top-level ``.py`` files of the running interpreter's standard library, sorted."""
+  lib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  files = sorted(lib.glob("*.py"))
+  if not files:
+    raise FileNotFoundError(f"no .py files found in the standard library folder {lib}")
+  return files
+
+
+def encode(text: str | bytes) -> np.ndarray:
+  """Byte-level tokenizer: UTF-8 bytes as ``uint8`` token ids (vocabulary of 256)."""
+  data = text.encode("utf-8") if isinstance(text, str) else text
+  return np.frombuffer(data, dtype=np.uint8)
+
+
+def decode(tokens) -> str:
+  return bytes(np.asarray(tokens, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+def load_corpus(holdout_every: int = 10) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """``(train_tokens, heldout_tokens, heldout_file_names)``, split by whole files.
+
+  Every ``holdout_every``-th file (in sorted order, starting at the middle of the first group)
+  is held out, so the held-out text is from modules the models never saw.
+  """
+  train, heldout, heldout_names = [], [], []
+  for index, path in enumerate(stdlib_files()):
+    if index % holdout_every == holdout_every // 2:
+      heldout.append(path.read_bytes())
+      heldout_names.append(path.name)
+    else:
+      train.append(path.read_bytes())
+  return encode(b"\n\n".join(train)), encode(b"\n\n".join(heldout)), heldout_names
+
+
+def train_batch(tokens: np.ndarray, step: int, *, seed: int, batch_size: int,
+                seq_len: int) -> np.ndarray:
+  """Batch ``step`` of training windows ``[batch_size, seq_len]`` int32: a pure function of
+  ``(seed, step)``, so a resumed run needs no data-loader state."""
+  rng = np.random.default_rng([seed, step])
+  starts = rng.integers(0, len(tokens) - seq_len + 1, size=batch_size)
+  return np.stack([tokens[s:s + seq_len] for s in starts]).astype(np.int32)
+
+
+def heldout_batches(tokens: np.ndarray, *, windows: int, batch_size: int,
+                    seq_len: int) -> list[np.ndarray]:
+  """Fixed, evenly spaced held-out windows, grouped into batches (the same for every model)."""
+  windows = min(windows, len(tokens) // seq_len)
+  starts = np.linspace(0, len(tokens) - seq_len, windows).astype(np.int64)
+  data = np.stack([tokens[s:s + seq_len] for s in starts]).astype(np.int32)
+  return [data[i:i + batch_size] for i in range(0, windows, batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------
+# A small decoder-only transformer in Flax NNX.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  layers: int
+  dim: int
+  heads: int
+  max_len: int
+  vocab: int = VOCAB
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: causal self-attention, then a GELU MLP."""
+
+  def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs):
+    self.heads = heads
+    self.attention_norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.qkv = nnx.Linear(dim, 3 * dim, use_bias=False, rngs=rngs)
+    self.attention_out = nnx.Linear(dim, dim, use_bias=False, rngs=rngs)
+    self.mlp_norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.mlp_in = nnx.Linear(dim, 4 * dim, rngs=rngs)
+    self.mlp_out = nnx.Linear(4 * dim, dim, rngs=rngs)
+
+  def __call__(self, x):
+    batch, seq, dim = x.shape
+    qkv = self.qkv(self.attention_norm(x)).reshape(batch, seq, 3, self.heads, dim // self.heads)
+    attended = jax.nn.dot_product_attention(
+        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], is_causal=True)
+    x = x + self.attention_out(attended.reshape(batch, seq, dim))
+    return x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
+
+
+class Transformer(nnx.Module):
+  """Decoder-only language model: ``tokens [batch, seq]`` -> ``logits [batch, seq, vocab]``."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.embed = nnx.Embed(config.vocab, config.dim, rngs=rngs)
+    self.position = nnx.Param(
+        0.02 * jax.random.normal(rngs.params(), (config.max_len, config.dim)))
+    self.blocks = nnx.List([Block(config.dim, config.heads, rngs=rngs)
+                            for _ in range(config.layers)])
+    self.final_norm = nnx.LayerNorm(config.dim, rngs=rngs)
+    self.head = nnx.Linear(config.dim, config.vocab, use_bias=False, rngs=rngs)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens) + self.position[:tokens.shape[-1]]
+    for block in self.blocks:
+      x = block(x)
+    return self.head(self.final_norm(x))
+
+
+def build(config: ModelConfig, seed: int):
+  """``(graphdef, params)``: the static structure and the parameter pytree (an ``nnx.State``)."""
+  return nnx.split(Transformer(config, rngs=nnx.Rngs(seed)))
+
+
+def apply(graphdef, params, tokens):
+  return nnx.merge(graphdef, params)(tokens)
+
+
+def count_params(params) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+# ----------------------------------------------------------------------------------------------
+# Objectives. Labels are the input tokens shifted left: logits at t predict token t + 1.
+# ----------------------------------------------------------------------------------------------
+
+
+def cross_entropy(logits, tokens):
+  """Mean next-token cross entropy (nats per byte) over the positions that have a next token."""
+  labels = kdjax.shift_labels(tokens, ignore_index=IGNORE_INDEX)
+  valid = labels != IGNORE_INDEX
+  per_token = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), jnp.where(valid, labels, 0))
+  return jnp.sum(jnp.where(valid, per_token, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def distill_objective(logits, teacher_logits, tokens, *, kd_coef, divergence, temperature):
+  """``(1 - kd_coef) * cross_entropy + kd_coef * divergence(teacher || student)`` from kdjax,
+  returned with its two components ``(ce, kd)``."""
+  return kdjax.distill_with_cross_entropy(
+      logits, teacher_logits, kdjax.shift_labels(tokens, ignore_index=IGNORE_INDEX),
+      kd_coef=kd_coef, divergence=divergence, temperature=temperature,
+      ignore_index=IGNORE_INDEX, return_components=True)
+
+
+def make_optimizer(*, learning_rate: float, steps: int,
+                   warmup: int) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=learning_rate / (warmup + 1), peak_value=learning_rate, warmup_steps=warmup,
+      decay_steps=max(steps, 1), end_value=0.1 * learning_rate)
+  # Weight decay on matrices (including the embedding tables), not on biases or norm scales.
+  return optax.chain(
+      optax.clip_by_global_norm(1.0),
+      optax.adamw(schedule, b2=0.98, weight_decay=0.01,
+                  mask=lambda params: jax.tree.map(lambda x: x.ndim == 2, params)))
+
+
+def make_train_step(graphdef, optimizer, teacher=None, *, kd_coef=0.0, divergence="forward_kl",
+                    temperature=1.0):
+  """A jitted ``(params, opt_state, tokens) -> (params, opt_state, loss, ce)`` step.
+
+  Without ``teacher`` the loss is the cross entropy; with ``teacher=(graphdef, params)`` it is
+  kdjax's combined objective against the teacher's logits.
+  """
+
+  def loss_fn(params, tokens):
+    logits = apply(graphdef, params, tokens)
+    if teacher is None:
+      ce = cross_entropy(logits, tokens)
+      return ce, ce
+    teacher_graphdef, teacher_params = teacher
+    # No gradient reaches the teacher: its parameters are not differentiated, and kdjax treats
+    # teacher_logits as a constant anyway.
+    teacher_logits = apply(teacher_graphdef, teacher_params, tokens)
+    loss, (ce, _) = distill_objective(
+        logits, teacher_logits, tokens, kd_coef=kd_coef, divergence=divergence,
+        temperature=temperature)
+    return loss, ce
+
+  @jax.jit
+  def train_step(params, opt_state, tokens):
+    (loss, ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, ce
+
+  return train_step
+
+
+def make_evaluate(graphdef, batches: list[np.ndarray]) -> Callable[[Any], float]:
+  """Mean held-out cross entropy (nats per byte) over fixed batches."""
+
+  @jax.jit
+  def batch_ce(params, tokens):
+    return cross_entropy(apply(graphdef, params, tokens), tokens)
+
+  def evaluate(params) -> float:
+    return float(np.mean([float(batch_ce(params, b)) for b in batches]))
+
+  return evaluate
+
+
+# ----------------------------------------------------------------------------------------------
+# Train loop with orbax checkpoints.
+# ----------------------------------------------------------------------------------------------
+
+
+def config_hash(config: dict) -> str:
+  return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+
+
+@dataclasses.dataclass
+class Phase:
+  """One model's training run: its folder, model, objective and schedule."""
+
+  name: str
+  folder: pathlib.Path
+  model: ModelConfig
+  steps: int
+  batch_size: int
+  seq_len: int
+  learning_rate: float
+  seed: int
+  eval_every: int
+  checkpoint_every: int
+  keep_checkpoints: int = 3
+  teacher: tuple | None = None  # (graphdef, params) for a distilled student.
+  kd: dict = dataclasses.field(default_factory=dict)  # kd_coef, divergence, temperature.
+
+
+def _history_entry(history, step, tokens_seen, heldout_loss, train_loss):
+  history["step"].append(step)
+  history["tokens"].append(tokens_seen)
+  history["heldout_loss"].append(heldout_loss)
+  history["train_loss"].append(train_loss)
+
+
+def train(phase: Phase, train_tokens: np.ndarray, heldout: list[np.ndarray], *,
+          progress: bool = True, step_sleep: float = 0.0) -> tuple[Any, Any, dict]:
+  """Trains (or resumes, or just loads) one model. Returns ``(graphdef, params, history)``.
+
+  A checkpoint holds ``{"params", "opt_state"}`` and the evaluation history so far; its step
+  number is the number of updates applied. The latest one is restored on start, so a run killed
+  at any point loses at most ``checkpoint_every`` steps and then continues bit for bit.
+  """
+  graphdef, params = build(phase.model, phase.seed)
+  optimizer = make_optimizer(learning_rate=phase.learning_rate, steps=phase.steps,
+                             warmup=max(1, phase.steps // 20))
+  opt_state = optimizer.init(params)
+  tokens_per_step = phase.batch_size * phase.seq_len
+  history = {"step": [], "tokens": [], "heldout_loss": [], "train_loss": []}
+
+  manager = ocp.CheckpointManager(
+      (phase.folder / "checkpoints").absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=phase.keep_checkpoints, create=True))
+  start = manager.latest_step() or 0
+  if start:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                            {"params": params, "opt_state": opt_state})
+    restored = manager.restore(start, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+    params, opt_state = restored.state["params"], restored.state["opt_state"]
+    history = restored.history
+  if start >= phase.steps:
+    print(f"{phase.name}: loaded the finished checkpoint at step {start} from {phase.folder}")
+    manager.close()
+    return graphdef, params, history
+  if start:
+    print(f"{phase.name}: resuming from the checkpoint at step {start}")
+
+  train_step = make_train_step(graphdef, optimizer, phase.teacher, **phase.kd)
+  evaluate = make_evaluate(graphdef, heldout)
+
+  def save(step):
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+        history=ocp.args.JsonSave(history)), force=True)
+
+  if start == 0:
+    _history_entry(history, 0, 0, evaluate(params), None)
+  bar = tqdm(range(start, phase.steps), initial=start, total=phase.steps, desc=phase.name,
+             disable=not progress, dynamic_ncols=True, mininterval=0.5)
+  clock, clock_step, rate = time.perf_counter(), start, 0.0
+  for step in bar:
+    batch = train_batch(train_tokens, step, seed=phase.seed, batch_size=phase.batch_size,
+                        seq_len=phase.seq_len)
+    params, opt_state, loss, ce = train_step(params, opt_state, batch)
+    done = step + 1
+    if step_sleep:
+      time.sleep(step_sleep)  # Test hook: widens the window in which a test kills the run.
+    if done % 10 == 0 or done == phase.steps:
+      now = time.perf_counter()
+      rate = (done - clock_step) * tokens_per_step / max(now - clock, 1e-9)
+      clock, clock_step = now, done
+      bar.set_postfix(loss=f"{float(loss):.3f}", ce=f"{float(ce):.3f}", tok_s=f"{rate:,.0f}")
+    if done % phase.eval_every == 0 or done == phase.steps:
+      _history_entry(history, done, done * tokens_per_step, evaluate(params), float(ce))
+      if not progress:
+        print(f"{phase.name} step {done}: train ce {float(ce):.4f}, "
+              f"held-out {history['heldout_loss'][-1]:.4f}, {rate:,.0f} tokens/s", flush=True)
+    if done % phase.checkpoint_every == 0 or done == phase.steps:
+      save(done)
+  bar.close()
+  manager.wait_until_finished()
+  manager.close()
+  return graphdef, params, history
+
+
+def perplexity(loss: float) -> float:
+  return math.exp(loss)

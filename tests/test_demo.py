@@ -1,0 +1,371 @@
+"""The end-to-end demo ``examples/distill_lm.py``: its objective, data, model, outputs,
+checkpoint resumption after a kill, and its answers to bad flags."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "distill_lm.py"
+sys.path.insert(0, str(ROOT / "examples"))
+
+import _lm  # noqa: E402
+import distill_lm  # noqa: E402
+
+# A tiny configuration: every phase compiles and runs in seconds.
+TINY = [
+    "--teacher-steps", "8", "--student-steps", "12", "--batch-size", "4", "--seq-len", "32",
+    "--teacher-layers", "1", "--teacher-dim", "32", "--student-layers", "1",
+    "--student-dim", "16", "--head-dim", "16", "--eval-every", "4", "--eval-windows", "8",
+    "--checkpoint-every", "3", "--divergence", "generalized_jsd", "--temperature", "2.0",
+    "--kd-coef", "0.7", "--no-progress",
+]
+PHASES = ("teacher", "student-CE", "student-KD")
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective against independent references.
+# ----------------------------------------------------------------------------------------------
+
+
+def _log_softmax64(x):
+  x = np.asarray(x, np.float64)
+  m = np.max(x, axis=-1, keepdims=True)
+  return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+
+
+def _reference_objective(logits, teacher_logits, tokens, *, kd_coef, temperature, beta):
+  """float64 NumPy: next-token CE (labels = tokens[:, 1:]) and TRL's generalized JSD."""
+  logits = np.asarray(logits, np.float64)[:, :-1]  # the last position has no next token.
+  teacher_logits = np.asarray(teacher_logits, np.float64)[:, :-1]
+  targets = np.asarray(tokens)[:, 1:]
+  log_q_raw = _log_softmax64(logits)
+  ce = -np.take_along_axis(log_q_raw, targets[..., None], axis=-1)[..., 0].mean()
+  p = np.exp(_log_softmax64(teacher_logits / temperature))
+  q = np.exp(_log_softmax64(logits / temperature))
+  m = beta * p + (1 - beta) * q
+
+  def kl(a, b):
+    with np.errstate(divide="ignore", invalid="ignore"):
+      return np.where(a > 0, a * (np.log(a) - np.log(b)), 0.0).sum(-1)
+
+  jsd = (beta * kl(p, m) + (1 - beta) * kl(q, m)).mean()
+  return (1 - kd_coef) * ce + kd_coef * jsd, ce, jsd
+
+
+def _objective_inputs(seed=0, batch=2, seq=5, vocab=11):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=(batch, seq, vocab)).astype(np.float32)
+  teacher = (2 * rng.normal(size=(batch, seq, vocab))).astype(np.float32)
+  teacher[0, 1, 3] = -np.inf  # a vocabulary entry the teacher forbids
+  tokens = rng.integers(0, vocab, size=(batch, seq)).astype(np.int32)
+  return logits, teacher, tokens
+
+
+def test_distill_objective_matches_float64_reference_value_and_grad():
+  logits, teacher, tokens = _objective_inputs()
+  hp = dict(kd_coef=0.3, temperature=1.5)
+
+  def loss(x):
+    return _lm.distill_objective(x, teacher, tokens, divergence="generalized_jsd", **hp)[0]
+
+  value, (ce, kd) = jax.jit(
+      lambda x: _lm.distill_objective(x, teacher, tokens, divergence="generalized_jsd", **hp)
+  )(logits)
+  want, want_ce, want_kd = _reference_objective(logits, teacher, tokens, beta=0.5, **hp)
+  np.testing.assert_allclose([value, ce, kd], [want, want_ce, want_kd], rtol=1e-5, atol=1e-6)
+  grad = jax.jit(jax.grad(loss))(logits)
+  assert np.all(np.isfinite(grad))
+  # Central differences of the float64 reference, entry by entry.
+  eps, numeric = 1e-5, np.zeros(logits.shape)
+  for index in np.ndindex(logits.shape):
+    up, down = logits.astype(np.float64), logits.astype(np.float64)
+    up[index] += eps
+    down[index] -= eps
+    numeric[index] = (_reference_objective(up, teacher, tokens, beta=0.5, **hp)[0]
+                      - _reference_objective(down, teacher, tokens, beta=0.5, **hp)[0]) / (2 * eps)
+  np.testing.assert_allclose(grad, numeric, atol=2e-6)
+  # The last position predicts past the end: no gradient reaches it.
+  assert np.all(grad[:, -1] == 0)
+
+
+def test_cross_entropy_matches_pytorch_causal_lm_shift():
+  logits, _, tokens = _objective_inputs(seed=1)
+  # The loss a Hugging Face causal LM computes: shift the logits left and the labels right.
+  want = torch.nn.functional.cross_entropy(
+      torch.tensor(logits[:, :-1]).reshape(-1, logits.shape[-1]).double(),
+      torch.tensor(tokens[:, 1:]).reshape(-1).long())
+  got = jax.jit(_lm.cross_entropy)(logits, tokens)
+  np.testing.assert_allclose(got, want.item(), rtol=1e-6)
+
+
+def test_objective_with_bfloat16_logits():
+  logits, teacher, tokens = _objective_inputs(seed=2)
+  hp = dict(kd_coef=0.5, divergence="generalized_jsd", temperature=1.0)
+  low = jnp.asarray(logits, jnp.bfloat16)
+  value, (ce, kd) = _lm.distill_objective(low, jnp.asarray(teacher, jnp.bfloat16), tokens, **hp)
+  rounded = np.asarray(low.astype(jnp.float32))
+  rounded_teacher = np.asarray(jnp.asarray(teacher, jnp.bfloat16).astype(jnp.float32))
+  want = _reference_objective(rounded, rounded_teacher, tokens, beta=0.5, kd_coef=0.5,
+                              temperature=1.0)
+  assert value.dtype == jnp.float32
+  np.testing.assert_allclose([value, ce, kd], want, rtol=1e-5)
+  grad = jax.grad(lambda x: _lm.distill_objective(x, teacher, tokens, **hp)[0])(low)
+  assert grad.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(grad)))
+
+
+def test_kd_train_step_minimises_the_reference_objective():
+  config = _lm.ModelConfig(layers=1, dim=16, heads=1, max_len=8)
+  graphdef, params = _lm.build(config, seed=0)
+  teacher_graphdef, teacher_params = _lm.build(config, seed=1)
+  optimizer = _lm.make_optimizer(learning_rate=1e-2, steps=10, warmup=1)
+  hp = dict(kd_coef=0.6, temperature=2.0)
+  step = _lm.make_train_step(graphdef, optimizer, (teacher_graphdef, teacher_params),
+                             divergence="generalized_jsd", **hp)
+  tokens = np.arange(16, dtype=np.int32).reshape(2, 8)
+  teacher_before = jax.tree.map(np.array, teacher_params)
+  new_params, _, loss, ce = step(params, optimizer.init(params), tokens)
+  # The step's loss is the objective of the two models' logits, computed independently.
+  want, want_ce, _ = _reference_objective(
+      _lm.apply(graphdef, params, tokens), _lm.apply(teacher_graphdef, teacher_params, tokens),
+      tokens, beta=0.5, **hp)
+  np.testing.assert_allclose([loss, ce], [want, want_ce], rtol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, teacher_before,
+               jax.tree.map(np.array, teacher_params))
+  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                         params, new_params)
+  assert all(jax.tree.leaves(changed))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and model.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_corpus_is_deterministic_and_split_by_whole_files():
+  train, heldout, heldout_names = _lm.load_corpus()
+  train2, heldout2, _ = _lm.load_corpus()
+  np.testing.assert_array_equal(train, train2)
+  np.testing.assert_array_equal(heldout, heldout2)
+  names = [p.name for p in _lm.stdlib_files()]
+  assert heldout_names and set(heldout_names) < set(names)
+  assert len(heldout) < len(train)
+  # A held-out file's text does not occur in the training text.
+  sample = (_lm.stdlib_files()[names.index(heldout_names[0])].read_bytes())[:2000]
+  assert sample in heldout.tobytes() and sample not in train.tobytes()
+
+
+def test_byte_tokenizer_round_trip():
+  text = "def f(x):\n  return 'héllo' + x  # ünïcode\n"
+  tokens = _lm.encode(text)
+  assert tokens.dtype == np.uint8 and len(tokens) == len(text.encode())
+  assert _lm.decode(tokens) == text
+
+
+def test_training_batches_depend_only_on_seed_and_step():
+  tokens = np.arange(1000, dtype=np.uint8)
+  args = dict(batch_size=3, seq_len=10)
+  a = _lm.train_batch(tokens, 7, seed=1, **args)
+  np.testing.assert_array_equal(a, _lm.train_batch(tokens, 7, seed=1, **args))
+  assert not np.array_equal(a, _lm.train_batch(tokens, 8, seed=1, **args))
+  assert not np.array_equal(a, _lm.train_batch(tokens, 7, seed=2, **args))
+  assert a.shape == (3, 10) and a.dtype == np.int32
+  # Windows are contiguous text.
+  np.testing.assert_array_equal(np.diff(a, axis=1) % 256, 1)
+
+
+def test_transformer_is_causal():
+  config = _lm.ModelConfig(layers=2, dim=32, heads=2, max_len=12)
+  graphdef, params = _lm.build(config, seed=0)
+  tokens = np.random.default_rng(0).integers(0, 256, (2, 12)).astype(np.int32)
+  changed = tokens.copy()
+  changed[:, 7:] = (changed[:, 7:] + 1) % 256
+  logits = np.asarray(_lm.apply(graphdef, params, tokens))
+  logits_changed = np.asarray(_lm.apply(graphdef, params, changed))
+  assert logits.shape == (2, 12, 256)
+  np.testing.assert_array_equal(logits[:, :7], logits_changed[:, :7])
+  assert not np.allclose(logits[:, 7:], logits_changed[:, 7:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit code 2, no traceback.
+# ----------------------------------------------------------------------------------------------
+
+
+def _expect_usage_error(argv, capsys, *needles):
+  with pytest.raises(SystemExit) as raised:
+    distill_lm.parse_args(argv)
+  assert raised.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "error:" in err, err
+  for needle in needles:
+    assert needle in err, err
+  return err
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--teacher-steps", "-5"], ["--teacher-steps", "positive integer", "-5"]),
+    (["--student-steps", "0"], ["--student-steps", "positive integer"]),
+    (["--student-steps", "ten"], ["--student-steps", "'ten'"]),
+    (["--kd-coef", "1.5"], ["--kd-coef", "[0, 1]", "1.5"]),
+    (["--kd-coef", "-0.1"], ["--kd-coef", "[0, 1]"]),
+    (["--kd-coef", "nan"], ["--kd-coef", "finite"]),
+    (["--temperature", "0"], ["--temperature", "> 0"]),
+    (["--temperature", "-1"], ["--temperature", "> 0"]),
+    (["--divergence", "kl"], ["--divergence", "forward_kl"]),
+    (["--teacher-dim", "100"], ["--teacher-dim", "multiple of --head-dim"]),
+    (["--out", ""], ["--out", "missing"]),
+    (["--out"], ["--out", "expected one argument"]),
+    (["--seed", "-1"], ["--seed"]),
+])
+def test_bad_flags_exit_2_with_one_line(argv, needles, capsys):
+  _expect_usage_error(argv, capsys, *needles)
+
+
+def test_output_folder_under_a_file(tmp_path, capsys):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a folder")
+  _expect_usage_error(["--out", str(blocker / "run")], capsys, "--out", "cannot create")
+  _expect_usage_error(["--out", str(blocker)], capsys, "--out", "not a folder")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root may write into a read-only folder")
+def test_output_folder_read_only(tmp_path, capsys):
+  folder = tmp_path / "read_only"
+  folder.mkdir()
+  folder.chmod(0o555)
+  try:
+    _expect_usage_error(["--out", str(folder)], capsys, "--out", "cannot write")
+    _expect_usage_error(["--out", str(folder / "sub")], capsys, "--out", "cannot create")
+  finally:
+    folder.chmod(0o755)
+
+
+def test_valid_flags_create_the_output_folder(tmp_path):
+  args = distill_lm.parse_args(["--out", str(tmp_path / "new" / "run"), "--kd-coef", "0"])
+  assert args.out.is_dir() and args.kd_coef == 0.0
+
+
+def test_bad_flags_as_a_process_exit_2_without_traceback(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  for argv in (["--kd-coef", "2"], ["--out", str(blocker / "x")]):
+    result = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+  result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+  assert result.returncode == 0
+  for flag in ("--teacher-steps", "--student-steps", "--teacher-dim", "--student-layers",
+               "--divergence", "--temperature", "--kd-coef", "--out"):
+    assert flag in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: outputs, and a run killed part-way then resumed equals an uninterrupted run.
+# ----------------------------------------------------------------------------------------------
+
+
+def _run(out, *extra, check=True):
+  return subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *TINY, *extra],
+                        capture_output=True, text=True, timeout=300, cwd=ROOT, check=check)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """An uninterrupted tiny run: ``(output folder, completed process)``."""
+  out = tmp_path_factory.mktemp("uninterrupted")
+  return out, _run(out)
+
+
+def _phase_folder(out, name):
+  (folder,) = [p for p in out.iterdir() if p.name.startswith(name + "-")]
+  return folder
+
+
+def _final_state(out, name):
+  import orbax.checkpoint as ocp
+
+  folder = _phase_folder(out, name) / "checkpoints"
+  with ocp.CheckpointManager(folder.absolute()) as manager:
+    step = manager.latest_step()
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), history=ocp.args.JsonRestore()))
+  return step, restored.state, restored.history
+
+
+def test_demo_writes_table_plot_and_histories(reference_run):
+  out, result = reference_run
+  table = (out / "results.md").read_text()
+  for name in PHASES:
+    assert f"| {name} |" in table and f"| {name} |" in result.stdout
+  assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  results = json.loads((out / "results.json").read_text())
+  rows = {row["model"]: row for row in results["rows"]}
+  assert rows["student-CE"]["tokens"] == rows["student-KD"]["tokens"] == 12 * 4 * 32
+  assert rows["teacher"]["tokens"] == 8 * 4 * 32
+  for name in PHASES:
+    history = results["histories"][name]
+    # Evaluations at step 0, every 4 steps, and at the end; the first is an untrained model's.
+    assert history["step"] == ([0, 4, 8] if name == "teacher" else [0, 4, 8, 12])
+    assert math.log(256) - 0.5 < history["heldout_loss"][0] < math.log(256) + 1.0
+    assert history["heldout_loss"][-1] == rows[name]["loss"]
+    assert f"{rows[name]['loss']:.4f} | {math.exp(rows[name]['loss']):.3f}" in table
+  # Same student seed: both students start from the same parameters.
+  assert (results["histories"]["student-CE"]["heldout_loss"][0]
+          == results["histories"]["student-KD"]["heldout_loss"][0])
+  assert "generalized_jsd" in table or "generalized_jsd" in results["setting"]
+
+
+def test_killed_run_resumes_to_the_same_parameters(reference_run, tmp_path):
+  reference_out, _ = reference_run
+  out = tmp_path / "interrupted"
+  # Slow steps widen the window; the kill lands after the student-KD checkpoint at step 6 and
+  # before its last step (12), possibly in the middle of writing a later checkpoint.
+  process = subprocess.Popen(
+      [sys.executable, str(SCRIPT), "--out", str(out), *TINY, "--step-sleep", "0.3"],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+  deadline = time.monotonic() + 240
+  try:
+    while True:
+      assert process.poll() is None, "the run ended before it could be killed"
+      assert time.monotonic() < deadline, "no student-KD checkpoint at step 6 in time"
+      folders = [p for p in out.glob("student-KD-*/checkpoints/6") if p.is_dir()]
+      if folders:
+        break
+      time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+  finally:
+    process.kill()
+    process.wait()
+  assert not (out / "results.md").exists()
+  killed_step, _, _ = _final_state(out, "student-KD")
+  assert 6 <= killed_step < 12
+
+  resumed = _run(out)
+  assert "student-KD: resuming from the checkpoint at step" in resumed.stdout
+  assert "teacher: loaded the finished checkpoint at step 8" in resumed.stdout
+  assert "student-CE: loaded the finished checkpoint at step 12" in resumed.stdout
+  for name in PHASES:
+    step, state, history = _final_state(out, name)
+    want_step, want_state, want_history = _final_state(reference_out, name)
+    assert step == want_step
+    # Bit-for-bit: same batches, same restored optimizer state, same deterministic CPU program.
+    jax.tree.map(np.testing.assert_array_equal, state, want_state)
+    assert history == want_history
+  assert (out / "results.md").read_text() == (reference_out / "results.md").read_text()
