@@ -293,6 +293,15 @@ def test_data_parallel_mean_uses_the_global_count():
   # A user-given normalizer is the divisor as is (e.g. the count over accumulation steps).
   value, _ = _shard_map_value_and_grad(mesh, normalizer=100.0)(logits, teacher, labels)
   np.testing.assert_allclose(value, per_token[mask].sum() / 100.0, rtol=1e-5)
+  # Differentiated inside shard_map (each device its own slice), on a (4, 2) mesh.
+  def local(s, t, y):
+    return jax.value_and_grad(lambda s: sharded.vocab_parallel_distill_loss(
+        s, t, y, axis_name="model", data_axis_name="data"))(s)
+  value, grad = jax.jit(jax.shard_map(
+      local, mesh=_mesh((4, 2)), in_specs=(VOCAB_SPEC, VOCAB_SPEC, TOKEN_SPEC),
+      out_specs=(P(), VOCAB_SPEC)))(logits, teacher, labels)
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  assert _rel_err(grad, want_grad) <= RTOL
 
 
 def test_data_parallel_sum_and_count_pattern_with_distill_loss_sum_and_count():
