@@ -16,7 +16,13 @@ there, and both give the single-device answer:
   gradient is local: given the per-token statistics, each device computes the gradient for its
   own vocabulary slice. ``data_axis_name`` makes the token reduction global: the sum and the
   number of valid tokens are ``psum``-ed, so the mean equals the single-device mean however the
-  valid tokens are spread over devices.
+  valid tokens are spread over devices. :func:`vocab_parallel_fused_linear_distill_loss` does
+  the same from hidden states and the kernels' vocabulary slices (the fused engine in
+  ``fused.py`` with ``axis_name``).
+
+Under ``pmap`` (no record of which axes a value varies over) the transpose of ``psum`` is a
+``psum``; the data-parallel sum is then written so that the gradient is this device's share of
+the global loss, the usual pmap convention (see ``_sum_over_data``).
 """
 
 from __future__ import annotations
