@@ -14,7 +14,12 @@ import pytest
 from jax.test_util import check_grads
 
 import kdjax
-from kdjax._src.sparse import TAILS, sparse_distill_loss, topk_teacher
+from kdjax._src.sparse import (
+    TAILS,
+    sparse_distill_loss,
+    sparse_distill_loss_sum_and_count,
+    topk_teacher,
+)
 
 NEG_INF = -np.inf
 
@@ -278,6 +283,9 @@ def test_ignored_labels_and_reductions(tail):
   np.testing.assert_allclose(
       sparse_distill_loss(logits, ids, logprobs, labels, reduction="none", **kwargs),
       np.where(valid, per_token, 0.0), rtol=1e-5, atol=1e-7)
+  total, count = sparse_distill_loss_sum_and_count(logits, ids, logprobs, labels, **kwargs)
+  np.testing.assert_allclose(total, per_token[valid].sum(), rtol=1e-5)
+  assert count == valid.sum()
   seq_means = [per_token[b][valid[b]].mean() for b in range(2)]
   np.testing.assert_allclose(
       sparse_distill_loss(logits, ids, logprobs, labels, reduction="sequence_mean", **kwargs),

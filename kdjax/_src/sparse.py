@@ -270,10 +270,10 @@ _per_token.defvjp(_per_token_fwd, _per_token_bwd)
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "ignore_index", "reduction"),
+    static_argnames=("config", "ignore_index", "reduction", "output"),
 )
 def _sparse(logits, teacher_ids, teacher_logprobs, labels, where, normalizer,
-            dynamic_temperature, *, config, ignore_index, reduction):
+            dynamic_temperature, *, config, ignore_index, reduction, output):
   token_shape = logits.shape[:-1]
   vocab, k = logits.shape[-1], teacher_ids.shape[-1]
   per_token = _per_token(
@@ -281,7 +281,52 @@ def _sparse(logits, teacher_ids, teacher_logprobs, labels, where, normalizer,
       lax.stop_gradient(teacher_logprobs).reshape(-1, k), dynamic_temperature,
   ).reshape(token_shape)
   mask = reductions.token_mask(token_shape, labels, where, ignore_index)
+  if output == "sum_count":
+    return reductions.sum_and_count(per_token, mask)
   return reductions.reduce(per_token, mask, reduction=reduction, normalizer=normalizer)
+
+
+def _call(logits, teacher_ids, teacher_logprobs, labels, *, tail, temperature,
+          temperature_squared, ignore_index, where, reduction, normalizer, token_block, output):
+  """Validates the inputs of the public losses (at trace time) and runs ``_sparse``."""
+  logits = checks.float_array("logits", logits)
+  teacher_logprobs = checks.float_array("teacher_logprobs", teacher_logprobs)
+  teacher_ids = jnp.asarray(teacher_ids)
+  if not jnp.issubdtype(teacher_ids.dtype, jnp.integer):
+    raise TypeError(f"teacher_ids must be an integer array, got dtype {teacher_ids.dtype}.")
+  token_shape, vocab = logits.shape[:-1], logits.shape[-1]
+  if teacher_ids.shape[:-1] != token_shape or teacher_ids.ndim != logits.ndim:
+    raise ValueError(
+        f"teacher_ids must have shape logits.shape[:-1] + (k,) = {token_shape + ('k',)}, got "
+        f"{teacher_ids.shape} (logits.shape={logits.shape}).")
+  if teacher_logprobs.shape != teacher_ids.shape:
+    raise ValueError(
+        f"teacher_logprobs must have the shape of teacher_ids {teacher_ids.shape}, got "
+        f"{teacher_logprobs.shape}.")
+  k = teacher_ids.shape[-1]
+  if not 1 <= k <= vocab:
+    raise ValueError(
+        f"teacher_ids must hold 1 <= k <= vocab = logits.shape[-1] = {vocab} ids per token, "
+        f"got k={k}. If the teacher's vocabulary is larger, cut the teacher logits with "
+        "kdjax.align_vocab before kdjax.topk_teacher.")
+  if tail not in TAILS:
+    raise ValueError(f"tail must be one of {TAILS}, got {tail!r}.")
+  labels = checks.token_array("labels", labels, token_shape, integer=True)
+  where = checks.token_array("where", where, token_shape, integer=False)
+  reductions.check_reduction(reduction, normalizer)
+  if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    raise TypeError(f"ignore_index must be a Python int, got {ignore_index!r}.")
+  token_block = checks.positive_int("token_block", token_block, optional=True)
+  temperature = checks.scalar("temperature", temperature)
+  div.check_temperature(temperature)
+  if isinstance(temperature, float):
+    static_temperature, dynamic_temperature = temperature, None
+  else:
+    static_temperature, dynamic_temperature = None, jnp.asarray(temperature, jnp.float32)
+  config = _Config(tail, static_temperature, bool(temperature_squared), token_block)
+  return _sparse(
+      logits, teacher_ids, teacher_logprobs, labels, where, normalizer, dynamic_temperature,
+      config=config, ignore_index=ignore_index, reduction=reduction, output=output)
 
 
 def sparse_distill_loss(
@@ -357,41 +402,43 @@ def sparse_distill_loss(
     Anshumann et al., *Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs*,
     2025 (bias of truncated top-k teachers).
   """
-  logits = checks.float_array("logits", logits)
-  teacher_logprobs = checks.float_array("teacher_logprobs", teacher_logprobs)
-  teacher_ids = jnp.asarray(teacher_ids)
-  if not jnp.issubdtype(teacher_ids.dtype, jnp.integer):
-    raise TypeError(f"teacher_ids must be an integer array, got dtype {teacher_ids.dtype}.")
-  token_shape, vocab = logits.shape[:-1], logits.shape[-1]
-  if teacher_ids.shape[:-1] != token_shape or teacher_ids.ndim != logits.ndim:
-    raise ValueError(
-        f"teacher_ids must have shape logits.shape[:-1] + (k,) = {token_shape + ('k',)}, got "
-        f"{teacher_ids.shape} (logits.shape={logits.shape}).")
-  if teacher_logprobs.shape != teacher_ids.shape:
-    raise ValueError(
-        f"teacher_logprobs must have the shape of teacher_ids {teacher_ids.shape}, got "
-        f"{teacher_logprobs.shape}.")
-  k = teacher_ids.shape[-1]
-  if not 1 <= k <= vocab:
-    raise ValueError(
-        f"teacher_ids must hold 1 <= k <= vocab = logits.shape[-1] = {vocab} ids per token, "
-        f"got k={k}. If the teacher's vocabulary is larger, cut the teacher logits with "
-        "kdjax.align_vocab before kdjax.topk_teacher.")
-  if tail not in TAILS:
-    raise ValueError(f"tail must be one of {TAILS}, got {tail!r}.")
-  labels = checks.token_array("labels", labels, token_shape, integer=True)
-  where = checks.token_array("where", where, token_shape, integer=False)
-  reductions.check_reduction(reduction, normalizer)
-  if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-    raise TypeError(f"ignore_index must be a Python int, got {ignore_index!r}.")
-  token_block = checks.positive_int("token_block", token_block, optional=True)
-  temperature = checks.scalar("temperature", temperature)
-  div.check_temperature(temperature)
-  if isinstance(temperature, float):
-    static_temperature, dynamic_temperature = temperature, None
-  else:
-    static_temperature, dynamic_temperature = None, jnp.asarray(temperature, jnp.float32)
-  config = _Config(tail, static_temperature, bool(temperature_squared), token_block)
-  return _sparse(
-      logits, teacher_ids, teacher_logprobs, labels, where, normalizer, dynamic_temperature,
-      config=config, ignore_index=ignore_index, reduction=reduction)
+  return _call(
+      logits, teacher_ids, teacher_logprobs, labels, tail=tail, temperature=temperature,
+      temperature_squared=temperature_squared, ignore_index=ignore_index, where=where,
+      reduction=reduction, normalizer=normalizer, token_block=token_block, output="loss")
+
+
+def sparse_distill_loss_sum_and_count(
+    logits: ArrayLike,
+    teacher_ids: ArrayLike,
+    teacher_logprobs: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    tail: str = "renormalize",
+    temperature: float | ArrayLike = 1.0,
+    temperature_squared: bool = False,
+    ignore_index: int = -100,
+    where: ArrayLike | None = None,
+    token_block: int | None = None,
+) -> tuple[Array, Array]:
+  """``(sum over valid tokens, number of valid tokens)`` of :func:`sparse_distill_loss`.
+
+  Sum both over hosts, devices or gradient-accumulation steps, then divide once, so the mean
+  is unbiased however the valid tokens are spread. Arguments as in :func:`sparse_distill_loss`.
+
+  Returns:
+    Two float32 scalars ``(sum, count)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kdjax._src.sparse import sparse_distill_loss_sum_and_count
+    >>> ids, logprobs = jnp.array([[0], [1]]), jnp.log(jnp.array([[0.5], [0.5]]))
+    >>> total, count = sparse_distill_loss_sum_and_count(
+    ...     jnp.zeros((2, 2)), ids, logprobs, jnp.array([3, -100]), tail="bucket")
+    >>> float(total), float(count)
+    (0.0, 1.0)
+  """
+  return _call(
+      logits, teacher_ids, teacher_logprobs, labels, tail=tail, temperature=temperature,
+      temperature_squared=temperature_squared, ignore_index=ignore_index, where=where,
+      reduction="sum", normalizer=None, token_block=token_block, output="sum_count")
