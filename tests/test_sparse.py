@@ -154,7 +154,7 @@ def test_topk_teacher_bad_inputs():
 
 
 @pytest.mark.parametrize("tail", TAILS)
-@pytest.mark.parametrize("k, temperature", [(1, 1.0), (4, 1.0), (4, 2.0), (9, 0.7)])
+@pytest.mark.parametrize("k, temperature", [(1, 1.0), (4, 2.0), (9, 0.7)])
 def test_value_matches_float64_reference(tail, k, temperature):
   rng = np.random.default_rng(k)
   logits = random_logits(rng, (2, 3, 11))

@@ -39,6 +39,8 @@ def test_padding_rows_change_nothing_when_masked():
   padded = np.concatenate([teacher, np.full((4, 3), -np.inf, np.float32)], axis=-1)
   with pytest.raises(ValueError, match=r"kdjax.align_vocab\(logits, teacher_logits\)"):
     kdjax.distill_loss(student, padded)
+  with pytest.raises(ValueError, match=r"kdjax.align_vocab\(logits, teacher_logits\)"):
+    kdjax.kd_loss(student, padded, np.zeros(4, np.int32))
   aligned = align_vocab(student, padded)
   np.testing.assert_allclose(
       kdjax.distill_loss(*aligned), kdjax.distill_loss(student, teacher), rtol=1e-6)
