@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -504,19 +505,26 @@ def test_two_processes_match_single_process(tmp_path):
   env["PYTHONPATH"] = os.pathsep.join(
       [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
   address = f"127.0.0.1:{_free_port()}"
-  procs = [
-      subprocess.Popen([sys.executable, worker.__file__, address, str(i), str(output)],
-                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-      for i in range(2)]
+  log_paths = [tmp_path / f"process{i}.log" for i in range(2)]
+  procs = []
   try:
-    logs = [proc.communicate(timeout=90)[0].decode(errors="replace") for proc in procs]
+    for i, log_path in enumerate(log_paths):
+      with open(log_path, "wb") as log:
+        procs.append(subprocess.Popen(
+            [sys.executable, worker.__file__, address, str(i), str(output)],
+            env=env, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + 90
+    # Stop early when one process fails: its peer would wait for it until the timeout.
+    while (any(p.poll() is None for p in procs) and time.monotonic() < deadline
+           and not any(p.poll() for p in procs)):
+      time.sleep(0.1)
   finally:
-    for proc in procs:  # a process whose peer died waits for it forever: end it.
+    for proc in procs:
       if proc.poll() is None:
         proc.kill()
-        proc.wait()
-  for proc, log in zip(procs, logs, strict=True):
-    assert proc.returncode == 0, log[-3000:]
+      proc.wait()
+  for proc, log_path in zip(procs, log_paths, strict=True):
+    assert proc.returncode == 0, log_path.read_text(errors="replace")[-3000:]
   results = np.load(output)
   logits, teacher, labels = worker.make_data()
   want_value, want_grad = jax.value_and_grad(kdjax.distill_loss)(
