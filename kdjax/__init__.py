@@ -1,6 +1,13 @@
 """kdjax: knowledge-distillation losses for language models in JAX."""
 
+from kdjax._src.cache import (
+    TeacherCacheError,
+    open_teacher_cache,
+    read_teacher_cache,
+    write_teacher_cache,
+)
 from kdjax._src.divergences import DIVERGENCES as _DIVERGENCE_SPECS
+from kdjax._src.fused import fused_linear_distill_loss
 from kdjax._src.losses import (
     distill_loss,
     distill_loss_sum_and_count,
@@ -15,6 +22,17 @@ from kdjax._src.losses import (
     soft_cross_entropy,
     total_variation,
 )
+from kdjax._src.sharded import (
+    vocab_parallel_distill_loss,
+    vocab_parallel_fused_linear_distill_loss,
+)
+from kdjax._src.sparse import (
+    TAILS,
+    sparse_distill_loss,
+    sparse_distill_loss_sum_and_count,
+    topk_teacher,
+)
+from kdjax._src.vocab import align_vocab
 
 __version__ = "0.1.0"
 
@@ -23,16 +41,28 @@ DIVERGENCES: tuple[str, ...] = tuple(sorted(_DIVERGENCE_SPECS))
 
 __all__ = (
     "DIVERGENCES",
+    "TAILS",
+    "TeacherCacheError",
+    "align_vocab",
     "distill_loss",
     "distill_loss_sum_and_count",
     "distill_with_cross_entropy",
     "forward_kl",
+    "fused_linear_distill_loss",
     "generalized_jsd",
     "kd_loss",
+    "open_teacher_cache",
+    "read_teacher_cache",
     "reverse_kl",
     "shift_labels",
     "skew_forward_kl",
     "skew_reverse_kl",
     "soft_cross_entropy",
+    "sparse_distill_loss",
+    "sparse_distill_loss_sum_and_count",
+    "topk_teacher",
     "total_variation",
+    "vocab_parallel_distill_loss",
+    "vocab_parallel_fused_linear_distill_loss",
+    "write_teacher_cache",
 )

@@ -8,7 +8,9 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MODULES = ["kdjax._src.losses"]
+MODULES = [
+    "kdjax._src.losses", "kdjax._src.sharded", "kdjax._src.sparse", "kdjax._src.vocab",
+    "kdjax._src.cache", "kdjax._src.fused"]
 
 
 @pytest.mark.parametrize("module_name", MODULES)
