@@ -304,6 +304,40 @@ def test_check_grads_numerically():
       modes=["rev"], atol=2e-2, rtol=2e-2, eps=1e-2)
 
 
+def test_against_pytorch_trl_generalized_jsd():
+  """TRL's generalized JSD on a PyTorch linear head with a softcap, float64 autograd."""
+  torch = pytest.importorskip("torch")
+  import torch.nn.functional as F  # noqa: N812
+
+  data, labels = _make(22)
+  beta, temperature, cap = 0.3, 1.6, 5.0
+  t = {k: torch.tensor(np.asarray(v, np.float64), requires_grad=k.startswith("student"))
+       for k, v in data.items()}
+
+  def head(prefix):
+    z = t[f"{prefix}_hidden"] @ t[f"{prefix}_kernel"] + t[f"{prefix}_bias"]
+    return cap * torch.tanh(z / cap)
+
+  # trl.GKDTrainer.generalized_jsd_loss, with the mean over tokens whose label is not -100.
+  student_log_probs = F.log_softmax(head("student") / temperature, dim=-1)
+  teacher_log_probs = F.log_softmax(head("teacher").detach() / temperature, dim=-1)
+  mixture_log_probs = torch.logsumexp(torch.stack([
+      student_log_probs + np.log(1 - beta), teacher_log_probs + np.log(beta)]), dim=0)
+  kl_teacher = F.kl_div(mixture_log_probs, teacher_log_probs, reduction="none", log_target=True)
+  kl_student = F.kl_div(mixture_log_probs, student_log_probs, reduction="none", log_target=True)
+  jsd = (beta * kl_teacher + (1 - beta) * kl_student).sum(-1)
+  mask = torch.tensor(np.asarray(labels) != -100)
+  ref = jsd[mask].sum() / mask.sum()
+  ref.backward()
+
+  value, grads = _value_and_grads(
+      _fused_loss, data, labels, divergence="generalized_jsd", beta=beta,
+      temperature=temperature, softcap=cap, token_block=TOKEN_BLOCK)
+  np.testing.assert_allclose(value, ref.item(), rtol=1e-5)
+  for g, name in zip(grads, ("student_hidden", "student_kernel", "student_bias"), strict=True):
+    np.testing.assert_allclose(g, t[name].grad.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
 # ----------------------------------------------------------------------------------------------
 # Masks, -inf and dtypes.
 # ----------------------------------------------------------------------------------------------
