@@ -11,6 +11,7 @@ uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -145,9 +146,18 @@ class Transformer(nnx.Module):
     return self.head(self.final_norm(x))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(config: ModelConfig, key):
+  return nnx.split(Transformer(config, rngs=nnx.Rngs(key)))[1]
+
+
 def build(config: ModelConfig, seed: int):
-  """``(graphdef, params)``: the static structure and the parameter pytree (an ``nnx.State``)."""
-  return nnx.split(Transformer(config, rngs=nnx.Rngs(seed)))
+  """``(graphdef, params)``: the static structure and the parameter pytree (an ``nnx.State``).
+
+  Initialised under ``jit`` with the seed traced: one compilation per architecture.
+  """
+  graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed))))[0]
+  return graphdef, _init_params(config, jax.random.key(seed))
 
 
 def apply(graphdef, params, tokens):
@@ -224,15 +234,17 @@ def make_train_step(graphdef, optimizer, teacher=None, *, kd_coef=0.0, divergenc
   return train_step
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _batch_cross_entropy(graphdef, params, tokens):
+  # graphdef is static (hashable): models of the same architecture share one compilation.
+  return cross_entropy(apply(graphdef, params, tokens), tokens)
+
+
 def make_evaluate(graphdef, batches: list[np.ndarray]) -> Callable[[Any], float]:
   """Mean held-out cross entropy (nats per byte) over fixed batches."""
 
-  @jax.jit
-  def batch_ce(params, tokens):
-    return cross_entropy(apply(graphdef, params, tokens), tokens)
-
   def evaluate(params) -> float:
-    return float(np.mean([float(batch_ce(params, b)) for b in batches]))
+    return float(np.mean([float(_batch_cross_entropy(graphdef, params, b)) for b in batches]))
 
   return evaluate
 
@@ -283,7 +295,7 @@ def train(phase: Phase, train_tokens: np.ndarray, heldout: list[np.ndarray], *,
   graphdef, params = build(phase.model, phase.seed)
   optimizer = make_optimizer(learning_rate=phase.learning_rate, steps=phase.steps,
                              warmup=max(1, phase.steps // 20))
-  opt_state = optimizer.init(params)
+  opt_state = jax.jit(optimizer.init)(params)
   tokens_per_step = phase.batch_size * phase.seq_len
   history = {"step": [], "tokens": [], "heldout_loss": [], "train_loss": []}
 

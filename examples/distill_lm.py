@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
   add("--checkpoint-every", type=_positive_int, default=100, help="steps between checkpoints")
   add("--seed", type=_non_negative_int, default=0)
   add("--no-progress", action="store_true", help="no progress bars")
-  add("--step-sleep", type=float, default=0.0, help=argparse.SUPPRESS)  # test hook
+  # Test hook: seconds of sleep per student-KD step, so a test can kill the run mid-way.
+  add("--step-sleep", type=float, default=0.0, help=argparse.SUPPRESS)
   return parser
 
 
@@ -223,11 +224,11 @@ def main(argv=None) -> int:
   student_model = model_config(args.student_layers, args.student_dim)
   teacher_phase = phase("teacher", teacher_model, args.teacher_steps, args.teacher_learning_rate)
   teacher_graphdef, teacher_params, teacher_history = _lm.train(
-      teacher_phase, train_tokens, heldout, progress=progress, step_sleep=args.step_sleep)
+      teacher_phase, train_tokens, heldout, progress=progress)
 
   ce_phase = phase("student-CE", student_model, args.student_steps, args.student_learning_rate)
   _, ce_params, ce_history = _lm.train(
-      ce_phase, train_tokens, heldout, progress=progress, step_sleep=args.step_sleep)
+      ce_phase, train_tokens, heldout, progress=progress)
 
   kd = dict(kd_coef=args.kd_coef, divergence=args.divergence, temperature=args.temperature)
   kd_phase = phase("student-KD", student_model, args.student_steps, args.student_learning_rate,

@@ -188,7 +188,7 @@ def test_training_batches_depend_only_on_seed_and_step():
 
 
 def test_transformer_is_causal():
-  config = _lm.ModelConfig(layers=2, dim=32, heads=2, max_len=12)
+  config = _lm.ModelConfig(layers=1, dim=16, heads=2, max_len=12)
   graphdef, params = _lm.build(config, seed=0)
   tokens = np.random.default_rng(0).integers(0, 256, (2, 12)).astype(np.int32)
   changed = tokens.copy()
@@ -281,16 +281,45 @@ def test_bad_flags_as_a_process_exit_2_without_traceback(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def _run(out, *extra, check=True):
+@pytest.fixture(scope="module")
+def run_env(tmp_path_factory):
+  """Environment of the demo subprocesses: a persistent compilation cache shared by them, so
+  only the first run compiles (a cached executable is the same program, so results are
+  unchanged)."""
+  env = dict(os.environ)
+  env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return env
+
+
+def _run(out, env, *extra):
   return subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *TINY, *extra],
-                        capture_output=True, text=True, timeout=300, cwd=ROOT, check=check)
+                        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
+                        check=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reference_process(tmp_path_factory, run_env):
+  """Starts the uninterrupted tiny run when the module starts, so that its compilation overlaps
+  the in-process tests above (XLA compiles on one core)."""
+  out = tmp_path_factory.mktemp("uninterrupted")
+  process = subprocess.Popen(
+      [sys.executable, str(SCRIPT), "--out", str(out), *TINY], stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True, cwd=ROOT, env=run_env)
+  yield out, process
+  if process.poll() is None:
+    process.kill()
+  process.communicate()
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-  """An uninterrupted tiny run: ``(output folder, completed process)``."""
-  out = tmp_path_factory.mktemp("uninterrupted")
-  return out, _run(out)
+def reference_run(_reference_process):
+  """The uninterrupted tiny run, finished: ``(output folder, stdout)``."""
+  out, process = _reference_process
+  stdout, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr
+  return out, stdout
 
 
 def _phase_folder(out, name):
@@ -310,10 +339,10 @@ def _final_state(out, name):
 
 
 def test_demo_writes_table_plot_and_histories(reference_run):
-  out, result = reference_run
+  out, stdout = reference_run
   table = (out / "results.md").read_text()
   for name in PHASES:
-    assert f"| {name} |" in table and f"| {name} |" in result.stdout
+    assert f"| {name} |" in table and f"| {name} |" in stdout
   assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   results = json.loads((out / "results.json").read_text())
   rows = {row["model"]: row for row in results["rows"]}
@@ -332,14 +361,14 @@ def test_demo_writes_table_plot_and_histories(reference_run):
   assert "generalized_jsd" in table or "generalized_jsd" in results["setting"]
 
 
-def test_killed_run_resumes_to_the_same_parameters(reference_run, tmp_path):
+def test_killed_run_resumes_to_the_same_parameters(reference_run, run_env, tmp_path):
   reference_out, _ = reference_run
   out = tmp_path / "interrupted"
-  # Slow steps widen the window; the kill lands after the student-KD checkpoint at step 6 and
+  # Slow student-KD steps widen the window: the kill lands after its checkpoint at step 6 and
   # before its last step (12), possibly in the middle of writing a later checkpoint.
   process = subprocess.Popen(
-      [sys.executable, str(SCRIPT), "--out", str(out), *TINY, "--step-sleep", "0.3"],
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+      [sys.executable, str(SCRIPT), "--out", str(out), *TINY, "--step-sleep", "0.2"],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=run_env)
   deadline = time.monotonic() + 240
   try:
     while True:
@@ -348,7 +377,7 @@ def test_killed_run_resumes_to_the_same_parameters(reference_run, tmp_path):
       folders = [p for p in out.glob("student-KD-*/checkpoints/6") if p.is_dir()]
       if folders:
         break
-      time.sleep(0.05)
+      time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
   finally:
     process.kill()
@@ -357,7 +386,7 @@ def test_killed_run_resumes_to_the_same_parameters(reference_run, tmp_path):
   killed_step, _, _ = _final_state(out, "student-KD")
   assert 6 <= killed_step < 12
 
-  resumed = _run(out)
+  resumed = _run(out, run_env)
   assert "student-KD: resuming from the checkpoint at step" in resumed.stdout
   assert "teacher: loaded the finished checkpoint at step 8" in resumed.stdout
   assert "student-CE: loaded the finished checkpoint at step 12" in resumed.stdout
