@@ -56,14 +56,16 @@ from kdjax._src import divergences as div
 Array = jax.Array
 
 # Tokens per block by default, chosen by measurement (benchmarks/bench_fused.py, CPU, float32,
-# tokens=4096, d=512, vocab=32000): the kernel is re-read from memory once per token block, so
-# blocks must be large enough for the matmuls to stay compute bound, and small enough that the
-# five [block, vocab] float32 temporaries of a block (two logits, two exponentials, one
-# gradient) stay below a tenth of the materialised version's temporaries. At most
-# DEFAULT_TOKEN_BLOCK tokens, and about _DEFAULT_BLOCK_ELEMENTS elements per [block, vocab]
-# array (24 MiB of float32; 192 tokens at vocab 32000, 48 at vocab 128000).
-DEFAULT_TOKEN_BLOCK = 256
-_DEFAULT_BLOCK_ELEMENTS = 192 * 32768
+# d=512): the kernel is re-read, and the float32 kernel gradient [d, vocab] accumulated, once per
+# token block, so blocks must be large enough to amortise that (at vocab 128000, 48-token blocks
+# ran 1.5x slower than the materialised version, 96-token blocks 0.9x); and small enough that
+# the five [block, vocab] float32 temporaries of a block (two logits, two exponentials, one
+# gradient) stay near a tenth of the materialised version's (at 4096 tokens and vocab 32000,
+# 256-token blocks give 0.104x, 192-token blocks 0.078x). At most DEFAULT_TOKEN_BLOCK tokens and
+# about _DEFAULT_BLOCK_ELEMENTS elements (48 MiB of float32) per [block, vocab] array: 192 tokens
+# at vocab 32000, 96 at vocab 128000, 48 at vocab 262144.
+DEFAULT_TOKEN_BLOCK = 192
+_DEFAULT_BLOCK_ELEMENTS = 96 * 131072
 
 
 _SIDES = ("student", "teacher")
@@ -661,7 +663,8 @@ def fused_linear_distill_loss(
     softcap: optional Gemma-style cap ``c > 0``: logits become ``c * tanh(logits / c)``. Shared
       or a ``(student, teacher)`` pair, like ``logit_scale``. Applied before the temperature.
     ignore_index, where, reduction, normalizer: as in :func:`kdjax.distill_loss`.
-    token_block: tokens per block (default 256, fewer for vocabularies above 32768 entries).
+    token_block: tokens per block (default 192, fewer for vocabularies above 65536 entries:
+      96 at 128000).
     vocab_block: optional vocabulary columns per block. When set, each token block walks the
       vocabulary with an online log-sum-exp, so temporaries are
       ``O(token_block * vocab_block)``; it costs two extra logit matmuls per step.
@@ -709,12 +712,9 @@ def fused_linear_distill_loss(
         f"{teacher_kernel.shape}. If the larger vocabulary only adds padding columns, slice "
         "the kernel (and bias) to the shared vocabulary first.")
   token_shape = student_hidden.shape[:-1]
-  labels = checks.token_array("labels", labels, token_shape, integer=True)
-  where = checks.token_array("where", where, token_shape, integer=False)
-  reductions.check_reduction(reduction, normalizer)
-  if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-    raise TypeError(f"ignore_index must be a Python int, got {ignore_index!r}.")
-  token_block = checks.positive_int("token_block", token_block, optional=True)
+  labels, where, token_block = checks.token_arguments(
+      token_shape, labels=labels, where=where, reduction=reduction, normalizer=normalizer,
+      ignore_index=ignore_index, token_block=token_block)
   vocab_block = checks.positive_int("vocab_block", vocab_block, optional=True)
   hp = losses.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
   for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
