@@ -203,9 +203,9 @@ def make_optimizer(*, learning_rate: float, steps: int,
                   mask=lambda params: jax.tree.map(lambda x: x.ndim == 2, params)))
 
 
-def make_train_step(graphdef, optimizer, teacher=None, *, kd_coef=0.0, divergence="forward_kl",
-                    temperature=1.0):
-  """A jitted ``(params, opt_state, tokens) -> (params, opt_state, loss, ce)`` step.
+def make_loss_fn(graphdef, teacher=None, *, kd_coef=0.0, divergence="forward_kl",
+                 temperature=1.0):
+  """``loss_fn(params, tokens) -> (loss, ce)`` of a student.
 
   Without ``teacher`` the loss is the cross entropy; with ``teacher=(graphdef, params)`` it is
   kdjax's combined objective against the teacher's logits.
@@ -224,6 +224,14 @@ def make_train_step(graphdef, optimizer, teacher=None, *, kd_coef=0.0, divergenc
         logits, teacher_logits, tokens, kd_coef=kd_coef, divergence=divergence,
         temperature=temperature)
     return loss, ce
+
+  return loss_fn
+
+
+def make_train_step(graphdef, optimizer, teacher=None, **objective):
+  """A jitted ``(params, opt_state, tokens) -> (params, opt_state, loss, ce)`` step of the
+  objective of :func:`make_loss_fn`."""
+  loss_fn = make_loss_fn(graphdef, teacher, **objective)
 
   @jax.jit
   def train_step(params, opt_state, tokens):

@@ -22,6 +22,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import textwrap
 
 DIVERGENCES = (  # kdjax.DIVERGENCES, listed here so that --help and bad flags need no JAX.
     "forward_kl", "generalized_jsd", "reverse_kl", "skew_forward_kl", "skew_reverse_kl",
@@ -178,7 +179,7 @@ def plot_curves(histories: dict[str, dict], path: pathlib.Path, title: str) -> N
   axis.set_ylim(min(finals) - 0.3, max(finals) + 1.5)  # The first evaluation is ~log(256).
   axis.set_xlabel("training tokens (millions of bytes)")
   axis.set_ylabel("held-out cross entropy (nats/byte)")
-  axis.set_title(title, fontsize=9)
+  axis.set_title(textwrap.fill(title, 95), fontsize=8)
   axis.grid(alpha=0.3)
   axis.legend()
   figure.tight_layout()
