@@ -71,7 +71,7 @@ def reduce(per_token_values, mask, reduction, normalizer=None):
     values, mask = np.atleast_2d(values), np.atleast_2d(mask)
     values = values.reshape(-1, values.shape[-1])
     mask = mask.reshape(-1, mask.shape[-1])
-    means = [v[m].mean() for v, m in zip(values, mask) if m.any()]
+    means = [v[m].mean() for v, m in zip(values, mask, strict=True) if m.any()]
     return float(np.mean(means)) if means else 0.0
   raise ValueError(reduction)
 

@@ -198,7 +198,7 @@ def test_extreme_logits_are_finite():
                      np.float32)
   for name in ALL:
     values = _call(name, logits, teacher)
-    grads = jax.grad(lambda x: jnp.sum(_call(name, x, teacher)))(logits)
+    grads = jax.grad(lambda x, name=name: jnp.sum(_call(name, x, teacher)))(logits)
     assert np.all(np.isfinite(values)) and np.all(np.isfinite(grads)), name
     assert float(values[1]) == 0.0  # An all -inf student row is empty.
 

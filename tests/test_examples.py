@@ -24,8 +24,8 @@ def test_sharded_train_step_matches_shard_map_and_falls():
       [sys.executable, str(ROOT / "examples" / "sharded_train_step.py")],
       capture_output=True, text=True, timeout=300, cwd=ROOT, check=True)
   lines = result.stdout.splitlines()
-  via_shard_map = next(float(l.split()[-1]) for l in lines if "via shard_map" in l)
-  gspmd = [float(l.split()[-1]) for l in lines if "(GSPMD train step)" in l]
+  via_shard_map = next(float(line.split()[-1]) for line in lines if "via shard_map" in line)
+  gspmd = [float(line.split()[-1]) for line in lines if "(GSPMD train step)" in line]
   assert abs(via_shard_map - gspmd[0]) < 1e-5, result.stdout
   assert gspmd[-1] < gspmd[0], result.stdout
   assert "still sharded as P(None, 'model')" in result.stdout

@@ -132,7 +132,7 @@ def test_jit_vmap_check_grads_and_single_trace():
     want = reference.reduce(per_token * temperature**2, labels != IGNORE, "mean")
     np.testing.assert_allclose(value, want, rtol=1e-5)
   batched = jax.vmap(kdjax.kd_loss)(logits, teacher, labels)
-  want = [kdjax.kd_loss(a, b, c) for a, b, c in zip(logits, teacher, labels)]
+  want = [kdjax.kd_loss(a, b, c) for a, b, c in zip(logits, teacher, labels, strict=True)]
   np.testing.assert_allclose(batched, want, rtol=1e-6)
   check_grads(lambda x: kdjax.kd_loss(x, teacher, labels), (jnp.asarray(logits),), order=1,
               modes=["rev"], eps=1e-3, atol=1e-3, rtol=1e-3)
@@ -173,7 +173,7 @@ def test_normalizer_and_sum_and_count():
       np.sum(per_token[mask]) / 100.0, rtol=1e-5)
   # Two "hosts" holding different numbers of valid tokens: (sum, count) gives the global mean.
   sums, counts = zip(*(kdjax.distill_loss_sum_and_count(logits[i], teacher[i], labels[i])
-                       for i in range(2)))
+                       for i in range(2)), strict=True)
   np.testing.assert_allclose(sum(sums) / sum(counts), per_token[mask].mean(), rtol=1e-5)
   np.testing.assert_allclose(counts, mask.sum(-1))
   total_grad = jax.grad(lambda x: kdjax.distill_loss_sum_and_count(x, teacher, labels)[0])(

@@ -7,6 +7,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax._src import reductions
+
 
 def float_array(name: str, x: Any, *, min_rank: int = 1):
   """Returns ``x`` as an array after checking it is floating point of rank >= ``min_rank``."""
@@ -67,3 +69,14 @@ def positive_int(name: str, x: Any, *, optional: bool = False):
   if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1:
     raise ValueError(f"{name} must be a positive integer, got {x!r}.")
   return int(x)
+
+
+def token_arguments(token_shape, *, labels, where, reduction, normalizer, ignore_index,
+                    token_block):
+  """The per-token arguments every loss shares: ``(labels, where, token_block)``, checked."""
+  labels = token_array("labels", labels, token_shape, integer=True)
+  where = token_array("where", where, token_shape, integer=False)
+  reductions.check_reduction(reduction, normalizer)
+  if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    raise TypeError(f"ignore_index must be a Python int, got {ignore_index!r}.")
+  return labels, where, positive_int("token_block", token_block, optional=True)

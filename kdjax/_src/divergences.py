@@ -137,7 +137,7 @@ def _generalized_jsd(p: _Dist, q: _Dist, hp: Mapping[str, Scalar]) -> Terms:
   reverse = _reverse_kl(p, q, hp)
   return Terms(*(
       jnp.where(beta == 0, f, jnp.where(beta == 1, r, i))
-      for f, r, i in zip(forward, reverse, interior)
+      for f, r, i in zip(forward, reverse, interior, strict=True)
   ))
 
 

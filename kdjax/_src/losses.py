@@ -97,12 +97,9 @@ def _call(logits, teacher_logits, labels, *, divergence, beta, alpha, temperatur
           output, kd_coef=None):
   logits, teacher_logits = _validate_logits(logits, teacher_logits)
   token_shape = logits.shape[:-1]
-  labels = checks.token_array("labels", labels, token_shape, integer=True)
-  where = checks.token_array("where", where, token_shape, integer=False)
-  reductions.check_reduction(reduction, normalizer)
-  if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-    raise TypeError(f"ignore_index must be a Python int, got {ignore_index!r}.")
-  token_block = checks.positive_int("token_block", token_block, optional=True)
+  labels, where, token_block = checks.token_arguments(
+      token_shape, labels=labels, where=where, reduction=reduction, normalizer=normalizer,
+      ignore_index=ignore_index, token_block=token_block)
   hp = hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
   static_hp, dynamic_hp = _split(hp)
   kd_coef_static = None
@@ -385,6 +382,12 @@ _PER_TOKEN_ARGS = """
   Returns:
     float32 ``logits.shape[:-1]``: one value per token. ``-inf`` logits follow the conventions
     of the README (``0 log 0 = 0``; a term whose compared distribution has no mass is 0).
+
+  Example:
+    >>> import jax.numpy as jnp, kdjax
+    >>> logits = jnp.array([[1.0, 2.0, -jnp.inf], [0.0, 0.0, 0.0]])
+    >>> [round(v, 4) for v in kdjax.reverse_kl(logits, jnp.zeros((2, 3))).tolist()]
+    [0.5164, 0.0]
 """
 
 
@@ -435,13 +438,21 @@ def soft_cross_entropy(logits: ArrayLike, teacher_logits: ArrayLike, *,
                     token_block=token_block)
 
 
-forward_kl.__doc__ = r"""Forward KL, :math:`\mathrm{KL}(p \,\|\, q) = \sum_v p_v (\log p_v - \log q_v)`.
+forward_kl.__doc__ = r"""Forward KL, per token.
+
+  .. math::
+
+      \sum_v p_v (\log p_v - \log q_v) = \mathrm{KL}(p \,\|\, q)
 
   ``p`` is the teacher's and ``q`` the student's softmax at the temperature. Mode-covering: the
   student is pushed to put mass everywhere the teacher does. Includes the teacher-entropy term,
   so it is 0 when the distributions are equal.
 """ + _PER_TOKEN_ARGS
-reverse_kl.__doc__ = r"""Reverse KL, :math:`\mathrm{KL}(q \,\|\, p) = \sum_v q_v (\log q_v - \log p_v)`.
+reverse_kl.__doc__ = r"""Reverse KL, per token.
+
+  .. math::
+
+      \sum_v q_v (\log q_v - \log p_v) = \mathrm{KL}(q \,\|\, p)
 
   Mode-seeking: the student is pushed to put mass only where the teacher does.
 """ + _PER_TOKEN_ARGS
@@ -456,18 +467,34 @@ generalized_jsd.__doc__ = r"""Generalized Jensen-Shannon divergence (TRL / GKD c
   itself tends to 0 at both ends). ``beta=0.5`` is the symmetric JSD, bounded by ``log 2``.
   ``beta`` must be in [0, 1].
 """ + _PER_TOKEN_ARGS
-skew_forward_kl.__doc__ = r"""Skew forward KL (DistiLLM): :math:`\mathrm{KL}(p \,\|\, \alpha p + (1 - \alpha) q)`.
+skew_forward_kl.__doc__ = r"""Skew forward KL (DistiLLM), per token.
+
+  .. math::
+
+      \mathrm{KL}(p \,\|\, \alpha p + (1 - \alpha) q)
 
   ``alpha=0`` is forward KL; larger ``alpha`` bounds the loss where the student has no mass.
   ``alpha`` must be in [0, 1].
 """ + _PER_TOKEN_ARGS
-skew_reverse_kl.__doc__ = r"""Skew reverse KL (DistiLLM): :math:`\mathrm{KL}(q \,\|\, \alpha q + (1 - \alpha) p)`.
+skew_reverse_kl.__doc__ = r"""Skew reverse KL (DistiLLM), per token.
+
+  .. math::
+
+      \mathrm{KL}(q \,\|\, \alpha q + (1 - \alpha) p)
 
   ``alpha=0`` is reverse KL. ``alpha`` must be in [0, 1].
 """ + _PER_TOKEN_ARGS
-total_variation.__doc__ = r"""Total variation distance, :math:`\tfrac12 \sum_v |p_v - q_v|`, in [0, 1].
+total_variation.__doc__ = r"""Total variation distance, per token, in [0, 1].
+
+  .. math::
+
+      \tfrac12 \sum_v |p_v - q_v|
 """ + _PER_TOKEN_ARGS
-soft_cross_entropy.__doc__ = r"""Soft cross entropy, :math:`-\sum_v p_v \log q_v` (OpenRLHF's KD objective).
+soft_cross_entropy.__doc__ = r"""Soft cross entropy (OpenRLHF's KD objective), per token.
+
+  .. math::
+
+      -\sum_v p_v \log q_v
 
   Equals forward KL plus the teacher entropy; same gradient as forward KL. Entries where the
   student logit is ``-inf`` contribute 0, as in OpenRLHF.

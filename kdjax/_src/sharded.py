@@ -162,12 +162,9 @@ def vocab_parallel_distill_loss(
   """
   logits, teacher_logits = losses._validate_logits(logits, teacher_logits)
   token_shape = logits.shape[:-1]
-  labels = checks.token_array("labels", labels, token_shape, integer=True)
-  where = checks.token_array("where", where, token_shape, integer=False)
-  reductions.check_reduction(reduction, normalizer)
-  if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-    raise TypeError(f"ignore_index must be a Python int, got {ignore_index!r}.")
-  token_block = checks.positive_int("token_block", token_block, optional=True)
+  labels, where, token_block = checks.token_arguments(
+      token_shape, labels=labels, where=where, reduction=reduction, normalizer=normalizer,
+      ignore_index=ignore_index, token_block=token_block)
   hp = losses.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
   if axis_name is not None and axis_name == data_axis_name:
     raise ValueError(
@@ -320,12 +317,9 @@ def vocab_parallel_fused_linear_distill_loss(
         f"student_kernel.shape={student_kernel.shape} and "
         f"teacher_kernel.shape={teacher_kernel.shape}.")
   token_shape = student_hidden.shape[:-1]
-  labels = checks.token_array("labels", labels, token_shape, integer=True)
-  where = checks.token_array("where", where, token_shape, integer=False)
-  reductions.check_reduction(reduction, normalizer)
-  if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-    raise TypeError(f"ignore_index must be a Python int, got {ignore_index!r}.")
-  token_block = checks.positive_int("token_block", token_block, optional=True)
+  labels, where, token_block = checks.token_arguments(
+      token_shape, labels=labels, where=where, reduction=reduction, normalizer=normalizer,
+      ignore_index=ignore_index, token_block=token_block)
   vocab_block = checks.positive_int("vocab_block", vocab_block, optional=True)
   hp = losses.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
   for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):

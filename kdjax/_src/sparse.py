@@ -311,12 +311,9 @@ def _call(logits, teacher_ids, teacher_logprobs, labels, *, tail, temperature,
         "kdjax.align_vocab before kdjax.topk_teacher.")
   if tail not in TAILS:
     raise ValueError(f"tail must be one of {TAILS}, got {tail!r}.")
-  labels = checks.token_array("labels", labels, token_shape, integer=True)
-  where = checks.token_array("where", where, token_shape, integer=False)
-  reductions.check_reduction(reduction, normalizer)
-  if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-    raise TypeError(f"ignore_index must be a Python int, got {ignore_index!r}.")
-  token_block = checks.positive_int("token_block", token_block, optional=True)
+  labels, where, token_block = checks.token_arguments(
+      token_shape, labels=labels, where=where, reduction=reduction, normalizer=normalizer,
+      ignore_index=ignore_index, token_block=token_block)
   temperature = checks.scalar("temperature", temperature)
   div.check_temperature(temperature)
   if isinstance(temperature, float):
