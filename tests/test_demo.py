@@ -254,6 +254,13 @@ def test_output_folder_read_only(tmp_path, capsys):
     folder.chmod(0o755)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_output_folder_on_a_pseudo_filesystem(capsys):
+  # Refused even to root, unlike a chmod-ed folder.
+  _expect_usage_error(["--out", "/proc"], capsys, "--out", "cannot write")
+  _expect_usage_error(["--out", "/proc/kdjax_demo"], capsys, "--out", "cannot create")
+
+
 def test_valid_flags_create_the_output_folder(tmp_path):
   args = distill_lm.parse_args(["--out", str(tmp_path / "new" / "run"), "--kd-coef", "0"])
   assert args.out.is_dir() and args.kd_coef == 0.0
@@ -367,7 +374,7 @@ def test_killed_run_resumes_to_the_same_parameters(reference_run, run_env, tmp_p
   # Slow student-KD steps widen the window: the kill lands after its checkpoint at step 6 and
   # before its last step (12), possibly in the middle of writing a later checkpoint.
   process = subprocess.Popen(
-      [sys.executable, str(SCRIPT), "--out", str(out), *TINY, "--step-sleep", "0.2"],
+      [sys.executable, str(SCRIPT), "--out", str(out), *TINY, "--step-sleep", "0.3"],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=run_env)
   deadline = time.monotonic() + 240
   try:
