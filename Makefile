@@ -22,13 +22,17 @@ $(VENV)/.test: pyproject.toml | $(PY)
 	touch $@
 
 demo: $(VENV)/.examples
-	$(PY) examples/optax_train_step.py
+	$(PY) examples/distill_lm.py
 
 test: $(VENV)/.test
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/bench_kd_loss.py
+	$(PY) benchmarks/bench_kd_loss.py --quick --divergences
+	$(PY) benchmarks/bench_fused.py
+	$(PY) benchmarks/bench_sparse.py
+	$(PY) benchmarks/bench_sharded.py
 
 lint: $(VENV)/.test
 	$(PY) -m pip install ruff
