@@ -56,16 +56,17 @@ from kdjax._src import divergences as div
 Array = jax.Array
 
 # Tokens per block by default, chosen by measurement (benchmarks/bench_fused.py, CPU, float32,
-# d=512): the kernel is re-read, and the float32 kernel gradient [d, vocab] accumulated, once per
-# token block, so blocks must be large enough to amortise that (at vocab 128000, 48-token blocks
-# ran 1.5x slower than the materialised version, 96-token blocks 0.9x); and small enough that
-# the five [block, vocab] float32 temporaries of a block (two logits, two exponentials, one
-# gradient) stay near a tenth of the materialised version's (at 4096 tokens and vocab 32000,
-# 256-token blocks give 0.104x, 192-token blocks 0.078x). At most DEFAULT_TOKEN_BLOCK tokens and
-# about _DEFAULT_BLOCK_ELEMENTS elements (48 MiB of float32) per [block, vocab] array: 192 tokens
-# at vocab 32000, 96 at vocab 128000, 48 at vocab 262144.
+# d=512, value and gradient): the kernel is re-read, and the float32 kernel gradient [d, vocab]
+# accumulated, once per token block, so blocks must be large enough to amortise that (at 2048
+# tokens and vocab 128000: 96-token blocks ran 1.32x the materialised time, 192-token blocks
+# 0.98x, 384-token blocks 0.97x), and small enough that the five [block, vocab] float32
+# temporaries of a block (two logits, two exponentials, one gradient) stay small (at 4096
+# tokens and vocab 32000: 0.078x the materialised version's temporaries with 192-token
+# blocks, 0.104x with 256). At most DEFAULT_TOKEN_BLOCK tokens and about
+# _DEFAULT_BLOCK_ELEMENTS elements (96 MiB of float32) per [block, vocab] array: 192 tokens up
+# to vocab 131072, 96 at vocab 262144.
 DEFAULT_TOKEN_BLOCK = 192
-_DEFAULT_BLOCK_ELEMENTS = 96 * 131072
+_DEFAULT_BLOCK_ELEMENTS = 192 * 131072
 
 
 _SIDES = ("student", "teacher")
@@ -663,8 +664,8 @@ def fused_linear_distill_loss(
     softcap: optional Gemma-style cap ``c > 0``: logits become ``c * tanh(logits / c)``. Shared
       or a ``(student, teacher)`` pair, like ``logit_scale``. Applied before the temperature.
     ignore_index, where, reduction, normalizer: as in :func:`kdjax.distill_loss`.
-    token_block: tokens per block (default 192, fewer for vocabularies above 65536 entries:
-      96 at 128000).
+    token_block: tokens per block (default 192, fewer for vocabularies above 131072 entries:
+      96 at 262144). Temporaries are about ``5 * token_block * vocab * 4`` bytes.
     vocab_block: optional vocabulary columns per block. When set, each token block walks the
       vocabulary with an online log-sum-exp, so temporaries are
       ``O(token_block * vocab_block)``; it costs two extra logit matmuls per step.
