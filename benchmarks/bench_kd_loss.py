@@ -18,14 +18,19 @@ Usage: python benchmarks/bench_kd_loss.py [--quick] [--reps N] [--divergences]
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# PyTorch's OpenMP threads spin for a while after each parallel region; interleaved with JAX,
+# that spinning steals the CPU from whatever runs next. Let them sleep instead.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import kdjax
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import kdjax  # noqa: E402
 
 
 def _naive_per_token(divergence, logits, teacher_logits, *, beta=0.5, alpha=0.1):

@@ -10,15 +10,16 @@ from jax import lax
 
 Array = jax.Array
 
-# Rows per block are chosen so one float32 block holds about this many elements (2 MiB): big
-# enough to amortise the loop, small enough that the handful of block temporaries stays cached
-# and far below the 0.1x-of-the-logits memory budget for realistic sizes.
-DEFAULT_BLOCK_ELEMENTS = 1 << 19
+# Rows per block are chosen so one float32 block holds about this many elements (1 MiB): big
+# enough to amortise the loop, small enough that the handful of block temporaries stays in
+# cache and far below the 0.1x-of-the-logits memory budget for realistic sizes. Measured on a
+# 2-core CPU at vocab 32000: 8 rows beat 4, 16 and 32 (benchmarks/bench_kd_loss.py).
+DEFAULT_BLOCK_ELEMENTS = 1 << 18
 
 
 # At least this many rows per block (when there are that many tokens), so a block can still be
 # split across the devices of a data-parallel mesh axis under GSPMD (see map_token_blocks).
-MIN_DEFAULT_BLOCK = 16
+MIN_DEFAULT_BLOCK = 8
 
 
 def default_token_block(num_tokens: int, vocab_size: int) -> int:
