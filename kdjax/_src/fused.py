@@ -689,6 +689,36 @@ def fused_linear_distill_loss(
     >>> bool(jnp.allclose(loss, dense, rtol=1e-5)), grads[1].shape
     (True, (16, 100))
   """
+  (student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias, teacher_bias,
+   labels, where, token_block, vocab_block, hp) = validate(
+       student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
+       teacher_bias, labels, where=where, reduction=reduction, normalizer=normalizer,
+       ignore_index=ignore_index, token_block=token_block, vocab_block=vocab_block,
+       divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+       logit_scale=logit_scale, softcap=softcap,
+       vocab_mismatch_hint="If the larger vocabulary only adds padding columns, slice the "
+       "kernel (and bias) to the shared vocabulary first.")
+  token_shape = student_hidden.shape[:-1]
+  static_hp, dynamic_hp = _split_hp(hp)
+  if token_block is None:
+    token_block = default_token_block(math.prod(token_shape), student_kernel.shape[1])
+  return _fused(
+      student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
+      teacher_bias, labels, where, normalizer, dynamic_hp, divergence=divergence,
+      static_hp=static_hp, temperature_squared=bool(temperature_squared),
+      ignore_index=ignore_index, reduction=reduction, token_block=token_block,
+      vocab_block=vocab_block)
+
+
+def validate(student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
+             teacher_bias, labels, *, where, reduction, normalizer, ignore_index, token_block,
+             vocab_block, divergence, temperature, beta, alpha, logit_scale, softcap,
+             vocab_mismatch_hint):
+  """Checks every argument of a fused loss; returns them validated, plus the hyperparameters.
+
+  Shared by :func:`fused_linear_distill_loss` and its vocabulary-parallel variant, which differ
+  only in what a vocabulary mismatch means (``vocab_mismatch_hint``).
+  """
   student_hidden = checks.float_array("student_hidden", student_hidden)
   student_kernel = checks.float_array("student_kernel", student_kernel)
   teacher_hidden = checks.float_array("teacher_hidden", teacher_hidden)
@@ -710,23 +740,14 @@ def fused_linear_distill_loss(
     raise ValueError(
         f"student_kernel and teacher_kernel have different vocabulary sizes: "
         f"student_kernel.shape={student_kernel.shape}, teacher_kernel.shape="
-        f"{teacher_kernel.shape}. If the larger vocabulary only adds padding columns, slice "
-        "the kernel (and bias) to the shared vocabulary first.")
-  token_shape = student_hidden.shape[:-1]
+        f"{teacher_kernel.shape}. {vocab_mismatch_hint}")
   labels, where, token_block = checks.token_arguments(
-      token_shape, labels=labels, where=where, reduction=reduction, normalizer=normalizer,
-      ignore_index=ignore_index, token_block=token_block)
+      student_hidden.shape[:-1], labels=labels, where=where, reduction=reduction,
+      normalizer=normalizer, ignore_index=ignore_index, token_block=token_block)
   vocab_block = checks.positive_int("vocab_block", vocab_block, optional=True)
   hp = losses.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
   for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
     for side, side_value in zip(_SIDES, _per_model(name, value), strict=True):
       hp[f"{side}_{name}"] = _positive(name, side_value)
-  static_hp, dynamic_hp = _split_hp(hp)
-  if token_block is None:
-    token_block = default_token_block(math.prod(token_shape), student_kernel.shape[1])
-  return _fused(
-      student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
-      teacher_bias, labels, where, normalizer, dynamic_hp, divergence=divergence,
-      static_hp=static_hp, temperature_squared=bool(temperature_squared),
-      ignore_index=ignore_index, reduction=reduction, token_block=token_block,
-      vocab_block=vocab_block)
+  return (student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
+          teacher_bias, labels, where, token_block, vocab_block, hp)

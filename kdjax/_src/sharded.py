@@ -294,37 +294,15 @@ def vocab_parallel_fused_linear_distill_loss(
     >>> float(jax.jit(loss_fn)(hidden, kernel, hidden, kernel))
     0.0
   """
-  student_hidden = checks.float_array("student_hidden", student_hidden)
-  student_kernel = checks.float_array("student_kernel", student_kernel)
-  teacher_hidden = checks.float_array("teacher_hidden", teacher_hidden)
-  teacher_kernel = checks.float_array("teacher_kernel", teacher_kernel)
-  student_bias = None if student_bias is None else checks.float_array(
-      "student_bias", student_bias)
-  teacher_bias = None if teacher_bias is None else checks.float_array(
-      "teacher_bias", teacher_bias)
-  fused._check_head("student_hidden", student_hidden, "student_kernel", student_kernel,
-                    "student_bias", student_bias)
-  fused._check_head("teacher_hidden", teacher_hidden, "teacher_kernel", teacher_kernel,
-                    "teacher_bias", teacher_bias)
-  if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-    raise ValueError(
-        "student_hidden and teacher_hidden must have the same token shape (all but the last "
-        f"axis), got student_hidden.shape={student_hidden.shape} and "
-        f"teacher_hidden.shape={teacher_hidden.shape}.")
-  if student_kernel.shape[1] != teacher_kernel.shape[1]:
-    raise ValueError(
-        "student_kernel and teacher_kernel must hold the same vocabulary slice, got "
-        f"student_kernel.shape={student_kernel.shape} and "
-        f"teacher_kernel.shape={teacher_kernel.shape}.")
+  (student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias, teacher_bias,
+   labels, where, token_block, vocab_block, hp) = fused.validate(
+       student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
+       teacher_bias, labels, where=where, reduction=reduction, normalizer=normalizer,
+       ignore_index=ignore_index, token_block=token_block, vocab_block=vocab_block,
+       divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+       logit_scale=logit_scale, softcap=softcap,
+       vocab_mismatch_hint="Inside shard_map both kernels must hold the same vocabulary slice.")
   token_shape = student_hidden.shape[:-1]
-  labels, where, token_block = checks.token_arguments(
-      token_shape, labels=labels, where=where, reduction=reduction, normalizer=normalizer,
-      ignore_index=ignore_index, token_block=token_block)
-  vocab_block = checks.positive_int("vocab_block", vocab_block, optional=True)
-  hp = losses.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
-  for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
-    for side, side_value in zip(fused._SIDES, fused._per_model(name, value), strict=True):
-      hp[f"{side}_{name}"] = fused._positive(name, side_value)
   if axis_name is not None and axis_name == data_axis_name:
     raise ValueError(
         f"axis_name and data_axis_name must be different mesh axes, both are {axis_name!r}.")
