@@ -167,7 +167,7 @@ def distill_loss(
       last token axis, then over sequences with any valid token).
     normalizer: optional scalar that replaces the valid-token count of ``"mean"``, for example a
       global count across hosts or gradient-accumulation steps.
-    token_block: rows per block of the blocked computation (default: about 2 MiB of float32
+    token_block: rows per block of the blocked computation (default: about 1 MiB of float32
       per block).
 
   Returns:

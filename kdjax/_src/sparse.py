@@ -114,7 +114,7 @@ def topk_teacher(
     k: number of ids to keep per token, ``1 <= k <= vocab``.
     temperature: ``T > 0``. Use the temperature the student will be distilled at: the stored
       log-probabilities cannot be re-tempered later.
-    token_block: rows per block (default: about 2 MiB of float32 per block).
+    token_block: rows per block (default: about 1 MiB of float32 per block).
 
   Returns:
     ``(ids, logprobs)``: int32 ``[..., k]`` and float32 ``[..., k]``, sorted by descending
