@@ -64,7 +64,8 @@ def _vocab_offset(axis_name: Hashable | None, local_vocab: int) -> Array | int:
   return lax.axis_index(axis_name) * local_vocab
 
 
-def _hyperparameters(config: Config, dynamic_hp: Mapping[str, Array]):
+def hyperparameters(config, dynamic_hp: Mapping[str, Array]) -> dict:
+  """Static (``config.static_hp``) and traced hyperparameters in one dict."""
   hp = dict(config.static_hp)
   hp.update(dynamic_hp)
   return hp
@@ -122,8 +123,7 @@ def _block(config: Config, hp, with_grad: bool, logits, teacher_logits, labels):
 def _loop(config: Config, dynamic_hp, logits, teacher_logits, labels, row_weights, *,
           with_grad: bool):
   """Runs ``_block`` over token blocks; the gradient rows are scaled by ``row_weights``."""
-  hp = dict(config.static_hp)
-  hp.update(dynamic_hp)
+  hp = hyperparameters(config, dynamic_hp)
   num_tokens, vocab = logits.shape
   block = config.token_block or blocking.default_token_block(num_tokens, vocab)
 

@@ -325,8 +325,7 @@ class _Inputs(NamedTuple):
 def _loop(config: Config, dynamic_hp, inputs: _Inputs, weights: Array | None):
   """Per-token values and, when ``weights`` is given, the gradients of ``sum(weights * values)``
   with respect to the student's hidden states, kernel and bias (in their dtypes)."""
-  hp = dict(config.static_hp)
-  hp.update(dynamic_hp)
+  hp = dense.hyperparameters(config, dynamic_hp)
   with_grad = weights is not None
   block_fn = (_token_block_full_vocab if config.vocab_block is None
               else _token_block_vocab_blocks)
