@@ -8,11 +8,11 @@ divergence functions. It flattens the token axes, walks over blocks of tokens, a
    entropy, ``lse`` of the unscaled logits);
 3. sums the divergence's elementwise terms (``divergences.py``) over the vocabulary.
 
-The gradient is a ``jax.custom_vjp``: the forward pass keeps only per-token statistics
-(``[tokens]`` float32 vectors) besides the inputs themselves, and the backward pass recomputes
-each block's probabilities and writes the gradient directly in the logits' dtype. No
-``[tokens, vocab]`` float32 array is ever live; a call that is not differentiated runs only the
-value loop. ``axis_name`` turns the same code into the vocabulary-parallel version: every
+The gradient is a ``jax.custom_vjp`` computed in the same pass as the values (the block's
+probabilities are at hand), in the logits' dtype, and written over the logits block by block
+(``blocking.map_token_blocks(overwrite=...)``): in a train step, where the logits are dead after
+the loss, their buffer becomes the gradient's. No ``[tokens, vocab]`` float32 array is ever
+live; a call that is not differentiated runs only the value loop. ``axis_name`` turns the same code into the vocabulary-parallel version: every
 reduction over the vocabulary is followed by a ``pmax``/``psum`` over that mesh axis.
 """
 
@@ -135,10 +135,13 @@ def _loop(config: Config, dynamic_hp, logits, teacher_logits, labels, row_weight
     return (*outputs, (grad * row_weights[:, None]).astype(logits.dtype))
 
   outputs = (jnp.zeros((num_tokens,), jnp.float32),) * 3
-  if with_grad:
-    outputs += (lax.empty(logits.shape, logits.dtype),)
+  overwrite = {}
+  if with_grad:  # The gradient is written over the logits (see map_token_blocks).
+    outputs += (logits,)
+    overwrite = {0: 3}
   return blocking.map_token_blocks(
-      block_fn, (logits, teacher_logits, labels, row_weights), outputs, block=block)
+      block_fn, (logits, teacher_logits, labels, row_weights), outputs, block=block,
+      overwrite=overwrite)
 
 
 def _hp_zeros(dynamic_hp):
@@ -172,8 +175,7 @@ def _per_token_fwd(config: Config, logits, teacher_logits, labels, dynamic_hp):
 def _per_token_bwd(config: Config, residuals, cotangents):
   grad, dynamic_hp = residuals
   value_ct = cotangents[0]  # The other two outputs are returned under stop_gradient.
-  grad = (grad.astype(jnp.float32) * value_ct[:, None]).astype(grad.dtype)
-  return grad, None, None, _hp_zeros(dynamic_hp)
+  return blocking.scale_rows(grad, value_ct), None, None, _hp_zeros(dynamic_hp)
 
 
 _per_token.defvjp(_per_token_fwd, _per_token_bwd)

@@ -236,11 +236,13 @@ def _loop(config: _Config, dynamic_temperature, logits, ids, teacher_logprobs, *
   num_tokens, vocab = logits.shape
   block = config.token_block or blocking.default_token_block(num_tokens, vocab)
   outputs = (jnp.zeros((num_tokens,), jnp.float32),)
-  if with_grad:
-    outputs += (jnp.zeros_like(logits),)
+  overwrite = {}
+  if with_grad:  # The gradient is written over the logits (see map_token_blocks).
+    outputs += (logits,)
+    overwrite = {0: 1}
   return blocking.map_token_blocks(
       functools.partial(_block, config, with_grad, temperature),
-      (logits, ids, teacher_logprobs), outputs, block=block)
+      (logits, ids, teacher_logprobs), outputs, block=block, overwrite=overwrite)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -258,7 +260,7 @@ def _per_token_fwd(config, logits, ids, teacher_logprobs, dynamic_temperature):
 
 def _per_token_bwd(config, residuals, value_ct):
   grad, dynamic_temperature = residuals
-  grad = (grad.astype(jnp.float32) * value_ct[:, None]).astype(grad.dtype)
+  grad = blocking.scale_rows(grad, value_ct)
   temperature_ct = (None if dynamic_temperature is None
                     else jnp.zeros_like(dynamic_temperature))
   # The teacher (ids and log-probabilities) is a constant of the loss.

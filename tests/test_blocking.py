@@ -1,0 +1,104 @@
+"""Token blocking: every block layout, in-place overwriting, and its memory in a train step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kdjax
+from kdjax._src import blocking
+
+
+def _row_fn(rows, scale):
+  """A row-wise function with a row reduction, like the losses' blocks."""
+  x = rows.astype(jnp.float32)
+  total = jnp.sum(x, axis=-1)
+  return total, (x * scale[:, None] - total[:, None]).astype(rows.dtype)
+
+
+def _want(rows, scale):
+  x = np.asarray(rows, np.float64)
+  total = x.sum(-1)
+  return total, x * np.asarray(scale)[:, None] - total[:, None]
+
+
+# (tokens, block): divides (strided blocks), does not (contiguous blocks and a remainder),
+# one block, one row per block.
+LAYOUTS = [(12, 4), (13, 4), (13, 13), (5, 1), (7, 100)]
+
+
+@pytest.mark.parametrize("tokens,block", LAYOUTS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_map_token_blocks_matches_numpy(tokens, block, dtype, overwrite):
+  rng = np.random.default_rng(tokens * block)
+  rows = jnp.asarray(rng.standard_normal((tokens, 6)), dtype)
+  scale = jnp.asarray(rng.standard_normal(tokens), jnp.float32)
+  outputs = (jnp.zeros((tokens,), jnp.float32), rows if overwrite else jnp.zeros_like(rows))
+  total, out = jax.jit(lambda r, s: blocking.map_token_blocks(
+      _row_fn, (r, s), outputs, block=block, overwrite={0: 1} if overwrite else None))(
+          rows, scale)
+  want_total, want_out = _want(rows, scale)
+  tol = 1e-6 if dtype == jnp.float32 else 2e-2
+  assert out.dtype == dtype
+  np.testing.assert_allclose(total, want_total, rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(out, np.float32), want_out, rtol=tol, atol=tol)
+
+
+def test_overwrite_needs_matching_output():
+  rows = jnp.zeros((4, 3))
+  with pytest.raises(ValueError, match="input 0 cannot overwrite output 0"):
+    blocking.map_token_blocks(lambda r: (r,), (rows,), (jnp.zeros((4, 2)),), block=2,
+                              overwrite={0: 0})
+
+
+def test_overwrite_leaves_a_live_input_intact():
+  # The caller still needs the logits after the call: XLA must copy, never clobber them.
+  rows = jnp.arange(24.0).reshape(8, 3)
+
+  def fn(r):
+    (out,) = blocking.map_token_blocks(lambda b: (-b,), (r,), (r,), block=2, overwrite={0: 0})
+    return out, r
+
+  out, kept = jax.jit(fn)(rows)
+  np.testing.assert_array_equal(out, -np.arange(24.0).reshape(8, 3))
+  np.testing.assert_array_equal(kept, np.arange(24.0).reshape(8, 3))
+
+
+def test_scale_rows():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((9, 5)), jnp.bfloat16)
+  s = jnp.asarray(rng.standard_normal(9), jnp.float32)
+  got = jax.jit(blocking.scale_rows)(x, s)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32),
+                             np.asarray(x, np.float32) * np.asarray(s)[:, None], rtol=1e-2)
+
+
+TOKENS, VOCAB, WIDTH = 2048, 32000, 64
+
+
+def _train_step_losses():
+  return {
+      "kd_loss": lambda w, h, t, y: kdjax.kd_loss(h @ w, t, y),
+      "per_token": lambda w, h, t, y: jnp.mean(
+          kdjax.distill_loss(h @ w, t, y, divergence="reverse_kl", reduction="none")),
+      "with_cross_entropy": lambda w, h, t, y: kdjax.distill_with_cross_entropy(
+          h @ w, t, y, kd_coef=0.5),
+      "sparse": lambda w, h, t, y: kdjax.sparse_distill_loss(
+          h @ w, t[:, :8].astype(jnp.int32), t[:, :8], y, tail="bucket"),
+  }
+
+
+@pytest.mark.parametrize("name", list(_train_step_losses()))
+def test_train_step_writes_the_gradient_over_the_logits(name):
+  # Logits computed inside the step are dead after the loss: their gradient takes their buffer,
+  # so the step holds one [tokens, vocab] array, not two (logits + a fresh gradient).
+  fn = _train_step_losses()[name]
+  w = jax.ShapeDtypeStruct((WIDTH, VOCAB), jnp.float32)
+  h = jax.ShapeDtypeStruct((TOKENS, WIDTH), jnp.float32)
+  t = jax.ShapeDtypeStruct((TOKENS, VOCAB), jnp.float32)
+  y = jax.ShapeDtypeStruct((TOKENS,), jnp.int32)
+  compiled = jax.jit(jax.value_and_grad(fn)).lower(w, h, t, y).compile()
+  logits_bytes = TOKENS * VOCAB * 4
+  assert compiled.memory_analysis().temp_size_in_bytes <= 1.05 * logits_bytes
