@@ -12,7 +12,8 @@ Baselines, all run interleaved in this process on the same inputs:
 Prints markdown tables of median wall times, ratios and compiled temporary memory
 (``memory_analysis().temp_size_in_bytes``, as a multiple of one logits array).
 
-Usage: python benchmarks/bench_kd_loss.py [--quick] [--reps N] [--divergences]
+Usage: python benchmarks/bench_kd_loss.py [--quick] [--reps N]
+       [--divergences | --train-step | --floor]
 """
 
 from __future__ import annotations
@@ -142,13 +143,134 @@ def bench_case(tokens, vocab, dtype, divergences, reps, with_torch):
   return {name: statistics.median(ts) for name, ts in times.items()}, temps
 
 
+def bench_train_step(tokens, vocab, width, reps):
+  """``logits = hidden @ kernel`` inside the jitted step; value and gradient w.r.t. the kernel.
+
+  Here the logits are dead after the loss, so kdjax writes their gradient over them. Baselines:
+  naive autodiff of the same loss, and ``linear``: the step with ``sum(logits * teacher)`` as
+  its loss (the two matmuls and one pass over the logits, the floor of any such step).
+  """
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.standard_normal((tokens, width), np.float32))
+  kernel = jnp.asarray(rng.standard_normal((width, vocab), np.float32) / np.sqrt(width))
+  teacher = jnp.asarray(rng.standard_normal((tokens, vocab), np.float32) * 2)
+  labels_np = rng.integers(0, vocab, tokens).astype(np.int32)
+  labels_np[::7] = -100
+  labels = jnp.asarray(labels_np)
+  losses = {
+      "kdjax": lambda k, h, t, y: kdjax.kd_loss(h @ k, t, y),
+      "naive": lambda k, h, t, y: naive_loss("soft_cross_entropy", h @ k, t, y),
+      "linear": lambda k, h, t, y: jnp.sum((h @ k) * t),
+  }
+  args = (kernel, hidden, teacher, labels)
+  steps = {name: jax.jit(jax.value_and_grad(fn)) for name, fn in losses.items()}
+  logits_bytes = tokens * vocab * 4
+  temps = {name: _temp_ratio(step, args, logits_bytes) for name, step in steps.items()}
+  runners = {name: _timer(lambda s=step: s(*args)) for name, step in steps.items()}
+  for run in runners.values():
+    run()
+  times = {name: [] for name in runners}
+  for _ in range(reps):
+    for name, run in runners.items():
+      times[name].append(run())
+  times = {name: statistics.median(ts) for name, ts in times.items()}
+  print(f"| {tokens} x {width} x {vocab} | {times['kdjax'] * 1e3:.0f} "
+        f"| {times['kdjax'] / times['linear']:.2f} | {times['kdjax'] / times['naive']:.2f} "
+        f"| {temps['kdjax']:.2f} | {temps['naive']:.2f} | {temps['linear']:.2f} |", flush=True)
+
+
+def _minimal_kd_loss(logits, teacher_logits, labels, block=8):
+  """The least work any blocked kd_loss can do on XLA:CPU -- a floor, not a usable loss.
+
+  OpenRLHF's formula with its gradient written by hand for float32 inputs without ``-inf``
+  (no masks, no empty-row handling, one block size that must divide the token count): five
+  row reductions and two ``exp`` per entry, the gradient written in the same pass.
+  """
+  mask = (labels != -100).astype(jnp.float32)
+  weights = mask / jnp.maximum(jnp.sum(mask), 1.0)
+
+  def block_fn(s, t, w):
+    s_max, t_max = jnp.max(s, -1), jnp.max(t, -1)
+    shifted = s - s_max[:, None]
+    s_exp, t_exp = jnp.exp(shifted), jnp.exp(t - t_max[:, None])
+    s_sum, t_sum = jnp.sum(s_exp, -1), jnp.sum(t_exp, -1)
+    value = jnp.log(s_sum) - jnp.sum(t_exp * shifted, -1) / t_sum
+    grad = (s_exp / s_sum[:, None] - t_exp / t_sum[:, None]) * w[:, None]
+    return value, grad
+
+  def fwd(s):
+    def body(i, carry):
+      values, grad = carry
+      value, g = block_fn(*(jax.lax.dynamic_slice_in_dim(x, i * block, block)
+                            for x in (s, teacher_logits, weights)))
+      return (jax.lax.dynamic_update_slice_in_dim(values, value, i * block, 0),
+              jax.lax.dynamic_update_slice_in_dim(grad, g, i * block, 0))
+
+    values, grad = jax.lax.fori_loop(
+        0, s.shape[0] // block, body, (jnp.zeros(s.shape[:1]), jnp.zeros_like(s)))
+    return jnp.sum(values * weights), grad
+
+  loss = jax.custom_vjp(lambda s: fwd(s)[0])
+  loss.defvjp(fwd, lambda grad, ct: (grad * ct,))
+  return loss(logits)
+
+
+def bench_floor(tokens, vocab, reps):
+  """Where the time of a value-and-gradient over two [tokens, vocab] arrays goes on XLA:CPU."""
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.standard_normal((tokens, vocab), np.float32) * 2)
+  teacher = jnp.asarray(rng.standard_normal((tokens, vocab), np.float32) * 2)
+  labels_np = rng.integers(0, vocab, tokens).astype(np.int32)
+  labels_np[::7] = -100
+  labels = jnp.asarray(labels_np)
+  fns = {
+      "stream (a * b)": jax.jit(lambda a, b, c: a * b),
+      "fresh zeros [tokens, vocab]": jax.jit(lambda a, b, c: jnp.zeros_like(a)),
+      "read both (row sums)": jax.jit(lambda a, b, c: jnp.sum(a, -1) + jnp.sum(b, -1)),
+      "exp-sum of both": jax.jit(lambda a, b, c: jnp.sum(jnp.exp(a), -1) + jnp.sum(jnp.exp(b), -1)),
+      "minimal blocked kd (floor)": jax.jit(jax.value_and_grad(_minimal_kd_loss)),
+      "kdjax.kd_loss": jax.jit(jax.value_and_grad(kdjax.kd_loss)),
+  }
+  # The floor computes the same loss and gradient on these inputs (no -inf).
+  floor_value, floor_grad = fns["minimal blocked kd (floor)"](logits, teacher, labels)
+  value, grad = fns["kdjax.kd_loss"](logits, teacher, labels)
+  np.testing.assert_allclose(floor_value, value, rtol=1e-5)
+  np.testing.assert_allclose(floor_grad, grad, rtol=1e-4, atol=1e-9)
+  del floor_grad, grad
+  runners = {name: _timer(lambda f=f: f(logits, teacher, labels)) for name, f in fns.items()}
+  for run in runners.values():
+    run()
+  times = {name: [] for name in runners}
+  for _ in range(reps):
+    for name, run in runners.items():
+      times[name].append(run())
+  stream = statistics.median(times["stream (a * b)"])
+  print(f"| {tokens} x {vocab} float32 | ms | / stream |")
+  print("|---|---|---|")
+  for name, ts in times.items():
+    print(f"| {name} | {statistics.median(ts) * 1e3:.0f} | {statistics.median(ts) / stream:.2f} |")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="only (2048, 32000) float32")
   parser.add_argument("--reps", type=int, default=7)
   parser.add_argument("--divergences", action="store_true",
                       help="every divergence (default: kd_loss only)")
+  parser.add_argument("--train-step", action="store_true",
+                      help="kd_loss inside a step that computes the logits (hidden @ kernel)")
+  parser.add_argument("--floor", action="store_true",
+                      help="what the streaming op and a minimal blocked loss cost on this machine")
   args = parser.parse_args()
+  if args.floor:
+    bench_floor(2048, 32000, args.reps)
+    return
+  if args.train_step:
+    print("| tokens x width x vocab | kdjax ms | / linear | / naive jnp "
+          "| temp (x logits) kdjax | naive | linear |")
+    print("|---|---|---|---|---|---|---|")
+    bench_train_step(2048, 32000, 256, args.reps)
+    return
   divergences = (
       sorted(kdjax.DIVERGENCES) if args.divergences else ["soft_cross_entropy"])
   cases = [(2048, 32000, jnp.float32)]
