@@ -87,6 +87,17 @@ def _timer(fn):
   return run
 
 
+def _interleaved_medians(runners, reps):
+  """Median seconds of each runner, after one warm-up call each."""
+  for run in runners.values():  # Compile and warm up.
+    run()
+  times = {name: [] for name in runners}
+  for _ in range(reps):  # Interleaved, so drifts in machine load hit every runner alike.
+    for name, run in runners.items():
+      times[name].append(run())
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def _temp_ratio(jitted, args, logits_bytes):
   analysis = jitted.lower(*args).compile().memory_analysis()
   return analysis.temp_size_in_bytes / logits_bytes
@@ -134,13 +145,7 @@ def bench_case(tokens, vocab, dtype, divergences, reps, with_torch):
 
     runners["torch/soft_cross_entropy"] = _timer(torch_run)
 
-  for run in runners.values():  # Compile and warm up.
-    run()
-  times = {name: [] for name in runners}
-  for _ in range(reps):  # Interleaved, so drifts in machine load hit every runner alike.
-    for name, run in runners.items():
-      times[name].append(run())
-  return {name: statistics.median(ts) for name, ts in times.items()}, temps
+  return _interleaved_medians(runners, reps), temps
 
 
 def bench_train_step(tokens, vocab, width, reps):
@@ -167,13 +172,7 @@ def bench_train_step(tokens, vocab, width, reps):
   logits_bytes = tokens * vocab * 4
   temps = {name: _temp_ratio(step, args, logits_bytes) for name, step in steps.items()}
   runners = {name: _timer(lambda s=step: s(*args)) for name, step in steps.items()}
-  for run in runners.values():
-    run()
-  times = {name: [] for name in runners}
-  for _ in range(reps):
-    for name, run in runners.items():
-      times[name].append(run())
-  times = {name: statistics.median(ts) for name, ts in times.items()}
+  times = _interleaved_medians(runners, reps)
   print(f"| {tokens} x {width} x {vocab} | {times['kdjax'] * 1e3:.0f} "
         f"| {times['kdjax'] / times['linear']:.2f} | {times['kdjax'] / times['naive']:.2f} "
         f"| {temps['kdjax']:.2f} | {temps['naive']:.2f} | {temps['linear']:.2f} |", flush=True)
@@ -238,17 +237,11 @@ def bench_floor(tokens, vocab, reps):
   np.testing.assert_allclose(floor_grad, grad, rtol=1e-4, atol=1e-9)
   del floor_grad, grad
   runners = {name: _timer(lambda f=f: f(logits, teacher, labels)) for name, f in fns.items()}
-  for run in runners.values():
-    run()
-  times = {name: [] for name in runners}
-  for _ in range(reps):
-    for name, run in runners.items():
-      times[name].append(run())
-  stream = statistics.median(times["stream (a * b)"])
+  times = _interleaved_medians(runners, reps)
   print(f"| {tokens} x {vocab} float32 | ms | / stream |")
   print("|---|---|---|")
-  for name, ts in times.items():
-    print(f"| {name} | {statistics.median(ts) * 1e3:.0f} | {statistics.median(ts) / stream:.2f} |")
+  for name, t in times.items():
+    print(f"| {name} | {t * 1e3:.0f} | {t / times['stream (a * b)']:.2f} |")
 
 
 def main():
