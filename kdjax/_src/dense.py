@@ -12,8 +12,9 @@ The gradient is a ``jax.custom_vjp`` computed in the same pass as the values (th
 probabilities are at hand), in the logits' dtype, and written over the logits block by block
 (``blocking.map_token_blocks(overwrite=...)``): in a train step, where the logits are dead after
 the loss, their buffer becomes the gradient's. No ``[tokens, vocab]`` float32 array is ever
-live; a call that is not differentiated runs only the value loop. ``axis_name`` turns the same code into the vocabulary-parallel version: every
-reduction over the vocabulary is followed by a ``pmax``/``psum`` over that mesh axis.
+live; a call that is not differentiated runs only the value loop. ``axis_name`` turns the same
+code into the vocabulary-parallel version: every reduction over the vocabulary is followed by a
+``pmax``/``psum`` over that mesh axis.
 """
 
 from __future__ import annotations
