@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 import kdjax
-from kdjax._src import fused
+from kdjax._src import blocking
 
 
 def _inputs(tokens: int, d: int, vocab: int):
@@ -48,7 +48,7 @@ def _materialised(h_s, w_s, h_t, w_t, labels):
 def _fused(token_block, vocab_block=None):
   def run(h_s, w_s, h_t, w_t, labels):
     def loss(h_s, w_s):
-      return fused.fused_linear_distill_loss(
+      return kdjax.fused_linear_distill_loss(
           h_s, w_s, h_t, w_t, labels, token_block=token_block, vocab_block=vocab_block)
     return jax.value_and_grad(loss, argnums=(0, 1))(h_s, w_s)
   return run
@@ -124,7 +124,7 @@ def main():
               f"{cpu[name] / cpu['materialised']:.3f} | {temp:.0f} |")
       print()
       continue
-    token_block = args_ns.token_block or fused.default_token_block(tokens, vocab)
+    token_block = args_ns.token_block or blocking.token_block(tokens, vocab, blocking.FUSED)
     variants = {"materialised": _materialised, "fused": _fused(token_block),
                 "4 matmuls": _four_matmuls}
     temps = {name: _temp_bytes(fn, args) for name, fn in variants.items()}

@@ -8,6 +8,7 @@ from kdjax._src.cache import (
 )
 from kdjax._src.divergences import DIVERGENCES as _DIVERGENCE_SPECS
 from kdjax._src.fused import fused_linear_distill_loss
+from kdjax._src.implementations import IMPLEMENTATIONS
 from kdjax._src.losses import (
     distill_loss,
     distill_loss_sum_and_count,
@@ -41,6 +42,7 @@ DIVERGENCES: tuple[str, ...] = tuple(sorted(_DIVERGENCE_SPECS))
 
 __all__ = (
     "DIVERGENCES",
+    "IMPLEMENTATIONS",
     "TAILS",
     "TeacherCacheError",
     "align_vocab",

@@ -19,8 +19,9 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import kdjax
+from kdjax._src import config as config_lib
 from kdjax._src import divergences as div
-from kdjax._src import fused
+from kdjax._src import fused, head
 from kdjax._src.fused import fused_linear_distill_loss
 
 # Token count and vocabulary size are deliberately not multiples of the blocks used below.
@@ -456,19 +457,21 @@ def test_vocab_parallel_per_token_in_shard_map():
   hp = {"temperature": 1.3, "student_softcap": 4.0, "teacher_logit_scale": 0.9}
   weights = jnp.where(labels != -100, 1.0, 0.0) / jnp.sum(labels != -100)
 
-  def loss(axis_name, weights, student_hidden, student_kernel, student_bias, teacher_hidden,
-           teacher_kernel, teacher_bias):
-    total, _ = fused.per_token(
-        student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
-        teacher_bias, divergence="generalized_jsd", hyperparameters=dict(hp, beta=0.3),
-        token_block=3, weights=weights, axis_name=axis_name)
+  def inputs(student_hidden, student_kernel, student_bias, teacher_hidden, teacher_kernel,
+             teacher_bias):
+    return head.Inputs(student_hidden, teacher_hidden, head.Params(
+        student_kernel, student_bias, teacher_kernel, teacher_bias))
+
+  def loss(axis_name, weights, *args):
+    config, traced = config_lib.build(dict(hp, beta=0.3), divergence="generalized_jsd",
+                                      token_block=3, axis_name=axis_name)
+    total, _ = fused.per_token(config, traced, inputs(*args), weights)
     return total
 
   def per_token_weighted(axis_name, weights, *args):
-    values = fused.per_token(*args[:2], *args[3:5], args[2], args[5],
-                             divergence="reverse_kl", hyperparameters=hp, token_block=3,
-                             vocab_block=3, axis_name=axis_name)
-    return jnp.sum(values * weights)
+    config, traced = config_lib.build(hp, divergence="reverse_kl", token_block=3,
+                                      vocab_block=3, axis_name=axis_name)
+    return jnp.sum(fused.per_token(config, traced, inputs(*args)) * weights)
 
   args = (data["student_hidden"], data["student_kernel"], data["student_bias"],
           data["teacher_hidden"], data["teacher_kernel"], data["teacher_bias"])

@@ -281,7 +281,7 @@ def test_kd_loss_is_at_least_teacher_entropy(logits, teacher):
                                 normalizer=3.0),
      "normalizer replaces", ValueError),
     (lambda: kdjax.distill_loss(np.zeros((2, 5)), np.zeros((2, 5)), where=np.ones(2)),
-     "where must be a boolean mask", TypeError),
+     "where must be a boolean or integer mask", TypeError),
     (lambda: kdjax.distill_with_cross_entropy(np.zeros((2, 5)), np.zeros((2, 5)),
                                               np.zeros(2, np.int32), kd_coef=1.5),
      "kd_coef must be in", ValueError),

@@ -1,8 +1,16 @@
-"""Token blocking: run a function over blocks of rows so temporaries stay ``O(block * vocab)``."""
+"""Token blocks: the loop every engine runs over rows, and the one policy that sizes the blocks.
+
+Engines never write their own loop over tokens: :func:`map_token_blocks` runs a function over
+blocks of rows so temporaries stay ``O(block * vocab)``, writes per-row results in place
+(optionally over an input, so a gradient can take the logits' buffer), and accumulates per-block
+sums (a kernel gradient, say). :func:`token_block` picks the block size for an engine's
+:class:`BlockPolicy`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,26 +18,45 @@ from jax import lax
 
 Array = jax.Array
 
-# Rows per block are chosen so one float32 block holds about this many elements (1 MiB): big
-# enough to amortise the loop, small enough that the handful of block temporaries stays in
-# cache and far below the 0.1x-of-the-logits memory budget for realistic sizes. Measured on a
-# 2-core CPU at vocab 32000: 8 rows beat 4, 16 and 32 (benchmarks/bench_kd_loss.py).
-DEFAULT_BLOCK_ELEMENTS = 1 << 18
+
+class BlockPolicy(NamedTuple):
+  """How an engine sizes its token blocks by default."""
+
+  elements: int  # about this many elements per [block, vocab] float32 array.
+  max_rows: int | None = None  # at most this many rows, when set.
+  min_rows: int = 8  # at least this many rows, when there are that many tokens.
+  multiple: int = 1  # rows rounded down to a multiple of this.
+  prefer_divisor: bool = True  # a divisor of the token count near the target (strided blocks).
 
 
-# At least this many rows per block (when there are that many tokens), so a block can still be
-# split across the devices of a data-parallel mesh axis under GSPMD (see map_token_blocks).
-MIN_DEFAULT_BLOCK = 8
+# Materialised logits: about 1 MiB of float32 per block -- big enough to amortise the loop, small
+# enough that the block's handful of temporaries stays in cache. Measured on a 2-core CPU at
+# vocab 32000: 8 rows beat 4, 16 and 32 (benchmarks/bench_kd_loss.py). At least 8 rows, so a
+# block can still be split over the devices of a data-parallel mesh axis under GSPMD.
+DENSE = BlockPolicy(elements=1 << 18)
+
+# The fused linear head re-reads the kernels, and accumulates the float32 kernel gradient, once
+# per token block, so its blocks are larger (benchmarks/bench_fused.py, CPU, float32, d=512: at
+# 2048 tokens and vocab 128000, 96-token blocks ran 1.32x the materialised time, 192-token blocks
+# 0.98x, 384-token blocks 0.97x), and small enough that the five [block, vocab] float32
+# temporaries of a block stay small (at 4096 tokens and vocab 32000: 0.078x the materialised
+# version's temporaries with 192-token blocks, 0.104x with 256): 192 tokens up to vocab 131072,
+# 96 at vocab 262144.
+FUSED = BlockPolicy(elements=192 * 131072, max_rows=192, multiple=8, prefer_divisor=False)
 
 
-def default_token_block(num_tokens: int, vocab_size: int) -> int:
-  target = max(MIN_DEFAULT_BLOCK, DEFAULT_BLOCK_ELEMENTS // max(vocab_size, 1))
+def token_block(num_tokens: int, vocab_size: int, policy: BlockPolicy = DENSE) -> int:
+  """The default number of rows per block of ``num_tokens`` rows of ``vocab_size`` entries."""
+  target = policy.elements // max(vocab_size, 1)
+  if policy.max_rows is not None:
+    target = min(target, policy.max_rows)
+  target = max(policy.min_rows, target // policy.multiple * policy.multiple)
   target = max(1, min(num_tokens, target))
-  # Prefer a divisor of num_tokens close to the target: map_token_blocks then uses strided
-  # blocks, which keep a sharded token axis sharded.
-  for block in range(target, (target + 1) // 2 - 1, -1):
-    if num_tokens % block == 0:
-      return block
+  if policy.prefer_divisor:
+    # map_token_blocks then uses strided blocks, which keep a sharded token axis sharded.
+    for block in range(target, (target + 1) // 2 - 1, -1):
+      if num_tokens % block == 0:
+        return block
   return target
 
 
@@ -40,12 +67,17 @@ def map_token_blocks(
     *,
     block: int,
     overwrite: Mapping[int, int] | None = None,
+    sums: Sequence[Array] = (),
+    strided: bool = True,
 ) -> tuple[Array, ...]:
-  """Writes ``fn(*row_blocks(inputs))`` into row blocks of ``outputs``.
+  """Writes ``fn(*row_blocks(inputs))`` into row blocks of ``outputs``; adds up its ``sums``.
 
   Every array in ``inputs`` and ``outputs`` has the token axis first, of the same length ``n``.
-  ``fn`` maps a block of ``block`` rows of each input to a block of rows of each output; rows
-  are independent. When ``block`` divides ``n``, block ``i`` holds the strided rows
+  ``fn`` maps a block of ``block`` rows of each input to a block of rows of each output, followed
+  by one increment per array of ``sums`` (accumulators of any shape, for example a kernel
+  gradient); rows are independent. Returns ``(*outputs, *sums)``.
+
+  When ``strided`` and ``block`` divides ``n``, block ``i`` holds the strided rows
   ``i, i + n // block, ...``: the token axis becomes the leading axis of a
   ``[block, n // block, ...]`` view and the loop runs over the second, so under GSPMD a token
   axis sharded over devices stays sharded (contiguous blocks would make the partitioner gather
@@ -72,39 +104,50 @@ def map_token_blocks(
       raise ValueError(f"input {i} cannot overwrite output {o}: shapes or dtypes differ.")
   sources = {o: i for i, o in overwrite.items()}
   outputs = [inputs[sources[j]] if j in sources else o for j, o in enumerate(outputs)]
+  loop = dict(block=block, overwrite=overwrite, strided=strided, num_outputs=len(outputs))
   if not any(x.dtype in _SIXTEEN_BIT_FLOATS for x in (*inputs, *outputs)):
-    return _map_blocks(fn, inputs, outputs, block=block, overwrite=overwrite)
+    return _map_blocks(fn, inputs, outputs, sums, **loop)
   in_dtypes = [x.dtype for x in inputs]
   out_dtypes = [o.dtype for o in outputs]
 
   def bits_fn(*blocks):
     results = fn(*(_from_bits(b, d) for b, d in zip(blocks, in_dtypes, strict=True)))
-    return tuple(
-        _to_bits(jnp.asarray(r).astype(d)) for r, d in zip(results, out_dtypes, strict=True))
+    rows, increments = results[:len(outputs)], results[len(outputs):]
+    return (*(_to_bits(jnp.asarray(r).astype(d)) for r, d in zip(rows, out_dtypes, strict=True)),
+            *increments)
 
   def through_bits(*arrays):
-    results = _map_blocks(
-        bits_fn, [_to_bits(x) for x in arrays[:len(inputs)]],
-        [_to_bits(o) for o in arrays[len(inputs):]], block=block, overwrite=overwrite)
-    return tuple(_from_bits(r, d) for r, d in zip(results, out_dtypes, strict=True))
+    ins, outs, acc = _split(arrays, len(inputs), len(outputs))
+    results = _map_blocks(bits_fn, [_to_bits(x) for x in ins], [_to_bits(o) for o in outs], acc,
+                          **loop)
+    return (*(_from_bits(r, d) for r, d in zip(results, out_dtypes, strict=False)),
+            *results[len(outputs):])
 
   def direct(*arrays):
-    return _map_blocks(
-        fn, arrays[:len(inputs)], arrays[len(inputs):], block=block, overwrite=overwrite)
+    return _map_blocks(fn, *_split(arrays, len(inputs), len(outputs)), **loop)
 
-  return lax.platform_dependent(*inputs, *outputs, cpu=through_bits, default=direct)
+  return lax.platform_dependent(*inputs, *outputs, *sums, cpu=through_bits, default=direct)
+
+
+def _split(arrays, num_inputs, num_outputs):
+  return (arrays[:num_inputs], arrays[num_inputs:num_inputs + num_outputs],
+          arrays[num_inputs + num_outputs:])
 
 
 def scale_rows(x: Array, row_scale: Array) -> Array:
   """``x * row_scale[:, None]`` in ``x``'s dtype, written over ``x`` when it is dead afterwards.
 
+  A row whose scale is 0 becomes exactly 0, even where ``x`` is not finite (an ignored token).
   A plain elementwise multiply gets a fresh output buffer when ``x`` comes out of a blocked
   loop (XLA sees a reshaped operand and does not reuse it); going through the same blocks does.
   """
+  def scale(rows, factor):
+    scaled = rows.astype(jnp.float32) * factor[:, None]
+    return (jnp.where(factor[:, None] != 0, scaled, 0.0).astype(rows.dtype),)
+
   (scaled,) = map_token_blocks(
-      lambda rows, scale: ((rows.astype(jnp.float32) * scale[:, None]).astype(rows.dtype),),
-      (x, row_scale.astype(jnp.float32)), (x,), overwrite={0: 0},
-      block=default_token_block(x.shape[0], x.shape[-1]))
+      scale, (x, row_scale.astype(jnp.float32)), (x,), overwrite={0: 0},
+      block=token_block(x.shape[0], x.shape[-1]))
   return scaled
 
 
@@ -123,18 +166,25 @@ def _from_bits(x: Array, dtype) -> Array:
   return x
 
 
-def _map_blocks(fn, inputs, outputs, *, block, overwrite):
+def _map_blocks(fn, inputs, outputs, sums, *, block, overwrite, strided, num_outputs):
   num_tokens = inputs[0].shape[0]
   block = max(1, min(block, num_tokens))
   if num_tokens == 0:
-    return tuple(outputs)
+    return (*outputs, *sums)
+
+  def apply(blocks, outs, acc, write):
+    results = fn(*blocks)
+    rows, increments = results[:num_outputs], results[num_outputs:]
+    return (tuple(write(o, r) for o, r in zip(outs, rows, strict=True)),
+            tuple(a + i for a, i in zip(acc, increments, strict=True)))
+
   if block == num_tokens:
-    return tuple(
-        jnp.asarray(o).astype(out.dtype) for o, out in zip(fn(*inputs), outputs, strict=True))
+    outs, acc = apply(inputs, outputs, sums, lambda o, r: jnp.asarray(r).astype(o.dtype))
+    return (*outs, *acc)
 
   num_blocks = num_tokens // block
-  if num_tokens % block == 0:
-    def strided(x):
+  if strided and num_tokens % block == 0:
+    def strided_view(x):
       return x.reshape((block, num_blocks) + x.shape[1:])
 
     def read(x, i):
@@ -144,10 +194,11 @@ def _map_blocks(fn, inputs, outputs, *, block, overwrite):
       return lax.dynamic_update_index_in_dim(o, b.astype(o.dtype), i, axis=1)
 
     outputs = _shard_like_inputs(outputs, inputs)
-    outputs = _vary_like_blocks(outputs, fn, [read(strided(x), 0) for x in inputs])
-    outs, _ = _block_loop(fn, [strided(x) for x in inputs], [strided(o) for o in outputs],
-                          num_blocks, read, write, overwrite)
-    return tuple(o.reshape((num_tokens,) + o.shape[2:]) for o in outs)
+    outputs, sums = _vary_like_blocks(outputs, sums, fn, [read(strided_view(x), 0) for x in inputs])
+    outs, acc, _ = _block_loop(apply, [strided_view(x) for x in inputs],
+                               [strided_view(o) for o in outputs], sums, num_blocks, read, write,
+                               overwrite)
+    return (*(o.reshape((num_tokens,) + o.shape[2:]) for o in outs), *acc)
 
   # Contiguous blocks, and the remainder rows as one last, smaller block.
   remainder = num_tokens - num_blocks * block
@@ -158,19 +209,23 @@ def _map_blocks(fn, inputs, outputs, *, block, overwrite):
   def write(o, b, i):
     return lax.dynamic_update_slice_in_dim(o, b.astype(o.dtype), i * block, axis=0)
 
-  outputs = _vary_like_blocks(outputs, fn, [x[:block] for x in inputs])
+  outputs, sums = _vary_like_blocks(outputs, sums, fn, [x[:block] for x in inputs])
   # A remainder of an overwritten input is read before the loop overwrites anything.
   tail = {k: inputs[k][num_tokens - remainder:] for k in overwrite}
-  outs, tail = _block_loop(fn, inputs, outputs, num_blocks, read, write, overwrite, tail)
+  outs, acc, tail = _block_loop(apply, inputs, outputs, sums, num_blocks, read, write, overwrite,
+                                tail)
+  if not remainder:
+    return (*outs, *acc)
   blocks = [tail[k] if k in overwrite else x[num_tokens - remainder:]
             for k, x in enumerate(inputs)]
-  return tuple(
-      lax.dynamic_update_slice_in_dim(o, b.astype(o.dtype), num_tokens - remainder, axis=0)
-      for o, b in zip(outs, fn(*blocks), strict=True))
+  outs, acc = apply(blocks, outs, acc, lambda o, r: lax.dynamic_update_slice_in_dim(
+      o, r.astype(o.dtype), num_tokens - remainder, axis=0))
+  return (*outs, *acc)
 
 
-def _block_loop(fn, inputs, outputs, num_blocks, read, write, overwrite, extra=None):
-  """``outputs[j] = write(outputs[j], fn(*blocks_i)[j], i)`` for each block ``i``.
+def _block_loop(apply, inputs, outputs, sums, num_blocks, read, write, overwrite, extra=None):
+  """``outputs[j] = write(outputs[j], fn(*blocks_i)[j], i)`` and ``sums += increments`` for each
+  block ``i``.
 
   An input that overwrites an output is read from that output's carry, one block ahead: the
   loop carries the next block, read right after the current block was written. XLA then sees
@@ -178,41 +233,44 @@ def _block_loop(fn, inputs, outputs, num_blocks, read, write, overwrite, extra=N
   never has to copy the buffer to keep a read valid. ``extra`` is carried through unchanged.
   """
   def body(i, carry):
-    outs, ahead, extra = carry
+    outs, acc, ahead, extra = carry
     blocks = [ahead[k] if k in overwrite else read(x, i) for k, x in enumerate(inputs)]
-    outs = tuple(write(o, b, i) for o, b in zip(outs, fn(*blocks), strict=True))
+    outs, acc = apply(blocks, outs, acc, lambda o, r: write(o, r, i))
     following = jnp.minimum(i + 1, num_blocks - 1)  # The last read is not used.
     ahead = {k: read(outs[o], following) for k, o in overwrite.items()}
-    return outs, ahead, extra
+    return outs, acc, ahead, extra
 
   ahead = {k: read(inputs[k], 0) for k in overwrite}
-  outs, _, extra = lax.fori_loop(0, num_blocks, body, (tuple(outputs), ahead, extra))
-  return outs, extra
+  outs, acc, _, extra = lax.fori_loop(
+      0, num_blocks, body, (tuple(outputs), tuple(sums), ahead, extra))
+  return outs, acc, extra
 
 
-def _varying_axes(aval) -> frozenset:
+def varying_axes(aval) -> frozenset:
+  """The ``shard_map`` mesh axes a value of type ``aval`` varies over (empty elsewhere)."""
   manual = getattr(aval, "manual_axis_type", None)
   if manual is not None:
     return frozenset(manual.varying)
   return frozenset(getattr(aval, "vma", ()))
 
 
-def _vary_like_blocks(outputs: Sequence[Array], fn, blocks: Sequence[Array]) -> list[Array]:
-  """Inside ``shard_map``, marks the fresh ``outputs`` as varying like ``fn``'s block results.
+def _vary_like_blocks(outputs: Sequence[Array], sums: Sequence[Array], fn,
+                      blocks: Sequence[Array]) -> tuple[list[Array], list[Array]]:
+  """Inside ``shard_map``, marks fresh ``outputs`` and ``sums`` as varying like ``fn``'s results.
 
   A loop carry must keep its type, and under ``shard_map`` the type records the mesh axes a
-  value varies over: zeros are replicated, a block computed from a vocabulary shard varies.
+  value varies over: zeros are replicated, a block computed from a vocabulary shard (an input,
+  or an array ``fn`` closes over, such as a kernel slice) varies.
   ``pcast`` to varying only changes that record (no communication). Elsewhere nothing varies
   and this does nothing.
   """
-  if not any(_varying_axes(jax.typeof(x)) for x in blocks):
-    return list(outputs)
-  block_types = jax.eval_shape(fn, *blocks)
+  if not getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
+    return list(outputs), list(sums)  # Not inside shard_map: nothing varies.
   result = []
-  for out, block_type in zip(outputs, block_types, strict=True):
-    missing = tuple(sorted(_varying_axes(block_type) - _varying_axes(jax.typeof(out)), key=str))
+  for out, block_type in zip((*outputs, *sums), jax.eval_shape(fn, *blocks), strict=True):
+    missing = tuple(sorted(varying_axes(block_type) - varying_axes(jax.typeof(out)), key=str))
     result.append(lax.pcast(out, missing, to="varying") if missing else out)
-  return result
+  return result[:len(outputs)], result[len(outputs):]
 
 
 def _shard_like_inputs(outputs: Sequence[Array], inputs: Sequence[Array]) -> list[Array]:

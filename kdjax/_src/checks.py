@@ -1,17 +1,29 @@
-"""Trace-time input checks with messages that name the argument (shapes and dtypes are static)."""
+"""Every check of a public argument, at trace time, with messages that name the argument.
+
+Shapes and dtypes are static, so bad inputs fail before anything runs. Hyperparameters given as
+Python numbers are checked here; those given as arrays are traced (for schedules) and cannot be.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Hashable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from kdjax._src import reductions
+from kdjax._src import divergences, reductions
+
+Array = jax.Array
+
+_FLOAT32 = np.finfo(np.float32)
 
 
-def float_array(name: str, x: Any, *, min_rank: int = 1):
-  """Returns ``x`` as an array after checking it is floating point of rank >= ``min_rank``."""
+def float_array(name: str, x: Any, *, min_rank: int = 1) -> Array:
+  """``x`` as an array, after checking it is floating point of rank >= ``min_rank``."""
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(
@@ -22,48 +34,117 @@ def float_array(name: str, x: Any, *, min_rank: int = 1):
   return x
 
 
-def same_logits_shape(logits, teacher_logits, *, names=("logits", "teacher_logits")) -> None:
-  if logits.shape == teacher_logits.shape:
-    return
-  a, b = names
-  if logits.shape[:-1] == teacher_logits.shape[:-1]:
+def logits(name: str, x: Any) -> Array:
+  """A ``[..., vocab]`` float array with a nonempty vocabulary."""
+  x = float_array(name, x)
+  if x.shape[-1] == 0:
     raise ValueError(
-        f"{a} and {b} have different vocabulary sizes: {a}.shape={logits.shape}, "
-        f"{b}.shape={teacher_logits.shape}. If the larger vocabulary only adds padding rows, "
-        "cut both to the shared size with kdjax.align_vocab(logits, teacher_logits) first.")
-  raise ValueError(
-      f"{a} and {b} must have the same shape, got {a}.shape={logits.shape} and "
-      f"{b}.shape={teacher_logits.shape}.")
-
-
-def token_array(name: str, x: Any, token_shape: tuple[int, ...], *, integer: bool):
-  """Checks a per-token array (labels or a mask) against the token shape ``[...]``."""
-  if x is None:
-    return None
-  x = jnp.asarray(x)
-  if tuple(x.shape) != tuple(token_shape):
-    raise ValueError(
-        f"{name} must have shape logits.shape[:-1] = {tuple(token_shape)}, got {x.shape}.")
-  if integer and not jnp.issubdtype(x.dtype, jnp.integer):
-    raise TypeError(f"{name} must be an integer array (token ids), got dtype {x.dtype}.")
-  if not integer and x.dtype != jnp.bool_:
-    raise TypeError(f"{name} must be a boolean mask, got dtype {x.dtype}.")
+        f"{name} has an empty vocabulary (shape {x.shape}): a distribution needs at least one "
+        "entry on the last axis.")
   return x
 
 
-def scalar(name: str, x: Any):
-  """A hyperparameter: a Python number (checked now) or a scalar array (traced)."""
+def logits_pair(student: Any, teacher: Any, *,
+                names: tuple[str, str] = ("logits", "teacher_logits")) -> tuple[Array, Array]:
+  """Student and teacher logits of the same shape ``[..., vocab]``."""
+  a, b = names
+  student, teacher = logits(a, student), logits(b, teacher)
+  if student.shape == teacher.shape:
+    return student, teacher
+  if student.shape[:-1] == teacher.shape[:-1]:
+    raise ValueError(
+        f"{a} and {b} have different vocabulary sizes: {a}.shape={student.shape}, "
+        f"{b}.shape={teacher.shape}. If the larger vocabulary only adds padding rows, "
+        f"cut both to the shared size with kdjax.align_vocab({a}, {b}) first.")
+  raise ValueError(
+      f"{a} and {b} must have the same shape, got {a}.shape={student.shape} and "
+      f"{b}.shape={teacher.shape}.")
+
+
+def labels(x: Any, token_shape: tuple[int, ...], *, required: bool = False,
+           why: str = "") -> Array | None:
+  """Integer token ids of shape ``token_shape`` (``logits.shape[:-1]``)."""
+  if x is None:
+    if required:
+      raise ValueError(f"labels is required{why}.")
+    return None
+  x = jnp.asarray(x)
+  _token_shape("labels", x, token_shape)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"labels must be an integer array (token ids), got dtype {x.dtype}.")
+  return x
+
+
+def where(x: Any, token_shape: tuple[int, ...]) -> Array | None:
+  """A mask of shape ``token_shape``: boolean, or integer with nonzero meaning counted (the
+  attention masks of Hugging Face tokenizers)."""
+  if x is None:
+    return None
+  x = jnp.asarray(x)
+  _token_shape("where", x, token_shape)
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    return x != 0
+  if x.dtype != jnp.bool_:
+    raise TypeError(
+        f"where must be a boolean or integer mask (nonzero = counted), got dtype {x.dtype}.")
+  return x
+
+
+def _token_shape(name: str, x: Array, token_shape: tuple[int, ...]) -> None:
+  if tuple(x.shape) != tuple(token_shape):
+    raise ValueError(
+        f"{name} must have shape logits.shape[:-1] = {tuple(token_shape)}, got {x.shape}.")
+
+
+def scalar(name: str, x: Any) -> float | Array:
+  """A hyperparameter: a Python number (returned as a float, checked by the caller) or a scalar
+  array (returned as is, traced)."""
   if isinstance(x, (bool, np.bool_)):
     raise TypeError(f"{name} must be a number, got {x!r}.")
   if isinstance(x, (int, float, np.integer, np.floating)):
     return float(x)
+  if x is None:
+    raise TypeError(f"{name} must be a number or a scalar array, got None.")
   arr = jnp.asarray(x)
   if arr.ndim != 0:
     raise ValueError(f"{name} must be a scalar, got shape {arr.shape}.")
   return arr
 
 
-def positive_int(name: str, x: Any, *, optional: bool = False):
+def temperature(x: Any) -> float | Array:
+  """``T > 0``; a Python ``T`` must have a reciprocal that is a finite, normal float32, since
+  logits are multiplied by ``1 / T``."""
+  x = scalar("temperature", x)
+  if isinstance(x, float):
+    if not (x > 0 and math.isfinite(x)):
+      raise ValueError(f"temperature must be a finite number > 0, got {x!r}.")
+    inverse = np.float32(1.0) / np.float32(x) if x >= _FLOAT32.tiny else np.inf
+    if not (np.isfinite(inverse) and inverse >= _FLOAT32.tiny):
+      raise ValueError(
+          f"temperature={x!r} is outside the float32 range the losses compute in: 1 / "
+          f"temperature must be a finite, normal float32 (temperature in about "
+          f"[{1 / _FLOAT32.max:.3g}, {1 / _FLOAT32.tiny:.3g}]).")
+  return x
+
+
+def unit_interval(name: str, x: Any) -> float | Array:
+  x = scalar(name, x)
+  if isinstance(x, float) and not (0.0 <= x <= 1.0):
+    raise ValueError(f"{name} must be in [0, 1], got {x!r}.")
+  return x
+
+
+def positive(name: str, x: Any) -> float | Array | None:
+  """An optional hyperparameter ``> 0`` (None: not used)."""
+  if x is None:
+    return None
+  x = scalar(name, x)
+  if isinstance(x, float) and not (x > 0 and math.isfinite(x)):
+    raise ValueError(f"{name} must be a finite number > 0, got {x!r}.")
+  return x
+
+
+def positive_int(name: str, x: Any, *, optional: bool = False) -> int | None:
   if x is None and optional:
     return None
   if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1:
@@ -71,12 +152,182 @@ def positive_int(name: str, x: Any, *, optional: bool = False):
   return int(x)
 
 
-def token_arguments(token_shape, *, labels, where, reduction, normalizer, ignore_index,
-                    token_block):
-  """The per-token arguments every loss shares: ``(labels, where, token_block)``, checked."""
-  labels = token_array("labels", labels, token_shape, integer=True)
-  where = token_array("where", where, token_shape, integer=False)
-  reductions.check_reduction(reduction, normalizer)
-  if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-    raise TypeError(f"ignore_index must be a Python int, got {ignore_index!r}.")
-  return labels, where, positive_int("token_block", token_block, optional=True)
+def divergence(name: Any) -> str:
+  if not isinstance(name, str) or name not in divergences.DIVERGENCES:
+    raise ValueError(
+        f"divergence must be one of {sorted(divergences.DIVERGENCES)}, got {name!r}.")
+  return name
+
+
+def one_of(argument: str, value: Any, allowed: Sequence[Any]) -> Any:
+  if value not in allowed:
+    raise ValueError(f"{argument} must be one of {tuple(allowed)}, got {value!r}.")
+  return value
+
+
+# The combined checks below take arguments named like the validators above.
+_labels, _where, _temperature = labels, where, temperature
+
+
+def hyperparameters(divergence_name: str, *, temperature: Any, beta: Any = 0.5,
+                    alpha: Any = 0.1, kd_coef: Any = None) -> dict[str, float | Array]:
+  """The validated hyperparameters ``divergence_name`` reads (and ``kd_coef`` when given)."""
+  spec = divergences.DIVERGENCES[divergence(divergence_name)]
+  hp = {"temperature": _temperature(temperature)}
+  for name, value in (("beta", beta), ("alpha", alpha)):
+    if name in spec.hyperparameters:
+      hp[name] = unit_interval(name, value)
+  if kd_coef is not None:
+    hp["kd_coef"] = unit_interval("kd_coef", kd_coef)
+  return hp
+
+
+def reduction(name: Any, normalizer: Any) -> tuple[str, Array | None]:
+  """The reduction's name and its validated ``normalizer`` (a float32 scalar, or None)."""
+  one_of("reduction", name, reductions.REDUCTIONS)
+  if normalizer is None:
+    return name, None
+  if name != "mean":
+    raise ValueError(
+        f"normalizer replaces the token count of reduction='mean'; it cannot be used with "
+        f"reduction={name!r}.")
+  if isinstance(normalizer, (bool, np.bool_)):
+    raise TypeError(f"normalizer must be a number, got {normalizer!r}.")
+  if isinstance(normalizer, (int, float, np.integer, np.floating)):
+    if not (normalizer > 0 and math.isfinite(normalizer)):
+      raise ValueError(
+          f"normalizer must be a finite number > 0 (the divisor of the mean), got "
+          f"{normalizer!r}.")
+  elif jnp.ndim(normalizer) != 0:
+    raise ValueError(f"normalizer must be a scalar, got shape {jnp.shape(normalizer)}.")
+  return name, jnp.asarray(normalizer, jnp.float32)
+
+
+def ignore_index(x: Any) -> int:
+  if not isinstance(x, int) or isinstance(x, bool):
+    raise TypeError(f"ignore_index must be a Python int, got {x!r}.")
+  return x
+
+
+_reduction, _ignore_index = reduction, ignore_index
+
+
+def token_arguments(token_shape, *, labels: Any, where: Any, reduction: Any, normalizer: Any,
+                    ignore_index: Any, token_block: Any, labels_required: str | None = None):
+  """The per-token arguments every loss shares, checked:
+  ``(labels, where, normalizer, token_block)``."""
+  checked_labels = _labels(labels, token_shape, required=labels_required is not None,
+                           why=labels_required or "")
+  _, normalizer = _reduction(reduction, normalizer)
+  _ignore_index(ignore_index)
+  return (checked_labels, _where(where, token_shape), normalizer,
+          positive_int("token_block", token_block, optional=True))
+
+
+def sparse_teacher(logits_: Any, teacher_ids: Any,
+                   teacher_logprobs: Any) -> tuple[Array, Array, Array]:
+  """Student logits ``[..., vocab]`` and a top-k teacher: ids and log-probabilities ``[..., k]``."""
+  student = logits("logits", logits_)
+  teacher_logprobs = float_array("teacher_logprobs", teacher_logprobs)
+  teacher_ids = jnp.asarray(teacher_ids)
+  if not jnp.issubdtype(teacher_ids.dtype, jnp.integer):
+    raise TypeError(f"teacher_ids must be an integer array, got dtype {teacher_ids.dtype}.")
+  token_shape, vocab = student.shape[:-1], student.shape[-1]
+  if teacher_ids.shape[:-1] != token_shape or teacher_ids.ndim != student.ndim:
+    raise ValueError(
+        f"teacher_ids must have shape logits.shape[:-1] + (k,) = {token_shape + ('k',)}, got "
+        f"{teacher_ids.shape} (logits.shape={student.shape}).")
+  if teacher_logprobs.shape != teacher_ids.shape:
+    raise ValueError(
+        f"teacher_logprobs must have the shape of teacher_ids {teacher_ids.shape}, got "
+        f"{teacher_logprobs.shape}.")
+  k = teacher_ids.shape[-1]
+  if not 1 <= k <= vocab:
+    raise ValueError(
+        f"teacher_ids must hold 1 <= k <= vocab = logits.shape[-1] = {vocab} ids per token, "
+        f"got k={k}. If the teacher's vocabulary is larger, cut the teacher logits with "
+        "kdjax.align_vocab before kdjax.topk_teacher.")
+  return student, teacher_ids, teacher_logprobs
+
+
+def linear_head(hidden_name: str, hidden: Array, kernel_name: str, kernel: Array,
+                bias_name: str, bias: Array | None) -> None:
+  """``hidden [..., d]``, ``kernel [d, vocab]`` (flax layout) and ``bias [vocab]`` agree."""
+  if kernel.ndim != 2:
+    raise ValueError(
+        f"{kernel_name} must be a [d, vocab] matrix (flax.nnx.Linear layout, [in_features, "
+        f"out_features]), got shape {kernel.shape}.")
+  if kernel.shape[1] == 0:
+    raise ValueError(f"{kernel_name} has an empty vocabulary (shape {kernel.shape}).")
+  if hidden.shape[-1] != kernel.shape[0]:
+    hint = ""
+    if hidden.shape[-1] == kernel.shape[1]:
+      hint = (" It looks transposed: a PyTorch nn.Linear weight is [vocab, d]; pass "
+              f"{kernel_name}.T.")
+    raise ValueError(
+        f"{hidden_name} has width {hidden.shape[-1]} (shape {hidden.shape}) but {kernel_name} "
+        f"has shape {kernel.shape}; expected {kernel_name}.shape == ({hidden.shape[-1]}, "
+        f"vocab).{hint}")
+  if bias is not None and bias.shape != (kernel.shape[1],):
+    raise ValueError(
+        f"{bias_name} must have shape (vocab,) = ({kernel.shape[1]},) to match "
+        f"{kernel_name}.shape={kernel.shape}, got {bias.shape}.")
+
+
+def linear_heads(student_hidden: Any, student_kernel: Any, teacher_hidden: Any,
+                 teacher_kernel: Any, student_bias: Any, teacher_bias: Any, *,
+                 vocab_mismatch_hint: str) -> tuple[Array, ...]:
+  """Both models' hidden states and output projections, checked against each other:
+  ``(student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
+  teacher_bias)``."""
+  arrays = {
+      "student_hidden": student_hidden, "student_kernel": student_kernel,
+      "teacher_hidden": teacher_hidden, "teacher_kernel": teacher_kernel,
+      "student_bias": student_bias, "teacher_bias": teacher_bias}
+  arrays = {name: None if x is None else float_array(name, x) for name, x in arrays.items()}
+  for side in ("student", "teacher"):
+    linear_head(f"{side}_hidden", arrays[f"{side}_hidden"], f"{side}_kernel",
+                arrays[f"{side}_kernel"], f"{side}_bias", arrays[f"{side}_bias"])
+  if arrays["student_hidden"].shape[:-1] != arrays["teacher_hidden"].shape[:-1]:
+    raise ValueError(
+        "student_hidden and teacher_hidden must have the same token shape (all but the last "
+        f"axis), got student_hidden.shape={arrays['student_hidden'].shape} and "
+        f"teacher_hidden.shape={arrays['teacher_hidden'].shape}.")
+  if arrays["student_kernel"].shape[1] != arrays["teacher_kernel"].shape[1]:
+    raise ValueError(
+        f"student_kernel and teacher_kernel have different vocabulary sizes: "
+        f"student_kernel.shape={arrays['student_kernel'].shape}, teacher_kernel.shape="
+        f"{arrays['teacher_kernel'].shape}. {vocab_mismatch_hint}")
+  return tuple(arrays.values())
+
+
+def per_model(name: str, value: Any) -> tuple[Any, Any]:
+  """``value`` shared by both models, or a ``(student, teacher)`` pair."""
+  if isinstance(value, (tuple, list)):
+    if len(value) != 2:
+      raise ValueError(
+          f"{name} must be a number, a scalar array or a (student, teacher) pair, got "
+          f"{len(value)} values: {value!r}.")
+    return tuple(value)
+  return value, value
+
+
+def mesh_axis(argument: str, axis_name: Hashable | None) -> None:
+  """Raises a readable error when ``axis_name`` is not a bound mesh axis at trace time."""
+  if axis_name is None:
+    return
+  try:
+    lax.axis_size(axis_name)
+  except NameError as error:  # jax raises NameError for an unbound axis name.
+    raise ValueError(
+        f"{argument}={axis_name!r} is not a mesh axis bound here: call this loss inside "
+        f"jax.shard_map (or jax.pmap) over a mesh with an axis named {axis_name!r}. Outside "
+        "shard_map, call kdjax.distill_loss on sharded arrays under jax.jit instead.") from error
+
+
+def mesh_axes(axis_name: Hashable | None, data_axis_name: Hashable | None) -> None:
+  if axis_name is not None and axis_name == data_axis_name:
+    raise ValueError(
+        f"axis_name and data_axis_name must be different mesh axes, both are {axis_name!r}.")
+  mesh_axis("axis_name", axis_name)
+  mesh_axis("data_axis_name", data_axis_name)

@@ -1,48 +1,37 @@
 """Fused linear-head distillation: the loss from hidden states, never materialising the logits.
 
-The student and teacher logits are ``hidden @ kernel (+ bias)``, optionally multiplied by a
-``logit_scale`` (Cohere) and soft-capped as ``softcap * tanh(x / softcap)`` (Gemma), then divided
-by the temperature. This module computes them one block of tokens at a time (and, with
-``vocab_block``, one block of the vocabulary at a time with an online log-sum-exp), feeds each
-block to the shared divergence definitions in ``divergences.py`` -- the same ``logsumexp``,
-``pointwise_terms`` and ``student_grad`` that the dense path uses -- and keeps only per-token
-statistics between blocks. Peak temporaries are ``O(token_block * vocab)`` (or
+The student's and teacher's logits are ``hidden @ kernel (+ bias)`` through the optional logit
+scale and softcap of ``head.py``. The blocked implementation computes them one block of tokens
+at a time (``blocking.map_token_blocks``) and hands each block to the block recipe
+(``recipe.py``), exactly as the engine of materialised logits does; with ``vocab_block`` each
+token block walks the vocabulary in tiles instead, with the recipe's online log-sum-exp. Only
+per-token statistics are kept between blocks: temporaries are ``O(token_block * vocab)`` (or
 ``O(token_block * vocab_block)``) instead of ``O(tokens * vocab)``.
 
-Gradients come from a ``jax.custom_vjp`` with an analytic backward. With the chain rule through
-the logit transform,
-
-.. math::
-
-    \\frac{\\partial D}{\\partial z} = \\frac{\\partial D}{\\partial s}\\,
-    \\frac{\\text{logit\\_scale}\\,(1 - \\tanh^2(x / c))}{T},
-    \\qquad x = \\text{logit\\_scale} \\cdot z,\\quad z = h W + b,
-
-and ``dh = (dD/dz) W^T``, ``dW = h^T (dD/dz)``, ``db = sum_tokens dD/dz``, accumulated over
-blocks. Matmuls run in the inputs' dtype with float32 accumulation; the softmax math is float32.
-The teacher is a constant: no gradient flows to its hidden states, kernel or bias.
-
-Two gradient strategies, chosen by the reduction:
+Gradients come from a ``jax.custom_vjp``: the recipe's ``dD/dx`` per block, the chain rule of
+``head.py`` to ``dD/dz``, then ``dh``, ``dW`` and ``db``, the latter two accumulated over token
+blocks. The teacher is a constant: no gradient flows to its hidden states, kernel or bias. Two
+gradient strategies, chosen by the reduction:
 
 * ``mean``/``sum``/``sequence_mean``: the reduced loss is a weighted sum of per-token values
-  with weights that depend only on the mask (``reductions.py``). The forward pass of the
-  ``custom_vjp`` then computes each block's gradient right after its value, while the block's
-  logits are at hand, and the backward pass only scales the result by the scalar cotangent:
-  four matmuls in all, as many as the materialised computation.
+  with weights that depend only on the mask (``reductions.token_weights``). The forward pass
+  computes each block's gradient right after its value, while the block's logits are at hand,
+  and the backward pass only scales the result by the scalar cotangent: four matmuls in all, as
+  many as the materialised computation.
 * ``none``: the per-token cotangent is unknown in the forward pass, so the forward pass keeps
   only the inputs and the backward pass recomputes each block's logits (six matmuls).
 
-Vocabulary parallelism: with ``axis_name`` (inside ``shard_map``, kernels and biases sharded
-along the vocabulary) every reduction over the vocabulary is followed by a ``pmax``/``psum``
-(``dense.reducers``) and the partial ``d(student_hidden)`` is ``psum``-ed; see
-:func:`per_token` for the contract.
+Vocabulary parallelism: with ``config.axis_name`` (inside ``shard_map``, kernels and biases
+sharded along the vocabulary) the recipe reduces every row statistic over the mesh axis and the
+partial ``d(student_hidden)`` is ``psum``-ed; kernel and bias gradients stay on their slice.
+
+``implementation="reference"`` materialises both logits with the same head functions and runs
+the readable definition on them, differentiated by JAX autodiff.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Hashable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -50,111 +39,102 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from kdjax._src import checks, dense, losses, reductions
-from kdjax._src import divergences as div
+from kdjax._src import blocking, checks, head, implementations, recipe, reductions, reference
+from kdjax._src import config as config_lib
+from kdjax._src.config import Config, zero_cotangents
+from kdjax._src.head import Grads, Inputs, Params
 
 Array = jax.Array
 
-# Tokens per block by default, chosen by measurement (benchmarks/bench_fused.py, CPU, float32,
-# d=512, value and gradient): the kernel is re-read, and the float32 kernel gradient [d, vocab]
-# accumulated, once per token block, so blocks must be large enough to amortise that (at 2048
-# tokens and vocab 128000: 96-token blocks ran 1.32x the materialised time, 192-token blocks
-# 0.98x, 384-token blocks 0.97x), and small enough that the five [block, vocab] float32
-# temporaries of a block (two logits, two exponentials, one gradient) stay small (at 4096
-# tokens and vocab 32000: 0.078x the materialised version's temporaries with 192-token
-# blocks, 0.104x with 256). At most DEFAULT_TOKEN_BLOCK tokens and about
-# _DEFAULT_BLOCK_ELEMENTS elements (96 MiB of float32) per [block, vocab] array: 192 tokens up
-# to vocab 131072, 96 at vocab 262144.
-DEFAULT_TOKEN_BLOCK = 192
-_DEFAULT_BLOCK_ELEMENTS = 192 * 131072
-
-
-_SIDES = ("student", "teacher")
-
-
-class Config(NamedTuple):
-  """Everything static about one fused computation (hashable)."""
-
-  divergence: str
-  static_hp: tuple[tuple[str, float], ...]  # hyperparameters known at trace time.
-  token_block: int
-  vocab_block: int | None
-  temperature_squared: bool = False
-  axis_name: Hashable | None = None  # vocabulary-parallel mesh axis, inside shard_map.
-
-
-def default_token_block(num_tokens: int, vocab_size: int) -> int:
-  by_memory = max(8, _DEFAULT_BLOCK_ELEMENTS // max(vocab_size, 1) // 8 * 8)
-  return max(1, min(num_tokens, DEFAULT_TOKEN_BLOCK, by_memory))
-
 
 # ----------------------------------------------------------------------------------------------
-# One block: logits, row statistics, values and gradients.
+# One token block: the recipe over the whole (local) vocabulary, or over vocabulary tiles.
 # ----------------------------------------------------------------------------------------------
 
 
-class _Side(NamedTuple):
-  """One model's block of scaled logits ``s = softcap(scale * (h W + b)) / T``."""
-
-  scaled: Array  # float32 [tokens, vocab columns]
-  tanh: Array | None  # tanh(x / softcap), kept for the chain rule; None without softcap.
-
-
-def _logits(hp, side: str, hidden: Array, kernel: Array, bias: Array | None,
-            valid_columns: Array | None) -> _Side:
-  logits = jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)
-  if bias is not None:
-    logits = logits + bias.astype(jnp.float32)
-  scale = hp.get(f"{side}_logit_scale")
-  if scale is not None:
-    logits = logits * scale
-  softcap = hp.get(f"{side}_softcap")
-  tanh = None
-  if softcap is not None:
-    tanh = jnp.tanh(logits / softcap)
-    logits = softcap * tanh
-  scaled = logits / hp["temperature"]
-  if valid_columns is not None:
-    # Columns already covered by an earlier (overlapping) vocabulary block carry no mass here.
-    scaled = jnp.where(valid_columns, scaled, -jnp.inf)
-  return _Side(scaled, tanh)
+def _whole_vocab(config: Config, hp, params: Params, with_grad: bool, student_hidden,
+                 teacher_hidden, weights):
+  student, teacher = head.both_logits(hp, student_hidden, teacher_hidden, params)
+  rows, grad = recipe.block(config, hp, student.raw, teacher.raw, weights=weights,
+                            reduce=recipe.VocabReduce(config.axis_name), with_grad=with_grad)
+  if not with_grad:
+    return rows, None
+  return rows, head.param_grads(student_hidden, params.student_kernel,
+                                params.student_bias is not None,
+                                head.logit_grad(hp, student, grad))
 
 
-def _logit_grad(hp, student: _Side, grad_scaled: Array) -> Array:
-  """d/dz from d/ds, through temperature, softcap and logit scale (``z = h W + b``)."""
-  grad = grad_scaled / hp["temperature"]
-  if student.tanh is not None:
-    grad = grad * (1.0 - jnp.square(student.tanh))
-  scale = hp.get("student_logit_scale")
-  if scale is not None:
-    grad = grad * scale
-  return grad
+def _vocab_tiles(config: Config, hp, params: Params, with_grad: bool, student_hidden,
+                 teacher_hidden, weights):
+  """The recipe over vocabulary tiles of ``config.vocab_block`` columns, in three passes.
 
+  Pass 1 folds the tiles' row statistics (the online log-sum-exp); pass 2 sums the divergence's
+  terms and their derivatives; pass 3 (gradients only) recomputes each tile and accumulates its
+  gradients. The ``vocab % vocab_block`` columns left over form one last, smaller tile.
+  """
+  reduce = recipe.VocabReduce(config.axis_name)
+  inv_temperature = recipe.inverse_temperature(hp)
+  vocab = params.student_kernel.shape[1]
+  width = min(config.vocab_block, vocab)
+  num_full, remainder = divmod(vocab, width)
 
-def _column_mask(start, width: int, first_new_column) -> Array:
-  return (start + lax.broadcasted_iota(jnp.int32, (1, width), 1)) >= first_new_column
+  def over_tiles(step, carry):
+    """``carry = step(start, tile_width, carry)`` for every tile."""
+    carry = lax.fori_loop(0, num_full, lambda j, c: step(j * width, width, c), carry)
+    return step(num_full * width, remainder, carry) if remainder else carry
 
+  def tile_logits(start, tile_width):
+    sliced = head.vocab_slice(params, start, tile_width)
+    return (sliced, *head.both_logits(hp, student_hidden, teacher_hidden, sliced))
 
-class _Params(NamedTuple):
-  student_kernel: Array
-  student_bias: Array | None
-  teacher_kernel: Array
-  teacher_bias: Array | None
+  def stats_step(start, tile_width, carry):
+    _, student, teacher = tile_logits(start, tile_width)
+    return tuple(recipe.combine(acc, recipe.statistics(side.raw, inv_temperature)[0],
+                                inv_temperature)
+                 for acc, side in zip(carry, (student, teacher), strict=True))
 
+  like = (student_hidden, teacher_hidden, *params, weights)
+  empty = recipe.Stats(_zeros(student_hidden.shape[:1], *like) - jnp.inf,
+                       _zeros(student_hidden.shape[:1], *like))
+  student_stats, teacher_stats = (recipe.combine_over(s, reduce, inv_temperature)
+                                  for s in over_tiles(stats_step, (empty, empty)))
 
-def _vocab_slice(params: _Params, start, width: int) -> _Params:
-  def cut(x, axis):
-    return None if x is None else lax.dynamic_slice_in_dim(x, start, width, axis=axis)
-  return _Params(cut(params.student_kernel, 1), cut(params.student_bias, 0),
-                 cut(params.teacher_kernel, 1), cut(params.teacher_bias, 0))
+  def tile_terms(start, tile_width):
+    sliced, student, teacher = tile_logits(start, tile_width)
+    q = recipe.distribution(student.raw, student_stats, inv_temperature)
+    p = recipe.distribution(teacher.raw, teacher_stats, inv_temperature)
+    return sliced, student, q, recipe.terms(config, hp, p, q)
 
+  def sums_step(start, tile_width, carry):
+    *_, terms = tile_terms(start, tile_width)
+    return carry[0] + jnp.sum(terms.value, axis=-1), carry[1] + jnp.sum(terms.dlog_q, axis=-1)
 
-def _both_logits(hp, student_hidden, teacher_hidden, params: _Params, valid_columns=None):
-  student = _logits(hp, "student", student_hidden, params.student_kernel, params.student_bias,
-                    valid_columns)
-  teacher = _logits(hp, "teacher", teacher_hidden, params.teacher_kernel, params.teacher_bias,
-                    valid_columns)
-  return student, teacher
+  zeros = _zeros(student_hidden.shape[:1], *like)
+  value_sum, dlog_q_sum = over_tiles(sums_step, (zeros, zeros))
+  sums = recipe.Sums(reduce.sum(value_sum[:, None]), reduce.sum(dlog_q_sum[:, None]))
+  rows, scale = recipe.finish(config, hp, student_stats, teacher_stats, sums, weights=weights)
+  if not with_grad:
+    return rows, None
+  with_bias = params.student_bias is not None
+
+  def grad_step(start, tile_width, grads: Grads):
+    sliced, student, q, terms = tile_terms(start, tile_width)
+    grad = recipe.student_grad(scale, terms.dlog_q, q.prob, sums.dlog_q)
+    tile = head.param_grads(student_hidden, sliced.student_kernel, with_bias,
+                            head.logit_grad(hp, student, grad))
+
+    def add(total, part, axis):
+      return lax.dynamic_update_slice_in_dim(
+          total, lax.dynamic_slice_in_dim(total, start, tile_width, axis=axis) + part, start,
+          axis=axis)
+
+    return Grads(grads.hidden + tile.hidden, add(grads.kernel, tile.kernel, 1),
+                 add(grads.bias, tile.bias, 0) if with_bias else None)
+
+  return rows, over_tiles(grad_step, Grads(
+      _zeros(student_hidden.shape[:1] + student_hidden.shape[1:], *like),
+      _zeros(params.student_kernel.shape, *like),
+      _zeros((vocab,), *like) if with_bias else None))
 
 
 def _zeros(shape, *like: Array | None) -> Array:
@@ -167,265 +147,89 @@ def _zeros(shape, *like: Array | None) -> Array:
   return out
 
 
-def _lse_or_empty(x: Array) -> Array:
-  """Local row log-sum-exp, ``-inf`` for a row with no mass (so partial results combine)."""
-  lse = div.logsumexp(x)
-  return jnp.where(jnp.max(x, axis=-1) > -jnp.inf, lse, -jnp.inf)
-
-
-class _Stats(NamedTuple):
-  student_lse: Array
-  teacher_lse: Array
-
-
-def _terms(config: Config, hp, student: _Side, teacher: _Side, stats: _Stats):
-  """Terms of a vocabulary block from row statistics computed beforehand (online)."""
-  spec = div.get_divergence(config.divergence)
-  return div.pointwise_terms(
-      spec, student.scaled, teacher.scaled, stats.student_lse, stats.teacher_lse, hp)
-
-
-def _value_scale(config: Config, hp):
-  return jnp.square(hp["temperature"]) if config.temperature_squared else 1.0
-
-
-class _BlockGrads(NamedTuple):
-  hidden: Array  # float32 [tokens, d_student], partial over a vocabulary shard.
-  kernel: Array  # float32 [d_student, vocab columns]
-  bias: Array | None  # float32 [vocab columns]
-
-
-def _param_grads(hidden, kernel, with_bias: bool, grad_logits: Array) -> _BlockGrads:
-  """The three matmul-shaped gradients of ``z = h W + b`` for one block."""
-  compute_dtype = jnp.result_type(hidden.dtype, kernel.dtype)
-  grad_logits_c = grad_logits.astype(compute_dtype)
-  d_hidden = lax.dot_general(
-      grad_logits_c, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  d_kernel = lax.dot_general(
-      hidden, grad_logits_c, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-  d_bias = jnp.sum(grad_logits, axis=0) if with_bias else None
-  return _BlockGrads(d_hidden, d_kernel, d_bias)
-
-
-def _token_block_full_vocab(config: Config, hp, with_grad: bool, student_hidden, teacher_hidden,
-                            weights, params: _Params):
-  """One token block over the whole (local) vocabulary at once, exactly as ``dense._block``.
-
-  Returns the per-token values and, with ``with_grad``, the gradients of
-  ``sum(weights * values)``.
-  """
-  reduce = dense.reducers(config.axis_name)
-  spec = div.get_divergence(config.divergence)
-  student_side, teacher_side = _both_logits(hp, student_hidden, teacher_hidden, params)
-  _, student, student_nonempty = div.log_softmax(
-      student_side.scaled, reduce_max=reduce.max, reduce_sum=reduce.sum)
-  _, teacher, teacher_nonempty = div.log_softmax(
-      teacher_side.scaled, reduce_max=reduce.max, reduce_sum=reduce.sum)
-  nonempty = student_nonempty & teacher_nonempty  # Empty rows contribute 0 (conventions).
-  terms = spec.terms(teacher, student, hp)
-  value = jnp.where(nonempty, _value_scale(config, hp) * reduce.sum(terms.value), 0.0)
-  if not with_grad:
-    return value, None
-  grad_scaled = div.student_grad(terms, student.prob, reduce.sum(terms.dlog_q))
-  row_weights = jnp.where(nonempty, weights * _value_scale(config, hp), 0.0)
-  grad_logits = _logit_grad(hp, student_side, grad_scaled * row_weights[:, None])
-  return value, _param_grads(student_hidden, params.student_kernel,
-                             params.student_bias is not None, grad_logits)
-
-
-def _token_block_vocab_blocks(config: Config, hp, with_grad: bool, student_hidden,
-                              teacher_hidden, weights, params: _Params):
-  """One token block, walking the (local) vocabulary in blocks of ``config.vocab_block``.
-
-  Pass 1 builds the row log-sum-exps online; pass 2 sums the divergence terms and ``dlog_q``;
-  pass 3 (gradients only) recomputes each vocabulary block and accumulates its gradients. When
-  ``vocab_block`` does not divide the vocabulary, the last block starts at ``vocab - block`` and
-  its columns seen before are masked to ``-inf``, which contributes exactly 0 to every sum.
-  """
-  reduce = dense.reducers(config.axis_name)
-  vocab = params.student_kernel.shape[1]
-  block = min(config.vocab_block, vocab)
-  num_blocks = -(-vocab // block)
-  num_tokens = student_hidden.shape[0]
-
-  def block_logits(j):
-    start = jnp.minimum(j * block, vocab - block)
-    valid = _column_mask(start, block, j * block)
-    sliced = _vocab_slice(params, start, block)
-    student, teacher = _both_logits(hp, student_hidden, teacher_hidden, sliced, valid)
-    return start, sliced, student, teacher
-
-  def lse_pass(j, carry):
-    _, _, student, teacher = block_logits(j)
-    return tuple(
-        _lse_or_empty(jnp.stack([acc, _lse_or_empty(side.scaled)], axis=-1))
-        for acc, side in zip(carry, (student, teacher), strict=True))
-
-  empty = _zeros((num_tokens,), student_hidden, teacher_hidden, *params) - jnp.inf
-  local_lse = lax.fori_loop(0, num_blocks, lse_pass, (empty, empty))
-  # Combine the shards' partial log-sum-exps; a row with no mass anywhere gets 0 as in
-  # ``div.logsumexp``.
-  stats = _Stats(*(
-      div.logsumexp(x[:, None], reduce_max=reduce.max, reduce_sum=reduce.sum)
-      for x in local_lse))
-  nonempty = (reduce.max(local_lse[0][:, None]) > -jnp.inf) & (
-      reduce.max(local_lse[1][:, None]) > -jnp.inf)
-
-  def terms_pass(j, carry):
-    _, _, student, teacher = block_logits(j)
-    terms, _ = _terms(config, hp, student, teacher, stats)
-    return carry[0] + jnp.sum(terms.value, axis=-1), carry[1] + jnp.sum(terms.dlog_q, axis=-1)
-
-  zeros = _zeros((num_tokens,), student_hidden, teacher_hidden, *params)
-  value_sum, dlog_q_sum = lax.fori_loop(0, num_blocks, terms_pass, (zeros, zeros))
-  value = jnp.where(nonempty, _value_scale(config, hp) * reduce.sum(value_sum[:, None]), 0.0)
-  if not with_grad:
-    return value, None
-  dlog_q_sum = reduce.sum(dlog_q_sum[:, None])
-  row_weights = jnp.where(nonempty, weights * _value_scale(config, hp), 0.0)[:, None]
-  with_bias = params.student_bias is not None
-
-  def grad_pass(j, grads: _BlockGrads):
-    start, sliced, student, teacher = block_logits(j)
-    terms, q = _terms(config, hp, student, teacher, stats)
-    grad_logits = _logit_grad(hp, student, div.student_grad(terms, q, dlog_q_sum) * row_weights)
-    block_grads = _param_grads(student_hidden, sliced.student_kernel, with_bias, grad_logits)
-    # Masked (already seen) columns have a zero gradient, so adding is exact.
-    d_kernel = lax.dynamic_update_slice_in_dim(
-        grads.kernel,
-        lax.dynamic_slice_in_dim(grads.kernel, start, block, axis=1) + block_grads.kernel,
-        start, axis=1)
-    d_bias = None
-    if with_bias:
-      d_bias = lax.dynamic_update_slice_in_dim(
-          grads.bias,
-          lax.dynamic_slice_in_dim(grads.bias, start, block, axis=0) + block_grads.bias,
-          start, axis=0)
-    return _BlockGrads(grads.hidden + block_grads.hidden, d_kernel, d_bias)
-
-  like = (student_hidden, teacher_hidden, *params, weights)
-  init = _BlockGrads(
-      _zeros((num_tokens, student_hidden.shape[1]), *like),
-      _zeros(params.student_kernel.shape, *like),
-      _zeros((vocab,), *like) if with_bias else None)
-  return value, lax.fori_loop(0, num_blocks, grad_pass, init)
-
-
 # ----------------------------------------------------------------------------------------------
-# The loop over token blocks.
+# The loop over token blocks and the two custom_vjp entry points.
 # ----------------------------------------------------------------------------------------------
 
 
-class _Inputs(NamedTuple):
-  student_hidden: Array  # [tokens, d_student]
-  teacher_hidden: Array  # [tokens, d_teacher]
-  params: _Params
-
-
-def _loop(config: Config, dynamic_hp, inputs: _Inputs, weights: Array | None):
-  """Per-token values and, when ``weights`` is given, the gradients of ``sum(weights * values)``
+def _loop(config: Config, traced, inputs: Inputs, weights: Array | None):
+  """Per-token rows and, when ``weights`` is given, the gradients of ``sum(weights * value)``
   with respect to the student's hidden states, kernel and bias (in their dtypes)."""
-  hp = dense.hyperparameters(config, dynamic_hp)
+  hp = config.hyperparameters(traced)
   with_grad = weights is not None
-  block_fn = (_token_block_full_vocab if config.vocab_block is None
-              else _token_block_vocab_blocks)
+  block_fn = _whole_vocab if config.vocab_block is None else _vocab_tiles
   params = inputs.params
-  num_tokens, d_student = inputs.student_hidden.shape
-  block = max(1, min(config.token_block, num_tokens))
-  num_blocks = -(-num_tokens // block) if num_tokens else 0
+  num_tokens = inputs.student_hidden.shape[0]
   with_bias = params.student_bias is not None
 
-  if not with_grad:
-    weights = jnp.zeros((num_tokens,), jnp.float32)
-  # Per-token values are complete (reduced over the vocabulary shards); gradients are partial
-  # sums over this shard's vocabulary columns until the final psum.
-  values = _zeros((num_tokens,), inputs.student_hidden, inputs.teacher_hidden)
-  like = (inputs.student_hidden, inputs.teacher_hidden, *params, weights)
-  # Sharded, the partial hidden-state gradients stay float32 until they are summed.
-  d_hidden_dtype = inputs.student_hidden.dtype if config.axis_name is None else jnp.float32
-  d_hidden = _zeros((num_tokens, d_student), *like).astype(d_hidden_dtype)
-  d_kernel = _zeros(params.student_kernel.shape, *like)
-  d_bias = _zeros(params.student_kernel.shape[1:], *like) if with_bias else None
+  def fn(student_hidden, teacher_hidden, *block_weights):
+    rows, grads = block_fn(config, hp, params, with_grad, student_hidden, teacher_hidden,
+                           *(block_weights or (None,)))
+    if not with_grad:
+      return tuple(rows)
+    return (*rows, grads.hidden, grads.kernel, *((grads.bias,) if with_bias else ()))
 
-  def body(i, carry):
-    values, d_hidden, d_kernel, d_bias = carry
-    # The last block may overlap the one before it (no padding copy): its rows seen before are
-    # recomputed with identical values and given weight 0 so no gradient is counted twice.
-    start = jnp.minimum(i * block, num_tokens - block)
-    rows = lambda x: lax.dynamic_slice_in_dim(x, start, block, axis=0)  # noqa: E731
-    new_rows = start + jnp.arange(block) >= i * block
-    value, grads = block_fn(
-        config, hp, with_grad, rows(inputs.student_hidden), rows(inputs.teacher_hidden),
-        jnp.where(new_rows, rows(weights), 0.0), params)
-    values = lax.dynamic_update_slice_in_dim(values, value, start, axis=0)
-    if with_grad:
-      old_rows = rows(d_hidden)
-      d_hidden = lax.dynamic_update_slice_in_dim(
-          d_hidden, jnp.where(new_rows[:, None], grads.hidden.astype(d_hidden.dtype), old_rows),
-          start, axis=0)
-      d_kernel = d_kernel + grads.kernel
-      if with_bias:
-        d_bias = d_bias + grads.bias
-    return values, d_hidden, d_kernel, d_bias
-
-  carry = (values, d_hidden, d_kernel, d_bias)
-  if num_blocks:
-    carry = lax.fori_loop(0, num_blocks, body, carry)
-  values, d_hidden, d_kernel, d_bias = carry
+  outputs = (jnp.zeros((num_tokens,), jnp.float32),) * len(recipe.Rows._fields)
+  sums = ()
+  if with_grad:
+    # Sharded, the partial hidden-state gradients stay float32 until they are summed.
+    d_hidden_dtype = (inputs.student_hidden.dtype if config.axis_name is None
+                      else jnp.float32)
+    outputs += (jnp.zeros(inputs.student_hidden.shape, d_hidden_dtype),)
+    sums = (jnp.zeros(params.student_kernel.shape, jnp.float32),
+            *((jnp.zeros(params.student_bias.shape, jnp.float32),) if with_bias else ()))
+  block = config.token_block or blocking.token_block(
+      num_tokens, params.student_kernel.shape[1], blocking.FUSED)
+  results = blocking.map_token_blocks(
+      fn, (inputs.student_hidden, inputs.teacher_hidden, *(() if weights is None else (weights,))),
+      outputs, sums=sums, block=block, strided=False)
+  rows = recipe.Rows(*results[:3])
   if not with_grad:
-    return values, None
+    return rows, None
+  d_hidden, d_kernel, *d_bias = results[3:]
   if config.axis_name is not None:
     # Each shard saw only its vocabulary columns: sum the partial hidden-state gradients.
     d_hidden = lax.psum(d_hidden, config.axis_name)
-  return values, _BlockGrads(
+  return rows, Grads(
       d_hidden.astype(inputs.student_hidden.dtype),
       d_kernel.astype(params.student_kernel.dtype),
-      None if d_bias is None else d_bias.astype(params.student_bias.dtype))
+      d_bias[0].astype(params.student_bias.dtype) if with_bias else None)
 
 
-def _zeros_like_tree(tree):
-  return jax.tree.map(jnp.zeros_like, tree)
+def _student_cotangents(inputs: Inputs, grads: Grads) -> Inputs:
+  # The teacher is a constant of the loss: no gradient flows to it.
+  zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+  params = inputs.params
+  return Inputs(grads.hidden, zeros(inputs.teacher_hidden),
+                Params(grads.kernel, grads.bias, zeros(params.teacher_kernel),
+                       zeros(params.teacher_bias)))
 
 
-def _scale_grads(grads: _BlockGrads, scale: Array) -> _BlockGrads:
-  return _BlockGrads(*(
+def _scale_grads(grads: Grads, scale: Array) -> Grads:
+  return Grads(*(
       None if g is None else (g.astype(jnp.float32) * scale).astype(g.dtype) for g in grads))
 
 
 # Weighted sum: value and gradient in one pass (the forward), the backward only scales.
 
 
-def _weighted_total(weights, values):
-  return jnp.sum(jnp.where(weights != 0, weights * values, 0.0))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _weighted(config: Config, weights, inputs: _Inputs, dynamic_hp):
-  values, _ = _loop(config, dynamic_hp, inputs, None)
-  return _weighted_total(weights, values), values
+def _weighted(config: Config, traced, weights, inputs: Inputs):
+  rows, _ = _loop(config, traced, inputs, None)
+  return reductions.weighted_total(rows.value, weights), rows
 
 
-def _weighted_fwd(config: Config, weights, inputs: _Inputs, dynamic_hp):
-  values, grads = _loop(config, dynamic_hp, inputs, weights)
-  return (_weighted_total(weights, values), values), (grads, weights, inputs, dynamic_hp)
-
-
-def _student_cotangents(inputs: _Inputs, grads: _BlockGrads) -> _Inputs:
-  # The teacher is a constant of the loss: no gradient flows to it.
-  params = inputs.params
-  return _Inputs(
-      grads.hidden, _zeros_like_tree(inputs.teacher_hidden),
-      _Params(grads.kernel, grads.bias, _zeros_like_tree(params.teacher_kernel),
-              _zeros_like_tree(params.teacher_bias)))
+def _weighted_fwd(config: Config, traced, weights, inputs: Inputs):
+  rows, grads = _loop(config, traced, inputs, weights)
+  return (reductions.weighted_total(rows.value, weights), rows), (grads, weights, inputs, traced)
 
 
 def _weighted_bwd(config: Config, residuals, cotangents):
-  grads, weights, inputs, dynamic_hp = residuals
-  # The per-token values are returned under stop_gradient; only the weighted sum is
-  # differentiated. Weights (mask-derived) and hyperparameters get no gradient here.
-  sum_ct = cotangents[0]
-  return (jnp.zeros_like(weights), _student_cotangents(inputs, _scale_grads(grads, sum_ct)),
-          _zeros_like_tree(dynamic_hp))
+  grads, weights, inputs, traced = residuals
+  # The per-token rows are returned under stop_gradient; only the weighted sum is
+  # differentiated. Weights (mask-derived) and hyperparameters get no gradient.
+  return (zero_cotangents(traced), jnp.zeros_like(weights),
+          _student_cotangents(inputs, _scale_grads(grads, cotangents[0])))
 
 
 _weighted.defvjp(_weighted_fwd, _weighted_bwd)
@@ -435,174 +239,124 @@ _weighted.defvjp(_weighted_fwd, _weighted_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _per_token(config: Config, inputs: _Inputs, dynamic_hp):
-  return _loop(config, dynamic_hp, inputs, None)[0]
+def _per_token(config: Config, traced, inputs: Inputs):
+  return _loop(config, traced, inputs, None)[0].value
 
 
-def _per_token_fwd(config: Config, inputs: _Inputs, dynamic_hp):
-  return _loop(config, dynamic_hp, inputs, None)[0], (inputs, dynamic_hp)
+def _per_token_fwd(config: Config, traced, inputs: Inputs):
+  return _loop(config, traced, inputs, None)[0].value, (inputs, traced)
 
 
 def _per_token_bwd(config: Config, residuals, values_ct):
-  inputs, dynamic_hp = residuals
-  _, grads = _loop(config, dynamic_hp, inputs, values_ct.astype(jnp.float32))
-  return _student_cotangents(inputs, grads), _zeros_like_tree(dynamic_hp)
+  inputs, traced = residuals
+  _, grads = _loop(config, traced, inputs, values_ct.astype(jnp.float32))
+  return zero_cotangents(traced), _student_cotangents(inputs, grads)
 
 
 _per_token.defvjp(_per_token_fwd, _per_token_bwd)
 
 
-def _split_hp(hp: Mapping[str, Any]):
-  static = tuple(sorted((k, float(v)) for k, v in hp.items() if isinstance(v, (int, float))))
-  dynamic = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()
-             if v is not None and not isinstance(v, (int, float))}
-  return static, dynamic
+def _reference_rows(config: Config, traced, inputs: Inputs):
+  hp = config.hyperparameters(traced)
+  student, teacher = head.both_logits(hp, inputs.student_hidden, inputs.teacher_hidden,
+                                      inputs.params)
+  return reference.per_token(config, traced, student.raw, teacher.raw)
 
 
-def per_token(
-    student_hidden: Array,
-    student_kernel: Array,
-    teacher_hidden: Array,
-    teacher_kernel: Array,
-    student_bias: Array | None = None,
-    teacher_bias: Array | None = None,
-    *,
-    divergence: str,
-    hyperparameters: Mapping[str, Any],
-    temperature_squared: bool = False,
-    token_block: int | None = None,
-    vocab_block: int | None = None,
-    weights: Array | None = None,
-    axis_name: Hashable | None = None,
-):
-  """Fused per-token divergence from hidden states (internal; inputs must be validated).
+def per_token(config: Config, traced, inputs: Inputs, weights: Array | None = None):
+  """Fused per-token values from hidden states ``[tokens, d]`` (validated, flattened).
 
-  Args:
-    student_hidden: ``[tokens..., d_student]``; any float dtype.
-    student_kernel: ``[d_student, vocab]`` (``flax.nnx.Linear`` layout). With ``axis_name``,
-      this device's contiguous vocabulary slice ``[d_student, vocab / n]`` (shard ``i`` holds
-      columns ``[i * vocab / n, (i + 1) * vocab / n)``).
-    teacher_hidden: ``[tokens..., d_teacher]`` with the same token shape.
-    teacher_kernel: ``[d_teacher, vocab]`` (sliced like ``student_kernel``).
-    student_bias, teacher_bias: optional ``[vocab]`` (sliced like the kernels).
-    divergence: a name from ``divergences.DIVERGENCES``.
-    hyperparameters: ``temperature`` and what the divergence reads (``beta``/``alpha``), plus
-      optional ``student_logit_scale``, ``teacher_logit_scale``, ``student_softcap``,
-      ``teacher_softcap`` (absent or None: not applied). Python numbers are baked into the
-      trace; arrays stay traced (no gradient flows to them).
-    temperature_squared: multiply values (and gradients) by ``T**2``.
-    token_block: tokens per block (default :func:`default_token_block`).
-    vocab_block: vocabulary columns per block (of the local slice); None: the whole slice.
-    weights: None, or float32 ``[tokens...]`` per-token weights that do not depend on the
-      values (for example ``mask / count``).
-    axis_name: the mesh axis the vocabulary is sharded over, inside ``shard_map``. Every
-      vocabulary reduction is followed by ``pmax``/``psum`` over it and the gradient with
-      respect to ``student_hidden`` is ``psum``-ed, so it is the full gradient on every device
-      (hidden states replicated over the axis); kernel and bias gradients stay local.
-
-  Returns:
-    ``weights is None``: float32 per-token values ``[tokens...]``, differentiable (the backward
-    recomputes the logits block by block). Otherwise ``(weighted_sum, values)``: the float32
-    scalar ``sum(weights * values)``, differentiable with gradients computed in the forward
-    pass, and the per-token values under ``stop_gradient``.
+  ``weights is None``: float32 per-token values ``[tokens]``, differentiable (the blocked
+  backward recomputes the logits block by block). Otherwise ``(weighted_sum, values)``: the
+  float32 scalar ``sum(weights * values)``, differentiable with gradients computed in the
+  forward pass, and the per-token values under ``stop_gradient``. The teacher gets no gradient.
   """
-  token_shape = student_hidden.shape[:-1]
-  hp = dict(hyperparameters)
-  static_hp, dynamic_hp = _split_hp(hp)
-  if token_block is None:
-    token_block = default_token_block(math.prod(token_shape), student_kernel.shape[1])
-  config = Config(divergence, static_hp, int(token_block),
-                  None if vocab_block is None else int(vocab_block),
-                  bool(temperature_squared), axis_name)
-  inputs = _Inputs(
-      student_hidden.reshape(-1, student_hidden.shape[-1]),
-      lax.stop_gradient(teacher_hidden).reshape(-1, teacher_hidden.shape[-1]),
-      _Params(student_kernel, student_bias, lax.stop_gradient(teacher_kernel),
-              None if teacher_bias is None else lax.stop_gradient(teacher_bias)))
+  inputs = inputs._replace(
+      teacher_hidden=lax.stop_gradient(inputs.teacher_hidden),
+      params=inputs.params._replace(
+          teacher_kernel=lax.stop_gradient(inputs.params.teacher_kernel),
+          teacher_bias=None if inputs.params.teacher_bias is None
+          else lax.stop_gradient(inputs.params.teacher_bias)))
+  num_logits = inputs.student_hidden.shape[0] * inputs.params.student_kernel.shape[1]
+  if implementations.choose(config, num_logits) == "reference":
+    values = _reference_rows(config, traced, inputs).value
+    if weights is None:
+      return values
+    return reductions.weighted_total(values, weights), lax.stop_gradient(values)
   if weights is None:
-    return _per_token(config, inputs, dynamic_hp).reshape(token_shape)
-  total, values = _weighted(config, weights.reshape(-1).astype(jnp.float32), inputs, dynamic_hp)
-  return total, lax.stop_gradient(values).reshape(token_shape)
+    return _per_token(config, traced, inputs)
+  total, rows = _weighted(config, traced, lax.stop_gradient(weights), inputs)
+  return total, lax.stop_gradient(rows.value)
 
 
 # ----------------------------------------------------------------------------------------------
-# The public loss.
+# The public loss (and what its vocabulary-parallel variant shares with it).
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("divergence", "static_hp", "temperature_squared", "ignore_index",
-                     "reduction", "token_block", "vocab_block"),
-)
-def _fused(student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
-           teacher_bias, labels, where, normalizer, dynamic_hp, *, divergence, static_hp,
-           temperature_squared, ignore_index, reduction, token_block, vocab_block):
-  hp = dict(static_hp)
-  hp.update(dynamic_hp)
-  token_shape = student_hidden.shape[:-1]
-  mask = reductions.token_mask(token_shape, labels, where, ignore_index)
-  common = dict(divergence=divergence, hyperparameters=hp,
-                temperature_squared=temperature_squared, token_block=token_block,
-                vocab_block=vocab_block)
-  args = (student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
-          teacher_bias)
-  if reduction == "none":
-    values = per_token(*args, **common)
-    return reductions.reduce(values, mask, reduction=reduction)
+class Prepared(NamedTuple):
+  """A fused loss call, validated: the config, traced hyperparameters and arrays."""
 
-  def reduce(values):
-    return reductions.reduce(values, mask, reduction=reduction, normalizer=normalizer)
-
-  # The reductions are linear in the per-token values with mask-only weights: read the weights
-  # off reductions.reduce itself, so both share one definition.
-  zeros = jnp.zeros(token_shape, jnp.float32)
-  (weights,) = jax.linear_transpose(reduce, zeros)(jnp.ones((), jnp.float32))
-  weighted, values = per_token(*args, weights=lax.stop_gradient(weights), **common)
-  # The value is exactly reductions.reduce of the per-token values; the gradient is that of
-  # the weighted sum (identical, the reduction being linear), computed in the forward pass.
-  return reduce(values) + (weighted - lax.stop_gradient(weighted))
+  config: Config
+  traced: dict[str, Array]
+  inputs: Inputs  # hidden states with their token shape [..., d]
+  labels: Array | None
+  where: Array | None
+  normalizer: Array | None
 
 
-def _per_model(name: str, value) -> tuple[Any, Any]:
-  """``value`` shared by both models, or a ``(student, teacher)`` pair."""
-  if isinstance(value, (tuple, list)):
-    if len(value) != 2:
-      raise ValueError(
-          f"{name} must be a number, a scalar array or a (student, teacher) pair, got "
-          f"{len(value)} values: {value!r}.")
-    return tuple(value)
-  return value, value
-
-
-def _positive(name: str, value):
-  if value is None:
-    return None
-  value = checks.scalar(name, value)
-  if isinstance(value, float) and not (value > 0 and value < float("inf")):
-    raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-  return value
-
-
-def _check_head(hidden_name, hidden, kernel_name, kernel, bias_name, bias):
-  if kernel.ndim != 2:
+def prepare(student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
+            teacher_bias, *, labels, where, reduction, normalizer, ignore_index, divergence,
+            temperature, beta, alpha, temperature_squared, logit_scale, softcap, token_block,
+            vocab_block, implementation, vocab_mismatch_hint, axis_name=None,
+            data_axis_name=None) -> Prepared:
+  """Checks every argument of a fused loss and builds its config."""
+  inputs = checks.linear_heads(
+      student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
+      teacher_bias, vocab_mismatch_hint=vocab_mismatch_hint)
+  labels, where, normalizer, token_block = checks.token_arguments(
+      inputs[0].shape[:-1], labels=labels, where=where, reduction=reduction,
+      normalizer=normalizer, ignore_index=ignore_index, token_block=token_block)
+  hp = checks.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
+  for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
+    for side, side_value in zip(head.SIDES, checks.per_model(name, value), strict=True):
+      hp[f"{side}_{name}"] = checks.positive(name, side_value)
+  implementation = implementations.check(implementation)
+  if axis_name is not None and implementation == "reference":
     raise ValueError(
-        f"{kernel_name} must be a [d, vocab] matrix (flax.nnx.Linear layout, [in_features, "
-        f"out_features]), got shape {kernel.shape}.")
-  if hidden.shape[-1] != kernel.shape[0]:
-    hint = ""
-    if hidden.shape[-1] == kernel.shape[1]:
-      hint = (" It looks transposed: a PyTorch nn.Linear weight is [vocab, d]; pass "
-              f"{kernel_name}.T.")
-    raise ValueError(
-        f"{hidden_name} has width {hidden.shape[-1]} (shape {hidden.shape}) but {kernel_name} "
-        f"has shape {kernel.shape}; expected {kernel_name}.shape == ({hidden.shape[-1]}, "
-        f"vocab).{hint}")
-  if bias is not None:
-    if bias.shape != (kernel.shape[1],):
-      raise ValueError(
-          f"{bias_name} must have shape (vocab,) = ({kernel.shape[1]},) to match "
-          f"{kernel_name}.shape={kernel.shape}, got {bias.shape}.")
+        "implementation='reference' computes whole arrays; with the vocabulary split over "
+        "axis_name use 'blocked' or None.")
+  config, traced = config_lib.build(
+      hp, divergence=divergence, temperature_squared=bool(temperature_squared),
+      reduction=reduction, ignore_index=ignore_index, implementation=implementation,
+      token_block=token_block,
+      vocab_block=checks.positive_int("vocab_block", vocab_block, optional=True),
+      axis_name=axis_name, data_axis_name=data_axis_name)
+  student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias, teacher_bias = (
+      inputs)
+  return Prepared(config, traced, Inputs(student_hidden, teacher_hidden, Params(
+      student_kernel, student_bias, teacher_kernel, teacher_bias)), labels, where, normalizer)
+
+
+def loss(config: Config, traced, inputs: Inputs, labels, where, normalizer) -> Array:
+  """The reduced fused loss of hidden states ``[..., d]`` (the token shape is ``[...]``)."""
+  token_shape = inputs.student_hidden.shape[:-1]
+  mask = reductions.token_mask(token_shape, labels, where, config.ignore_index)
+  flat = inputs._replace(
+      student_hidden=inputs.student_hidden.reshape(-1, inputs.student_hidden.shape[-1]),
+      teacher_hidden=inputs.teacher_hidden.reshape(-1, inputs.teacher_hidden.shape[-1]))
+  if config.reduction == "none":
+    values = per_token(config, traced, flat).reshape(token_shape)
+    return reductions.reduce(values, mask, reduction="none")
+  weights = reductions.token_weights(mask, reduction=config.reduction, normalizer=normalizer,
+                                     data_axis_name=config.data_axis_name)
+  total, _ = per_token(config, traced, flat, weights.reshape(-1))
+  if config.data_axis_name is not None:
+    total = reductions.sum_over_data(total, config.data_axis_name)
+  return total
+
+
+_loss = jax.jit(loss, static_argnames=("config",))
 
 
 def fused_linear_distill_loss(
@@ -627,6 +381,7 @@ def fused_linear_distill_loss(
     normalizer: ArrayLike | None = None,
     token_block: int | None = None,
     vocab_block: int | None = None,
+    implementation: str | None = None,
 ) -> Array:
   r"""Distillation loss from the models' last hidden states, without materialising the logits.
 
@@ -668,6 +423,9 @@ def fused_linear_distill_loss(
     vocab_block: optional vocabulary columns per block. When set, each token block walks the
       vocabulary with an online log-sum-exp, so temporaries are
       ``O(token_block * vocab_block)``; it costs two extra logit matmuls per step.
+    implementation: ``"blocked"`` (the default's choice: blocks of tokens, analytic gradient),
+      ``"reference"`` (materialises both logits and runs the readable definition of
+      :func:`kdjax.distill_loss` with JAX autodiff; the oracle of the tests) or None.
 
   Returns:
     A float32 scalar, or per-token values ``student_hidden.shape[:-1]`` for
@@ -688,65 +446,13 @@ def fused_linear_distill_loss(
     >>> bool(jnp.allclose(loss, dense, rtol=1e-5)), grads[1].shape
     (True, (16, 100))
   """
-  (student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias, teacher_bias,
-   labels, where, token_block, vocab_block, hp) = validate(
-       student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
-       teacher_bias, labels, where=where, reduction=reduction, normalizer=normalizer,
-       ignore_index=ignore_index, token_block=token_block, vocab_block=vocab_block,
-       divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-       logit_scale=logit_scale, softcap=softcap,
-       vocab_mismatch_hint="If the larger vocabulary only adds padding columns, slice the "
-       "kernel (and bias) to the shared vocabulary first.")
-  token_shape = student_hidden.shape[:-1]
-  static_hp, dynamic_hp = _split_hp(hp)
-  if token_block is None:
-    token_block = default_token_block(math.prod(token_shape), student_kernel.shape[1])
-  return _fused(
+  prepared = prepare(
       student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
-      teacher_bias, labels, where, normalizer, dynamic_hp, divergence=divergence,
-      static_hp=static_hp, temperature_squared=bool(temperature_squared),
-      ignore_index=ignore_index, reduction=reduction, token_block=token_block,
-      vocab_block=vocab_block)
-
-
-def validate(student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
-             teacher_bias, labels, *, where, reduction, normalizer, ignore_index, token_block,
-             vocab_block, divergence, temperature, beta, alpha, logit_scale, softcap,
-             vocab_mismatch_hint):
-  """Checks every argument of a fused loss; returns them validated, plus the hyperparameters.
-
-  Shared by :func:`fused_linear_distill_loss` and its vocabulary-parallel variant, which differ
-  only in what a vocabulary mismatch means (``vocab_mismatch_hint``).
-  """
-  student_hidden = checks.float_array("student_hidden", student_hidden)
-  student_kernel = checks.float_array("student_kernel", student_kernel)
-  teacher_hidden = checks.float_array("teacher_hidden", teacher_hidden)
-  teacher_kernel = checks.float_array("teacher_kernel", teacher_kernel)
-  student_bias = None if student_bias is None else checks.float_array(
-      "student_bias", student_bias)
-  teacher_bias = None if teacher_bias is None else checks.float_array(
-      "teacher_bias", teacher_bias)
-  _check_head("student_hidden", student_hidden, "student_kernel", student_kernel,
-              "student_bias", student_bias)
-  _check_head("teacher_hidden", teacher_hidden, "teacher_kernel", teacher_kernel,
-              "teacher_bias", teacher_bias)
-  if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-    raise ValueError(
-        "student_hidden and teacher_hidden must have the same token shape (all but the last "
-        f"axis), got student_hidden.shape={student_hidden.shape} and "
-        f"teacher_hidden.shape={teacher_hidden.shape}.")
-  if student_kernel.shape[1] != teacher_kernel.shape[1]:
-    raise ValueError(
-        f"student_kernel and teacher_kernel have different vocabulary sizes: "
-        f"student_kernel.shape={student_kernel.shape}, teacher_kernel.shape="
-        f"{teacher_kernel.shape}. {vocab_mismatch_hint}")
-  labels, where, token_block = checks.token_arguments(
-      student_hidden.shape[:-1], labels=labels, where=where, reduction=reduction,
-      normalizer=normalizer, ignore_index=ignore_index, token_block=token_block)
-  vocab_block = checks.positive_int("vocab_block", vocab_block, optional=True)
-  hp = losses.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
-  for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
-    for side, side_value in zip(_SIDES, _per_model(name, value), strict=True):
-      hp[f"{side}_{name}"] = _positive(name, side_value)
-  return (student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
-          teacher_bias, labels, where, token_block, vocab_block, hp)
+      teacher_bias, labels=labels, where=where, reduction=reduction, normalizer=normalizer,
+      ignore_index=ignore_index, divergence=divergence, temperature=temperature, beta=beta,
+      alpha=alpha, temperature_squared=temperature_squared, logit_scale=logit_scale,
+      softcap=softcap, token_block=token_block, vocab_block=vocab_block,
+      implementation=implementation,
+      vocab_mismatch_hint="If the larger vocabulary only adds padding columns, slice the "
+      "kernel (and bias) to the shared vocabulary first.")
+  return _loss(*prepared)

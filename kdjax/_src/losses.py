@@ -1,7 +1,8 @@
 """Distillation losses on materialised logits: ``kd_loss``, ``distill_loss`` and friends.
 
-All of them validate their inputs at trace time, then run one jitted computation built on the
-blocked per-token engine (``dense.py``) and the shared reductions (``reductions.py``). Logits of
+All of them validate their inputs at trace time (``checks.py``), build one static config, then
+run one jitted computation: the implementation chosen by ``implementation=``
+(``implementations.py``) and the shared reductions (``reductions.py``). Logits of
 any float dtype are computed in float32; the gradient comes back in the logits' dtype; no
 gradient flows to ``teacher_logits``.
 """
@@ -9,110 +10,62 @@ gradient flows to ``teacher_logits``.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from kdjax._src import checks, dense, reductions
-from kdjax._src import divergences as div
+from kdjax._src import checks, dense, implementations, reductions, reference
+from kdjax._src import config as config_lib
 
 Array = jax.Array
 
 
-def hyperparameters(divergence: str, *, temperature, beta, alpha) -> dict[str, Any]:
-  """Validated hyperparameters that ``divergence`` uses (Python numbers or scalar arrays)."""
-  spec = div.get_divergence(divergence)
-  temperature = checks.scalar("temperature", temperature)
-  div.check_temperature(temperature)
-  hp = {"temperature": temperature}
-  for name, value in (("beta", beta), ("alpha", alpha)):
-    if name in spec.hyperparameters:
-      value = checks.scalar(name, value)
-      div.check_unit_interval(name, value)
-      hp[name] = value
-  return hp
-
-
-def _split(hp: dict[str, Any]) -> tuple[tuple[tuple[str, float], ...], dict[str, Array]]:
-  static = tuple(sorted((k, v) for k, v in hp.items() if isinstance(v, float)))
-  dynamic = {k: v for k, v in hp.items() if not isinstance(v, float)}
-  return static, dynamic
-
-
-def _validate_logits(logits, teacher_logits):
-  logits = checks.float_array("logits", logits)
-  teacher_logits = checks.float_array("teacher_logits", teacher_logits)
-  checks.same_logits_shape(logits, teacher_logits)
-  return logits, teacher_logits
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "divergence", "static_hp", "temperature_squared", "ignore_index", "reduction",
-        "token_block", "kd_coef_static", "output"),
-)
-def _distill(
-    logits, teacher_logits, labels, where, normalizer, dynamic_hp, kd_coef, *,
-    divergence, static_hp, temperature_squared, ignore_index, reduction, token_block,
-    kd_coef_static, output,
-):
+@functools.partial(jax.jit, static_argnames=("config", "output"))
+def _distill(config, traced, logits, teacher_logits, labels, where, normalizer, *, output):
   """The one jitted body behind every public loss in this module.
 
-  ``output`` selects what is returned: ``"loss"`` (the reduced distillation loss),
-  ``"sum_count"`` (``(sum, count)``) or ``"combined"`` (``(1 - kd_coef) * ce + kd_coef * kd``
-  with both terms reduced alike, plus the two terms).
+  ``output`` selects what is returned: ``"loss"`` (the reduced loss), ``"sum_count"``
+  (``(sum, count)``) or ``"combined"`` (the loss and its two terms, each reduced alike).
   """
-  hp = dict(static_hp)
-  hp.update(dynamic_hp)
-  if output == "combined":
-    kd_coef = kd_coef_static if kd_coef is None else kd_coef
-  else:
-    kd_coef = None
-  common = dict(divergence=divergence, hyperparameters=hp,
-                temperature_squared=temperature_squared, kd_coef=kd_coef,
-                token_block=token_block)
-  mask = reductions.token_mask(logits.shape[:-1], labels, where, ignore_index)
+  mask = reductions.token_mask(logits.shape[:-1], labels, where, config.ignore_index)
+  reduction = "sum" if output == "sum_count" else config.reduction
+  weights = None
+  if reduction != "none":
+    weights = reductions.token_weights(mask, reduction=reduction, normalizer=normalizer)
+  others = (teacher_logits, labels) if config.cross_entropy else (teacher_logits,)
+  rows, loss = implementations.materialised(
+      config, traced, logits, others, weights, block_fn=dense.teacher_logits_block,
+      reference_fn=reference.per_token)
   if reduction == "none":
-    per_token, components = dense.per_token(logits, teacher_logits, labels, **common)
-    loss = reductions.reduce(per_token, mask, reduction="none")
-  else:
-    weights = reductions.token_weights(
-        mask, reduction="sum" if output == "sum_count" else reduction, normalizer=normalizer)
-    loss, (_, components) = dense.weighted_sum(
-        logits, teacher_logits, labels, weights, **common)
+    loss = reductions.reduce(rows.value, mask, reduction="none")
   if output == "sum_count":
     return loss, jnp.sum(mask).astype(jnp.float32)
   if output == "loss":
     return loss
-  distill, ce = (
-      reductions.reduce(x, mask, reduction=reduction, normalizer=normalizer) for x in components)
-  return loss, ce, distill
+  cross_entropy, distill = (
+      reductions.reduce(x, mask, reduction=reduction, normalizer=normalizer)
+      for x in (rows.cross_entropy, rows.divergence))
+  return loss, cross_entropy, distill
 
 
 def _call(logits, teacher_logits, labels, *, divergence, beta, alpha, temperature,
           temperature_squared, ignore_index, where, reduction, normalizer, token_block,
-          output, kd_coef=None):
-  logits, teacher_logits = _validate_logits(logits, teacher_logits)
-  token_shape = logits.shape[:-1]
-  labels, where, token_block = checks.token_arguments(
-      token_shape, labels=labels, where=where, reduction=reduction, normalizer=normalizer,
-      ignore_index=ignore_index, token_block=token_block)
-  hp = hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
-  static_hp, dynamic_hp = _split(hp)
-  kd_coef_static = None
-  if kd_coef is not None:
-    kd_coef = checks.scalar("kd_coef", kd_coef)
-    div.check_unit_interval("kd_coef", kd_coef)
-    if isinstance(kd_coef, float):
-      kd_coef_static, kd_coef = kd_coef, None
-  return _distill(
-      logits, teacher_logits, labels, where, normalizer, dynamic_hp, kd_coef,
-      divergence=divergence, static_hp=static_hp, temperature_squared=bool(temperature_squared),
-      ignore_index=ignore_index, reduction=reduction, token_block=token_block,
-      kd_coef_static=kd_coef_static, output=output)
+          implementation, output, kd_coef=None):
+  """Validates every argument, builds the config once and runs ``_distill``."""
+  logits, teacher_logits = checks.logits_pair(logits, teacher_logits)
+  labels, where, normalizer, token_block = checks.token_arguments(
+      logits.shape[:-1], labels=labels, where=where, reduction=reduction,
+      normalizer=normalizer, ignore_index=ignore_index, token_block=token_block,
+      labels_required=None if kd_coef is None else ": it holds the cross-entropy targets")
+  hp = checks.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha,
+                              kd_coef=kd_coef)
+  config, traced = config_lib.build(
+      hp, divergence=divergence, temperature_squared=bool(temperature_squared),
+      cross_entropy=kd_coef is not None, reduction=reduction, ignore_index=ignore_index,
+      implementation=implementations.check(implementation), token_block=token_block)
+  return _distill(config, traced, logits, teacher_logits, labels, where, normalizer,
+                  output=output)
 
 
 def distill_loss(
@@ -130,6 +83,7 @@ def distill_loss(
     reduction: str = "mean",
     normalizer: ArrayLike | None = None,
     token_block: int | None = None,
+    implementation: str | None = None,
 ) -> Array:
   r"""Distillation loss between student and teacher logits, masked and reduced.
 
@@ -169,9 +123,14 @@ def distill_loss(
       global count across hosts or gradient-accumulation steps.
     token_block: rows per block of the blocked computation (default: about 1 MiB of float32
       per block).
+    implementation: ``"blocked"`` (token blocks, analytic gradient, temporaries
+      ``O(block * vocab)``), ``"reference"`` (the readable whole-array definition with JAX
+      autodiff, the oracle of the tests; ``O(tokens * vocab)`` float32 temporaries) or None
+      (the default: the best for the problem's size).
 
   Returns:
-    A float32 scalar, or ``logits.shape[:-1]`` for ``reduction="none"``.
+    A float32 scalar, or ``logits.shape[:-1]`` for ``reduction="none"``. A NaN or ``+inf`` in
+    a counted token's logits makes the loss NaN.
 
   Example:
     >>> import jax, jax.numpy as jnp, kdjax
@@ -191,7 +150,7 @@ def distill_loss(
       logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
       temperature=temperature, temperature_squared=temperature_squared,
       ignore_index=ignore_index, where=where, reduction=reduction, normalizer=normalizer,
-      token_block=token_block, output="loss")
+      token_block=token_block, implementation=implementation, output="loss")
 
 
 def distill_loss_sum_and_count(
@@ -207,6 +166,7 @@ def distill_loss_sum_and_count(
     ignore_index: int = -100,
     where: ArrayLike | None = None,
     token_block: int | None = None,
+    implementation: str | None = None,
 ) -> tuple[Array, Array]:
   """``(sum over valid tokens, number of valid tokens)`` of :func:`distill_loss`.
 
@@ -228,7 +188,7 @@ def distill_loss_sum_and_count(
       logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
       temperature=temperature, temperature_squared=temperature_squared,
       ignore_index=ignore_index, where=where, reduction="sum", normalizer=None,
-      token_block=token_block, output="sum_count")
+      token_block=token_block, implementation=implementation, output="sum_count")
 
 
 def kd_loss(
@@ -237,6 +197,7 @@ def kd_loss(
     labels: ArrayLike,
     *,
     ignore_index: int = -100,
+    implementation: str | None = None,
 ) -> Array:
   r"""OpenRLHF's ``KDLoss``: teacher-weighted student cross entropy, mean over valid tokens.
 
@@ -257,6 +218,7 @@ def kd_loss(
     teacher_logits: teacher logits ``[..., vocab]``.
     labels: integer token ids ``logits.shape[:-1]``; ``ignore_index`` marks ignored tokens.
     ignore_index: the ignored label value (default -100).
+    implementation: as in :func:`distill_loss`.
 
   Returns:
     A float32 scalar.
@@ -270,7 +232,8 @@ def kd_loss(
   return _call(
       logits, teacher_logits, labels, divergence="soft_cross_entropy", beta=0.5, alpha=0.1,
       temperature=1.0, temperature_squared=False, ignore_index=ignore_index, where=None,
-      reduction="mean", normalizer=None, token_block=None, output="loss")
+      reduction="mean", normalizer=None, token_block=None, implementation=implementation,
+      output="loss")
 
 
 def distill_with_cross_entropy(
@@ -289,6 +252,7 @@ def distill_with_cross_entropy(
     reduction: str = "mean",
     normalizer: ArrayLike | None = None,
     token_block: int | None = None,
+    implementation: str | None = None,
     return_components: bool = False,
 ):
   r"""``(1 - kd_coef) * cross_entropy(logits, labels) + kd_coef * distill_loss(...)``.
@@ -300,7 +264,8 @@ def distill_with_cross_entropy(
   Args:
     logits, teacher_logits, labels: as in :func:`distill_loss`; ``labels`` is required (the
       cross-entropy targets, already aligned: see :func:`kdjax.shift_labels`). A label whose
-      student logit is ``-inf`` gives an infinite cross entropy.
+      student logit is ``-inf`` gives an infinite cross entropy; a counted label outside
+      ``[0, vocab)`` gives a NaN loss (padding must use ``ignore_index``).
     kd_coef: weight of the distillation term in ``[0, 1]``; a scalar array may be scheduled.
     return_components: also return ``(cross_entropy, distill)``, each reduced.
     Others: as in :func:`distill_loss`.
@@ -316,13 +281,12 @@ def distill_with_cross_entropy(
     >>> round(float(kdjax.distill_with_cross_entropy(logits, teacher, labels, kd_coef=0.5)), 4)
     0.6931
   """
-  if labels is None:
-    raise ValueError("labels is required: it holds the cross-entropy targets.")
   loss, ce, distill = _call(
       logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
       temperature=temperature, temperature_squared=temperature_squared,
       ignore_index=ignore_index, where=where, reduction=reduction, normalizer=normalizer,
-      token_block=token_block, output="combined", kd_coef=kd_coef)
+      token_block=token_block, implementation=implementation, output="combined",
+      kd_coef=kd_coef)
   if return_components:
     return loss, (ce, distill)
   return loss
@@ -365,11 +329,12 @@ def shift_labels(labels: ArrayLike, *, ignore_index: int = -100) -> Array:
 
 
 def _per_token(divergence, logits, teacher_logits, *, temperature, beta=0.5, alpha=0.1,
-               token_block=None):
+               token_block=None, implementation=None):
   return _call(
       logits, teacher_logits, None, divergence=divergence, beta=beta, alpha=alpha,
       temperature=temperature, temperature_squared=False, ignore_index=-100, where=None,
-      reduction="none", normalizer=None, token_block=token_block, output="loss")
+      reduction="none", normalizer=None, token_block=token_block,
+      implementation=implementation, output="loss")
 
 
 _PER_TOKEN_ARGS = """
@@ -378,6 +343,7 @@ _PER_TOKEN_ARGS = """
     teacher_logits: teacher logits, same shape; no gradient flows to them.
     temperature: ``T > 0``; both logits are divided by it before the softmax.
     token_block: rows per block of the blocked computation (default: automatic).
+    implementation: ``"blocked"``, ``"reference"`` or None, as in :func:`kdjax.distill_loss`.
 
   Returns:
     float32 ``logits.shape[:-1]``: one value per token. ``-inf`` logits follow the conventions
@@ -391,51 +357,91 @@ _PER_TOKEN_ARGS = """
 """
 
 
-def forward_kl(logits: ArrayLike, teacher_logits: ArrayLike, *,
-               temperature: float | ArrayLike = 1.0, token_block: int | None = None) -> Array:
+def forward_kl(
+    logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    temperature: float | ArrayLike = 1.0,
+    token_block: int | None = None,
+    implementation: str | None = None,
+) -> Array:
   return _per_token("forward_kl", logits, teacher_logits, temperature=temperature,
-                    token_block=token_block)
+                    token_block=token_block, implementation=implementation)
 
 
-def reverse_kl(logits: ArrayLike, teacher_logits: ArrayLike, *,
-               temperature: float | ArrayLike = 1.0, token_block: int | None = None) -> Array:
+def reverse_kl(
+    logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    temperature: float | ArrayLike = 1.0,
+    token_block: int | None = None,
+    implementation: str | None = None,
+) -> Array:
   return _per_token("reverse_kl", logits, teacher_logits, temperature=temperature,
-                    token_block=token_block)
+                    token_block=token_block, implementation=implementation)
 
 
-def generalized_jsd(logits: ArrayLike, teacher_logits: ArrayLike, *,
-                    beta: float | ArrayLike = 0.5, temperature: float | ArrayLike = 1.0,
-                    token_block: int | None = None) -> Array:
-  return _per_token("generalized_jsd", logits, teacher_logits, temperature=temperature,
-                    beta=beta, token_block=token_block)
+def generalized_jsd(
+    logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    beta: float | ArrayLike = 0.5,
+    temperature: float | ArrayLike = 1.0,
+    token_block: int | None = None,
+    implementation: str | None = None,
+) -> Array:
+  return _per_token("generalized_jsd", logits, teacher_logits, beta=beta, temperature=temperature,
+                    token_block=token_block, implementation=implementation)
 
 
-def skew_forward_kl(logits: ArrayLike, teacher_logits: ArrayLike, *,
-                    alpha: float | ArrayLike = 0.1, temperature: float | ArrayLike = 1.0,
-                    token_block: int | None = None) -> Array:
-  return _per_token("skew_forward_kl", logits, teacher_logits, temperature=temperature,
-                    alpha=alpha, token_block=token_block)
+def skew_forward_kl(
+    logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    alpha: float | ArrayLike = 0.1,
+    temperature: float | ArrayLike = 1.0,
+    token_block: int | None = None,
+    implementation: str | None = None,
+) -> Array:
+  return _per_token("skew_forward_kl", logits, teacher_logits, alpha=alpha, temperature=temperature,
+                    token_block=token_block, implementation=implementation)
 
 
-def skew_reverse_kl(logits: ArrayLike, teacher_logits: ArrayLike, *,
-                    alpha: float | ArrayLike = 0.1, temperature: float | ArrayLike = 1.0,
-                    token_block: int | None = None) -> Array:
-  return _per_token("skew_reverse_kl", logits, teacher_logits, temperature=temperature,
-                    alpha=alpha, token_block=token_block)
+def skew_reverse_kl(
+    logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    alpha: float | ArrayLike = 0.1,
+    temperature: float | ArrayLike = 1.0,
+    token_block: int | None = None,
+    implementation: str | None = None,
+) -> Array:
+  return _per_token("skew_reverse_kl", logits, teacher_logits, alpha=alpha, temperature=temperature,
+                    token_block=token_block, implementation=implementation)
 
 
-def total_variation(logits: ArrayLike, teacher_logits: ArrayLike, *,
-                    temperature: float | ArrayLike = 1.0,
-                    token_block: int | None = None) -> Array:
+def total_variation(
+    logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    temperature: float | ArrayLike = 1.0,
+    token_block: int | None = None,
+    implementation: str | None = None,
+) -> Array:
   return _per_token("total_variation", logits, teacher_logits, temperature=temperature,
-                    token_block=token_block)
+                    token_block=token_block, implementation=implementation)
 
 
-def soft_cross_entropy(logits: ArrayLike, teacher_logits: ArrayLike, *,
-                       temperature: float | ArrayLike = 1.0,
-                       token_block: int | None = None) -> Array:
+def soft_cross_entropy(
+    logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    temperature: float | ArrayLike = 1.0,
+    token_block: int | None = None,
+    implementation: str | None = None,
+) -> Array:
   return _per_token("soft_cross_entropy", logits, teacher_logits, temperature=temperature,
-                    token_block=token_block)
+                    token_block=token_block, implementation=implementation)
 
 
 forward_kl.__doc__ = r"""Forward KL, per token.

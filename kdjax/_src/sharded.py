@@ -22,7 +22,7 @@ there, and both give the single-device answer:
 
 Under ``pmap`` (no record of which axes a value varies over) the transpose of ``psum`` is a
 ``psum``; the data-parallel sum is then written so that the gradient is this device's share of
-the global loss, the usual pmap convention (see ``_sum_over_data``).
+the global loss, the usual pmap convention (see ``reductions.sum_over_data``).
 """
 
 from __future__ import annotations
@@ -30,48 +30,14 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from kdjax._src import blocking, checks, dense, fused, losses, reductions
+from kdjax._src import blocking, checks, dense, fused, implementations, reductions, reference
+from kdjax._src import config as config_lib
 
 Array = jax.Array
 AxisName = Hashable  # a mesh axis name, or a tuple of them.
-
-
-def _check_axis(argument: str, axis_name: AxisName | None) -> None:
-  """Raises a readable error when ``axis_name`` is not a bound mesh axis at trace time."""
-  if axis_name is None:
-    return
-  try:
-    lax.axis_size(axis_name)
-  except NameError as error:  # jax raises NameError for an unbound axis name.
-    raise ValueError(
-        f"{argument}={axis_name!r} is not a mesh axis bound here: call this loss inside "
-        f"jax.shard_map (or jax.pmap) over a mesh with an axis named {axis_name!r}. Outside "
-        "shard_map, call kdjax.distill_loss on sharded arrays under jax.jit instead.") from error
-
-
-def _global_token_weights(
-    mask: Array, *, reduction: str, normalizer, data_axis_name: AxisName | None
-) -> Array:
-  """Token weights of ``reduction`` whose divisor counts the tokens of every data shard."""
-  if data_axis_name is None:
-    return reductions.token_weights(mask, reduction=reduction, normalizer=normalizer)
-  if reduction == "sum":
-    return reductions.token_weights(mask, reduction="sum")
-  if reduction == "mean":
-    if normalizer is None:
-      normalizer = lax.psum(jnp.sum(mask).astype(jnp.float32), data_axis_name)
-    return reductions.token_weights(mask, reduction="mean", normalizer=normalizer)
-  # sequence_mean: each sequence lives on one data shard; only the number of sequences that
-  # have a valid token is global.
-  local_weights = reductions.token_weights(mask, reduction="sequence_mean")
-  has_tokens = jnp.any(jnp.atleast_1d(mask), axis=-1)
-  local_sequences = jnp.sum(has_tokens).astype(jnp.float32)
-  global_sequences = lax.psum(local_sequences, data_axis_name)
-  return local_weights * (local_sequences / jnp.maximum(global_sequences, 1.0))
 
 
 def vocab_parallel_distill_loss(
@@ -91,6 +57,7 @@ def vocab_parallel_distill_loss(
     reduction: str = "mean",
     normalizer: ArrayLike | None = None,
     token_block: int | None = None,
+    implementation: str | None = None,
 ) -> Array:
   r""":func:`kdjax.distill_loss` inside ``jax.shard_map``, with the vocabulary split over devices.
 
@@ -136,6 +103,8 @@ def vocab_parallel_distill_loss(
     normalizer: optional scalar divisor for ``"mean"``, used as given (not ``psum``-ed): pass
       the global count, for example across gradient-accumulation steps.
     token_block: rows per block of the blocked computation (default: automatic).
+    implementation: ``"blocked"`` or None (the same); the whole-array ``"reference"`` does not
+      apply to a split vocabulary.
 
   Returns:
     A float32 scalar (replicated over ``axis_name`` and ``data_axis_name``), or
@@ -160,47 +129,39 @@ def vocab_parallel_distill_loss(
     >>> float(jax.jit(loss_fn)(logits, logits, labels))
     0.0
   """
-  logits, teacher_logits = losses._validate_logits(logits, teacher_logits)
-  token_shape = logits.shape[:-1]
-  labels, where, token_block = checks.token_arguments(
-      token_shape, labels=labels, where=where, reduction=reduction, normalizer=normalizer,
-      ignore_index=ignore_index, token_block=token_block)
-  hp = losses.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
-  if axis_name is not None and axis_name == data_axis_name:
-    raise ValueError(
-        f"axis_name and data_axis_name must be different mesh axes, both are {axis_name!r}.")
-  _check_axis("axis_name", axis_name)
-  _check_axis("data_axis_name", data_axis_name)
-
-  common = dict(divergence=divergence, hyperparameters=hp,
-                temperature_squared=bool(temperature_squared), token_block=token_block,
-                axis_name=axis_name)
-  mask = reductions.token_mask(token_shape, labels, where, ignore_index)
+  logits, teacher_logits = checks.logits_pair(logits, teacher_logits)
+  labels, where, normalizer, token_block = checks.token_arguments(
+      logits.shape[:-1], labels=labels, where=where, reduction=reduction,
+      normalizer=normalizer, ignore_index=ignore_index, token_block=token_block)
+  hp = checks.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
+  checks.mesh_axes(axis_name, data_axis_name)
+  config, traced = config_lib.build(
+      hp, divergence=divergence, temperature_squared=bool(temperature_squared),
+      reduction=reduction, ignore_index=ignore_index,
+      implementation=_blocked_only(implementation), token_block=token_block,
+      axis_name=axis_name, data_axis_name=data_axis_name)
+  mask = reductions.token_mask(logits.shape[:-1], labels, where, ignore_index)
+  weights = None
+  if reduction != "none":
+    weights = reductions.token_weights(mask, reduction=reduction, normalizer=normalizer,
+                                       data_axis_name=data_axis_name)
+  rows, total = implementations.materialised(
+      config, traced, logits, (teacher_logits,), weights, block_fn=dense.teacher_logits_block,
+      reference_fn=reference.per_token)
   if reduction == "none":
-    per_token, _ = dense.per_token(logits, teacher_logits, None, **common)
-    return reductions.reduce(per_token, mask, reduction="none")
-  weights = _global_token_weights(
-      mask, reduction=reduction, normalizer=normalizer, data_axis_name=data_axis_name)
-  total, _ = dense.weighted_sum(logits, teacher_logits, None, weights, **common)
+    return reductions.reduce(rows.value, mask, reduction="none")
   if data_axis_name is not None:
-    total = _sum_over_data(total, data_axis_name)
+    total = reductions.sum_over_data(total, data_axis_name)
   return total
 
 
-def _sum_over_data(local_total: Array, data_axis_name: AxisName) -> Array:
-  """``psum`` of each device's share of the loss, with the gradient of the global loss.
-
-  Under ``shard_map`` (which tracks the axes a value varies over) ``psum`` is differentiated
-  exactly. Under ``pmap`` or ``shard_map(check_vma=False)`` the transpose of ``psum`` is
-  another ``psum``, which would scale the gradient by the number of devices; there the value is
-  the global sum and the gradient that of this device's share, the usual data-parallel
-  convention (``psum`` the parameter gradients afterwards).
-  """
-  axes = set(data_axis_name) if isinstance(data_axis_name, tuple) else {data_axis_name}
-  if axes <= blocking._varying_axes(jax.typeof(local_total)):
-    return lax.psum(local_total, data_axis_name)
-  others = lax.stop_gradient(lax.psum(local_total, data_axis_name) - local_total)
-  return local_total + others
+def _blocked_only(implementation: str | None) -> str | None:
+  implementation = implementations.check(implementation)
+  if implementation == "reference":
+    raise ValueError(
+        "implementation='reference' computes whole arrays; with the vocabulary split over "
+        "axis_name use 'blocked' or None.")
+  return implementation
 
 
 def _vary_like(param: Array | None, hidden: Array) -> Array | None:
@@ -212,7 +173,7 @@ def _vary_like(param: Array | None, hidden: Array) -> Array | None:
   """
   if param is None:
     return None
-  missing = blocking._varying_axes(jax.typeof(hidden)) - blocking._varying_axes(
+  missing = blocking.varying_axes(jax.typeof(hidden)) - blocking.varying_axes(
       jax.typeof(param))
   if not missing:
     return param
@@ -243,6 +204,7 @@ def vocab_parallel_fused_linear_distill_loss(
     normalizer: ArrayLike | None = None,
     token_block: int | None = None,
     vocab_block: int | None = None,
+    implementation: str | None = None,
 ) -> Array:
   r""":func:`kdjax.fused_linear_distill_loss` inside ``jax.shard_map``, kernels split by vocabulary.
 
@@ -294,32 +256,20 @@ def vocab_parallel_fused_linear_distill_loss(
     >>> float(jax.jit(loss_fn)(hidden, kernel, hidden, kernel))
     0.0
   """
-  (student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias, teacher_bias,
-   labels, where, token_block, vocab_block, hp) = fused.validate(
-       student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
-       teacher_bias, labels, where=where, reduction=reduction, normalizer=normalizer,
-       ignore_index=ignore_index, token_block=token_block, vocab_block=vocab_block,
-       divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-       logit_scale=logit_scale, softcap=softcap,
-       vocab_mismatch_hint="Inside shard_map both kernels must hold the same vocabulary slice.")
-  token_shape = student_hidden.shape[:-1]
-  if axis_name is not None and axis_name == data_axis_name:
-    raise ValueError(
-        f"axis_name and data_axis_name must be different mesh axes, both are {axis_name!r}.")
-  _check_axis("axis_name", axis_name)
-  _check_axis("data_axis_name", data_axis_name)
-
-  args = (student_hidden, _vary_like(student_kernel, student_hidden), teacher_hidden,
-          teacher_kernel, _vary_like(student_bias, student_hidden), teacher_bias)
-  common = dict(divergence=divergence, hyperparameters=hp,
-                temperature_squared=bool(temperature_squared), token_block=token_block,
-                vocab_block=vocab_block, axis_name=axis_name)
-  mask = reductions.token_mask(token_shape, labels, where, ignore_index)
-  if reduction == "none":
-    return reductions.reduce(fused.per_token(*args, **common), mask, reduction="none")
-  weights = _global_token_weights(
-      mask, reduction=reduction, normalizer=normalizer, data_axis_name=data_axis_name)
-  total, _ = fused.per_token(*args, weights=lax.stop_gradient(weights), **common)
-  if data_axis_name is not None:
-    total = _sum_over_data(total, data_axis_name)
-  return total
+  checks.mesh_axes(axis_name, data_axis_name)
+  prepared = fused.prepare(
+      student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
+      teacher_bias, labels=labels, where=where, reduction=reduction, normalizer=normalizer,
+      ignore_index=ignore_index, divergence=divergence, temperature=temperature, beta=beta,
+      alpha=alpha, temperature_squared=temperature_squared, logit_scale=logit_scale,
+      softcap=softcap, token_block=token_block, vocab_block=vocab_block,
+      implementation=_blocked_only(implementation),
+      vocab_mismatch_hint="Inside shard_map both kernels must hold the same vocabulary slice.",
+      axis_name=axis_name, data_axis_name=data_axis_name)
+  inputs = prepared.inputs
+  hidden = inputs.student_hidden
+  inputs = inputs._replace(params=inputs.params._replace(
+      student_kernel=_vary_like(inputs.params.student_kernel, hidden),
+      student_bias=_vary_like(inputs.params.student_bias, hidden)))
+  return fused.loss(prepared.config, prepared.traced, inputs, prepared.labels, prepared.where,
+                    prepared.normalizer)

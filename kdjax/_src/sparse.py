@@ -20,13 +20,13 @@ probabilities on the ``k`` ids (``q`` at the same temperature as the stored teac
 
 With ``k`` equal to the vocabulary size all three equal ``forward_kl``.
 
-Only the row statistics differ from the dense path: the student's log-normaliser is the full
-vocabulary log-sum-exp (``"zero"``, ``"bucket"``) or the log-sum-exp of the ``k`` gathered
-logits (``"renormalize"``); the teacher's is 0 (stored log-probabilities are already normalised)
-or the log-sum-exp of the ``k`` stored values. ``q_r`` is summed directly over the student's
-entries outside the top ``k`` (exact even when it is tiny); ``p_r`` is
-``log(1 - exp(lse_k(log p)))`` evaluated with ``log1mexp``, clamped at 0 when rounded
-stored values sum to more than 1.
+It is the block recipe (``recipe.py``) on other rows: only the row statistics differ from the
+dense path. The student's log-normaliser is the full vocabulary log-sum-exp (``"zero"``,
+``"bucket"``) or the log-sum-exp of the ``k`` gathered logits (``"renormalize"``); the teacher's
+is 0 (stored log-probabilities are already normalised) or the log-sum-exp of the ``k`` stored
+values. ``q_r`` is summed directly over the student's entries outside the top ``k`` (exact even
+when it is tiny); ``p_r`` is ``log(1 - exp(lse_k(log p)))`` evaluated with ``log1mexp``, clamped
+at 0 when rounded stored values sum to more than 1.
 
 Conventions, on top of those of ``divergences.py``: an entry whose stored teacher
 log-probability is ``-inf`` has no teacher mass and contributes 0; a token whose ``k`` teacher
@@ -34,28 +34,28 @@ entries are all ``-inf`` is an empty teacher distribution and contributes 0 unde
 (no remainder category is invented for it); a student ``-inf`` logit among the ``k`` ids
 contributes 0 (``x log(x / 0) := 0``). Ids must be valid (``0 <= id < vocab``) and distinct
 within a token, which ``topk_teacher`` guarantees; an out-of-range id makes that token's value
-NaN rather than silently reading another entry.
+NaN rather than silently reading another entry; so does a NaN logit or log-probability.
 
-The gradient with respect to the student logits is analytic (``jax.custom_vjp``), computed
-blockwise over tokens like the dense engine: it has the form ``dlog_q - q * sum(dlog_q)`` of
-``divergences.student_grad``, where ``dlog_q`` is the divergence's ``k``-entry derivative
-scattered into the vocabulary (plus, for ``"bucket"``, the remainder's share ``g_r q_v / q_r``
-on every other entry). No ``[tokens, vocab]`` float32 temporary is kept; the gradient is stored
-in the logits' dtype. No gradient flows to the teacher arrays.
+The blocked implementation runs in the engine of materialised logits (``dense.py``): the
+gradient with respect to the student logits is analytic, computed with the values and written
+over the logits. It has the recipe's form ``dlog_q - q * sum(dlog_q)``, where ``dlog_q`` is the
+divergence's ``k``-entry derivative scattered into the vocabulary (plus, for ``"bucket"``, the
+remainder's share ``g_r q_v / q_r`` on every other entry). No ``[tokens, vocab]`` float32
+temporary is kept. No gradient flows to the teacher arrays.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from kdjax._src import blocking, checks, reductions
+from kdjax._src import blocking, checks, implementations, recipe, reductions, reference
+from kdjax._src import config as config_lib
 from kdjax._src import divergences as div
 
 Array = jax.Array
@@ -68,21 +68,21 @@ TAILS = ("renormalize", "zero", "bucket")
 # ----------------------------------------------------------------------------------------------
 
 
-def _topk_block(k, temperature, teacher_logits):
-  scaled = teacher_logits.astype(jnp.float32) / temperature
-  lse = div.logsumexp(scaled)
-  values, ids = lax.top_k(scaled, k)
-  return ids.astype(jnp.int32), values - lse[:, None]
+def _topk_block(k, inv_temperature, teacher_logits):
+  logits = teacher_logits.astype(jnp.float32)
+  stats, _ = recipe.statistics(logits, inv_temperature)
+  top, ids = lax.top_k(logits, k)  # The order of x / T for any T > 0.
+  return ids.astype(jnp.int32), recipe.distribution(top, stats, inv_temperature).log
 
 
 @functools.partial(jax.jit, static_argnames=("k", "token_block"))
-def _topk(teacher_logits, temperature, *, k, token_block):
+def _topk(teacher_logits, inv_temperature, *, k, token_block):
   vocab = teacher_logits.shape[-1]
   flat = teacher_logits.reshape(-1, vocab)
   num_tokens = flat.shape[0]
-  block = token_block or blocking.default_token_block(num_tokens, vocab)
+  block = token_block or blocking.token_block(num_tokens, vocab)
   ids, logprobs = blocking.map_token_blocks(
-      functools.partial(_topk_block, k, temperature), (flat,),
+      functools.partial(_topk_block, k, inv_temperature), (flat,),
       (jnp.zeros((num_tokens, k), jnp.int32), jnp.zeros((num_tokens, k), jnp.float32)),
       block=block)
   shape = teacher_logits.shape[:-1] + (k,)
@@ -95,6 +95,7 @@ def topk_teacher(
     *,
     temperature: float | ArrayLike = 1.0,
     token_block: int | None = None,
+    implementation: str | None = None,
 ) -> tuple[Array, Array]:
   r"""The teacher's ``k`` most likely ids and their full-vocabulary log-probabilities.
 
@@ -121,37 +122,28 @@ def topk_teacher(
     log-probability.
 
   Example:
-    >>> import jax.numpy as jnp
-    >>> from kdjax._src.sparse import topk_teacher
-    >>> ids, logprobs = topk_teacher(jnp.log(jnp.array([[0.1, 0.6, 0.3]])), 2)
+    >>> import jax.numpy as jnp, kdjax
+    >>> ids, logprobs = kdjax.topk_teacher(jnp.log(jnp.array([[0.1, 0.6, 0.3]])), 2)
     >>> ids.tolist(), [round(float(p), 4) for p in jnp.exp(logprobs)[0]]
     ([[1, 2]], [0.6, 0.3])
   """
-  teacher_logits = checks.float_array("teacher_logits", teacher_logits)
+  teacher_logits = checks.logits("teacher_logits", teacher_logits)
   k = checks.positive_int("k", k)
   vocab = teacher_logits.shape[-1]
   if k > vocab:
     raise ValueError(
         f"k must be <= the vocabulary size teacher_logits.shape[-1] = {vocab}, got k={k}.")
-  temperature = checks.scalar("temperature", temperature)
-  div.check_temperature(temperature)
+  temperature = checks.temperature(temperature)
   token_block = checks.positive_int("token_block", token_block, optional=True)
   ids, logprobs = _topk(
-      lax.stop_gradient(teacher_logits), jnp.asarray(temperature, jnp.float32), k=k,
+      lax.stop_gradient(teacher_logits), jnp.asarray(1.0 / temperature, jnp.float32), k=k,
       token_block=token_block)
   return lax.stop_gradient(ids), lax.stop_gradient(logprobs)
 
 
 # ----------------------------------------------------------------------------------------------
-# sparse_distill_loss: the blocked per-token engine
+# sparse_distill_loss: the block function of the blocked engine
 # ----------------------------------------------------------------------------------------------
-
-
-class _Config(NamedTuple):
-  tail: str
-  static_temperature: float | None  # None: the temperature is traced (a dynamic argument).
-  temperature_squared: bool
-  token_block: int | None
 
 
 def _log1mexp(x: Array) -> Array:
@@ -164,168 +156,113 @@ def _log1mexp(x: Array) -> Array:
   return jnp.where(near_zero, small, large)
 
 
-def _scatter_rows(dense: Array, ids: Array, values: Array, *, add: bool = True) -> Array:
+def _log(x: Array) -> Array:
+  return jnp.where(x > 0, jnp.log(jnp.where(x > 0, x, 1.0)), -jnp.inf)
+
+
+def _scatter_rows(dense_rows: Array, ids: Array, values, *, add: bool = True) -> Array:
   rows = lax.broadcasted_iota(jnp.int32, ids.shape, 0)
-  ref = dense.at[rows, ids]
+  ref = dense_rows.at[rows, ids]
   return ref.add(values, mode="drop") if add else ref.set(values, mode="drop")
 
 
-def _block(config: _Config, with_grad: bool, temperature, logits, ids, teacher_logprobs):
-  """One block of tokens: per-token value and optionally its gradient w.r.t. ``logits``."""
-  forward_kl = div.get_divergence("forward_kl")
-  num_rows, vocab = logits.shape
-  s = logits.astype(jnp.float32) / temperature
-  s_top = jnp.take_along_axis(s, ids, axis=-1, mode="fill", fill_value=-jnp.inf)
+def _append(d: div.Dist, log_rest: Array, prob_rest: Array) -> div.Dist:
+  """``d`` with one more category (the rest of the vocabulary) appended."""
+  return div.dist(jnp.concatenate([d.log, log_rest[:, None]], axis=-1),
+                  jnp.concatenate([d.prob, prob_rest[:, None]], axis=-1))
+
+
+def _block(config: config_lib.Config, hp, logits, ids, teacher_logprobs, *, weights,
+           with_grad: bool):
+  """One block of tokens: the recipe on the ``k`` teacher ids (plus the tail bucket)."""
+  inv_temperature = recipe.inverse_temperature(hp)
+  x = logits.astype(jnp.float32)
+  x_top = jnp.take_along_axis(x, ids, axis=-1, mode="fill", fill_value=-jnp.inf)
   log_p = teacher_logprobs.astype(jnp.float32)
-
+  # The stored log-probabilities are normalised: their statistics only serve to renormalise
+  # them over the k ids and to find empty (all -inf) and NaN rows.
+  teacher, _ = recipe.statistics(log_p, 1.0)
+  invalid = ~jnp.all((ids >= 0) & (ids < x.shape[-1]), axis=-1)
   if config.tail == "renormalize":
-    student_log_norm = div.logsumexp(s_top)
-    teacher_log_norm = div.logsumexp(log_p)
+    student, top_exps = recipe.statistics(x_top, inv_temperature)
+    q = recipe.distribution(x_top, student, inv_temperature, top_exps)
+    p = recipe.distribution(log_p, teacher, 1.0)
+    row_max = jnp.max(x, axis=-1)  # The rest of the row is not read otherwise: check it.
+    invalid = invalid | jnp.isnan(row_max) | (row_max == jnp.inf)
   else:
-    student_log_norm = div.logsumexp(s)
-    teacher_log_norm = jnp.zeros((num_rows,), jnp.float32)
-  log_q_top = s_top - student_log_norm[:, None]
-  log_p_top = log_p - teacher_log_norm[:, None]
-  if config.tail == "bucket":
-    in_top = _scatter_rows(jnp.zeros(s.shape, jnp.bool_), ids, True, add=False)
-    q_full = jnp.exp(s - student_log_norm[:, None])
-    q_rest = jnp.sum(jnp.where(in_top, 0.0, q_full), axis=-1)
-    log_q_rest = jnp.where(q_rest > 0, jnp.log(jnp.where(q_rest > 0, q_rest, 1.0)), -jnp.inf)
-    # div.logsumexp is 0 for an all -inf row, so an empty teacher gets p_r = 0, not 1.
-    log_p_rest = _log1mexp(div.logsumexp(log_p))
-    log_q_top = jnp.concatenate([log_q_top, log_q_rest[:, None]], axis=-1)
-    log_p_top = jnp.concatenate([log_p_top, log_p_rest[:, None]], axis=-1)
-
-  # The k (+ 1) categories arrive already normalised: their log-normalisers are 0 here.
-  zeros = jnp.zeros((num_rows,), jnp.float32)
-  terms, q_top = div.pointwise_terms(forward_kl, log_q_top, log_p_top, zeros, zeros, {})
-  scale = jnp.square(temperature) if config.temperature_squared else 1.0
-  # The conventions would score a NaN read from an invalid id as "no mass" (0): flag it instead.
-  valid_ids = jnp.all((ids >= 0) & (ids < vocab), axis=-1)
-  value = jnp.where(valid_ids, scale * jnp.sum(terms.value, axis=-1), jnp.nan)
+    student, exps = recipe.statistics(x, inv_temperature, keep=True)
+    q_full = recipe.distribution(x, student, inv_temperature, exps)
+    q = recipe.distribution(x_top, student, inv_temperature)
+    p = div.dist(log_p)
+    if config.tail == "bucket":
+      in_top = _scatter_rows(jnp.zeros(x.shape, jnp.bool_), ids, True, add=False)
+      # q_r summed over the entries outside the top k: exact even when it is tiny.
+      q_rest = jnp.sum(jnp.where(in_top, 0.0, q_full.prob), axis=-1)
+      log_q_rest = _log(q_rest)
+      empty_teacher = teacher.sum_exp == 0  # No remainder category is invented for it.
+      log_p_rest = jnp.where(empty_teacher, -jnp.inf,
+                             _log1mexp(recipe.log_normaliser(teacher, 1.0)))
+      q = _append(q, log_q_rest, q_rest)
+      p = _append(p, log_p_rest, jnp.exp(log_p_rest))
+  terms = recipe.terms(config, hp, p, q)
+  sums = recipe.Sums(jnp.sum(terms.value, axis=-1),
+                     jnp.sum(terms.dlog_q, axis=-1) if with_grad else None)
+  rows, scale = recipe.finish(config, hp, student, teacher, sums, weights=weights,
+                              invalid=invalid)
   if not with_grad:
-    return (value,)
-
-  sum_dlog_q = jnp.sum(terms.dlog_q, axis=-1)
+    return rows, None
   if config.tail == "renormalize":
     # The student distribution lives on the k ids only: the gradient is zero elsewhere.
-    grad_top = div.student_grad(terms, q_top, sum_dlog_q)
-    grad = _scatter_rows(jnp.zeros(s.shape, jnp.float32), ids, grad_top)
-  else:
-    k = ids.shape[-1]
-    if config.tail == "zero":
-      q_full = jnp.exp(s - student_log_norm[:, None])
-      rest_dlog_q = 0.0
-    else:
-      # d log q_r / d log q_v = q_v / q_r for v outside the top k: the remainder's derivative
-      # is shared among those entries (0 when q_r has no mass, by the conventions).
-      share = jnp.exp(jnp.where(in_top, -jnp.inf, s - student_log_norm[:, None])
-                      - jnp.where(jnp.isfinite(log_q_rest), log_q_rest, 0.0)[:, None])
-      rest_dlog_q = terms.dlog_q[:, k, None] * share
-    # student_grad over the full vocabulary, with the k-entry derivatives added by a scatter
-    # instead of materialising a dense dlog_q that is zero almost everywhere.
-    grad = div.student_grad(terms._replace(dlog_q=rest_dlog_q), q_full, sum_dlog_q)
-    grad = _scatter_rows(grad, ids, terms.dlog_q[:, :k])
-  grad = jnp.where(valid_ids[:, None], grad * (scale / temperature), jnp.nan)
-  return value, grad.astype(logits.dtype)
+    grad_top = recipe.student_grad(scale, terms.dlog_q, q.prob, sums.dlog_q)
+    return rows, _scatter_rows(jnp.zeros(x.shape, jnp.float32), ids, grad_top)
+  k = ids.shape[-1]
+  rest_dlog_q = 0.0
+  if config.tail == "bucket":
+    # d log q_r / d log q_v = q_v / q_r for v outside the top k: the remainder's derivative is
+    # shared among those entries (0 when q_r has no mass, by the conventions).
+    share = jnp.exp(jnp.where(in_top, -jnp.inf, q_full.log)
+                    - jnp.where(jnp.isfinite(log_q_rest), log_q_rest, 0.0)[:, None])
+    rest_dlog_q = terms.dlog_q[:, k, None] * share
+  # The recipe's gradient over the full vocabulary, with the k entries' derivatives added by a
+  # scatter instead of materialising a dense dlog_q that is zero almost everywhere.
+  grad = recipe.student_grad(scale, rest_dlog_q, q_full.prob, sums.dlog_q)
+  return rows, _scatter_rows(grad, ids, recipe.scale_entries(scale, terms.dlog_q[:, :k]))
 
 
-def _loop(config: _Config, dynamic_temperature, logits, ids, teacher_logprobs, *, with_grad):
-  temperature = (config.static_temperature if dynamic_temperature is None
-                 else dynamic_temperature)
-  num_tokens, vocab = logits.shape
-  block = config.token_block or blocking.default_token_block(num_tokens, vocab)
-  outputs = (jnp.zeros((num_tokens,), jnp.float32),)
-  overwrite = {}
-  if with_grad:  # The gradient is written over the logits (see map_token_blocks).
-    outputs += (logits,)
-    overwrite = {0: 1}
-  return blocking.map_token_blocks(
-      functools.partial(_block, config, with_grad, temperature),
-      (logits, ids, teacher_logprobs), outputs, block=block, overwrite=overwrite)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _per_token(config, logits, ids, teacher_logprobs, dynamic_temperature):
-  (value,) = _loop(config, dynamic_temperature, logits, ids, teacher_logprobs, with_grad=False)
-  return value
-
-
-def _per_token_fwd(config, logits, ids, teacher_logprobs, dynamic_temperature):
-  # As in dense.py: the per-token gradient is computed with the value (the probabilities are at
-  # hand) and kept in the logits' dtype; the backward pass only scales it.
-  value, grad = _loop(config, dynamic_temperature, logits, ids, teacher_logprobs, with_grad=True)
-  return value, (grad, dynamic_temperature)
-
-
-def _per_token_bwd(config, residuals, value_ct):
-  grad, dynamic_temperature = residuals
-  grad = blocking.scale_rows(grad, value_ct)
-  temperature_ct = (None if dynamic_temperature is None
-                    else jnp.zeros_like(dynamic_temperature))
-  # The teacher (ids and log-probabilities) is a constant of the loss.
-  return grad, None, None, temperature_ct
-
-
-_per_token.defvjp(_per_token_fwd, _per_token_bwd)
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("config", "ignore_index", "reduction", "output"),
-)
-def _sparse(logits, teacher_ids, teacher_logprobs, labels, where, normalizer,
-            dynamic_temperature, *, config, ignore_index, reduction, output):
-  token_shape = logits.shape[:-1]
-  vocab, k = logits.shape[-1], teacher_ids.shape[-1]
-  per_token = _per_token(
-      config, logits.reshape(-1, vocab), teacher_ids.reshape(-1, k).astype(jnp.int32),
-      lax.stop_gradient(teacher_logprobs).reshape(-1, k), dynamic_temperature,
-  ).reshape(token_shape)
-  mask = reductions.token_mask(token_shape, labels, where, ignore_index)
+@functools.partial(jax.jit, static_argnames=("config", "output"))
+def _sparse(config, traced, logits, teacher_ids, teacher_logprobs, labels, where, normalizer,
+            *, output):
+  mask = reductions.token_mask(logits.shape[:-1], labels, where, config.ignore_index)
+  reduction = "sum" if output == "sum_count" else config.reduction
+  weights = None
+  if reduction != "none":
+    weights = reductions.token_weights(mask, reduction=reduction, normalizer=normalizer)
+  rows, loss = implementations.materialised(
+      config, traced, logits, (teacher_ids.astype(jnp.int32), teacher_logprobs), weights,
+      block_fn=_block, reference_fn=reference.sparse_per_token)
+  if reduction == "none":
+    return reductions.reduce(rows.value, mask, reduction="none")
   if output == "sum_count":
-    return reductions.sum_and_count(per_token, mask)
-  return reductions.reduce(per_token, mask, reduction=reduction, normalizer=normalizer)
+    return loss, jnp.sum(mask).astype(jnp.float32)
+  return loss
 
 
 def _call(logits, teacher_ids, teacher_logprobs, labels, *, tail, temperature,
-          temperature_squared, ignore_index, where, reduction, normalizer, token_block, output):
+          temperature_squared, ignore_index, where, reduction, normalizer, token_block,
+          implementation, output):
   """Validates the inputs of the public losses (at trace time) and runs ``_sparse``."""
-  logits = checks.float_array("logits", logits)
-  teacher_logprobs = checks.float_array("teacher_logprobs", teacher_logprobs)
-  teacher_ids = jnp.asarray(teacher_ids)
-  if not jnp.issubdtype(teacher_ids.dtype, jnp.integer):
-    raise TypeError(f"teacher_ids must be an integer array, got dtype {teacher_ids.dtype}.")
-  token_shape, vocab = logits.shape[:-1], logits.shape[-1]
-  if teacher_ids.shape[:-1] != token_shape or teacher_ids.ndim != logits.ndim:
-    raise ValueError(
-        f"teacher_ids must have shape logits.shape[:-1] + (k,) = {token_shape + ('k',)}, got "
-        f"{teacher_ids.shape} (logits.shape={logits.shape}).")
-  if teacher_logprobs.shape != teacher_ids.shape:
-    raise ValueError(
-        f"teacher_logprobs must have the shape of teacher_ids {teacher_ids.shape}, got "
-        f"{teacher_logprobs.shape}.")
-  k = teacher_ids.shape[-1]
-  if not 1 <= k <= vocab:
-    raise ValueError(
-        f"teacher_ids must hold 1 <= k <= vocab = logits.shape[-1] = {vocab} ids per token, "
-        f"got k={k}. If the teacher's vocabulary is larger, cut the teacher logits with "
-        "kdjax.align_vocab before kdjax.topk_teacher.")
-  if tail not in TAILS:
-    raise ValueError(f"tail must be one of {TAILS}, got {tail!r}.")
-  labels, where, token_block = checks.token_arguments(
-      token_shape, labels=labels, where=where, reduction=reduction, normalizer=normalizer,
-      ignore_index=ignore_index, token_block=token_block)
-  temperature = checks.scalar("temperature", temperature)
-  div.check_temperature(temperature)
-  if isinstance(temperature, float):
-    static_temperature, dynamic_temperature = temperature, None
-  else:
-    static_temperature, dynamic_temperature = None, jnp.asarray(temperature, jnp.float32)
-  config = _Config(tail, static_temperature, bool(temperature_squared), token_block)
-  return _sparse(
-      logits, teacher_ids, teacher_logprobs, labels, where, normalizer, dynamic_temperature,
-      config=config, ignore_index=ignore_index, reduction=reduction, output=output)
+  logits, teacher_ids, teacher_logprobs = checks.sparse_teacher(
+      logits, teacher_ids, teacher_logprobs)
+  labels, where, normalizer, token_block = checks.token_arguments(
+      logits.shape[:-1], labels=labels, where=where, reduction=reduction,
+      normalizer=normalizer, ignore_index=ignore_index, token_block=token_block)
+  config, traced = config_lib.build(
+      checks.hyperparameters("forward_kl", temperature=temperature), divergence="forward_kl",
+      tail=checks.one_of("tail", tail, TAILS), temperature_squared=bool(temperature_squared),
+      reduction=reduction, ignore_index=ignore_index,
+      implementation=implementations.check(implementation), token_block=token_block)
+  return _sparse(config, traced, logits, teacher_ids, teacher_logprobs, labels, where,
+                 normalizer, output=output)
 
 
 def sparse_distill_loss(
@@ -342,6 +279,7 @@ def sparse_distill_loss(
     reduction: str = "mean",
     normalizer: ArrayLike | None = None,
     token_block: int | None = None,
+    implementation: str | None = None,
 ) -> Array:
   r"""Forward KL from a sparse (top-k) teacher to the student, masked and reduced.
 
@@ -384,16 +322,17 @@ def sparse_distill_loss(
       :func:`kdjax.distill_loss`; an all-ignored batch gives 0 with zero gradients).
     normalizer: optional scalar replacing the valid-token count of ``"mean"``.
     token_block: rows per block of the blocked computation (default: automatic).
+    implementation: ``"blocked"``, ``"reference"`` or None, as in :func:`kdjax.distill_loss`.
 
   Returns:
     A float32 scalar, or ``logits.shape[:-1]`` for ``reduction="none"``.
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from kdjax._src.sparse import sparse_distill_loss, topk_teacher
+    >>> import kdjax
     >>> teacher = jnp.log(jnp.array([[0.5, 0.3, 0.1, 0.1]]))
-    >>> ids, logprobs = topk_teacher(teacher, 4)
-    >>> float(sparse_distill_loss(teacher, ids, logprobs, tail="bucket"))  # student == teacher
+    >>> ids, logprobs = kdjax.topk_teacher(teacher, 4)
+    >>> float(kdjax.sparse_distill_loss(teacher, ids, logprobs, tail="bucket"))  # same model
     0.0
 
   References:
@@ -404,7 +343,8 @@ def sparse_distill_loss(
   return _call(
       logits, teacher_ids, teacher_logprobs, labels, tail=tail, temperature=temperature,
       temperature_squared=temperature_squared, ignore_index=ignore_index, where=where,
-      reduction=reduction, normalizer=normalizer, token_block=token_block, output="loss")
+      reduction=reduction, normalizer=normalizer, token_block=token_block,
+      implementation=implementation, output="loss")
 
 
 def sparse_distill_loss_sum_and_count(
@@ -419,6 +359,7 @@ def sparse_distill_loss_sum_and_count(
     ignore_index: int = -100,
     where: ArrayLike | None = None,
     token_block: int | None = None,
+    implementation: str | None = None,
 ) -> tuple[Array, Array]:
   """``(sum over valid tokens, number of valid tokens)`` of :func:`sparse_distill_loss`.
 
@@ -430,9 +371,9 @@ def sparse_distill_loss_sum_and_count(
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from kdjax._src.sparse import sparse_distill_loss_sum_and_count
+    >>> import kdjax
     >>> ids, logprobs = jnp.array([[0], [1]]), jnp.log(jnp.array([[0.5], [0.5]]))
-    >>> total, count = sparse_distill_loss_sum_and_count(
+    >>> total, count = kdjax.sparse_distill_loss_sum_and_count(
     ...     jnp.zeros((2, 2)), ids, logprobs, jnp.array([3, -100]), tail="bucket")
     >>> float(total), float(count)
     (0.0, 1.0)
@@ -440,4 +381,5 @@ def sparse_distill_loss_sum_and_count(
   return _call(
       logits, teacher_ids, teacher_logprobs, labels, tail=tail, temperature=temperature,
       temperature_squared=temperature_squared, ignore_index=ignore_index, where=where,
-      reduction="sum", normalizer=None, token_block=token_block, output="sum_count")
+      reduction="sum", normalizer=None, token_block=token_block,
+      implementation=implementation, output="sum_count")

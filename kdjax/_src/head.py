@@ -1,0 +1,119 @@
+"""The linear output head of the fused losses: logits from hidden states, gradients back to them.
+
+Each model's raw logits are
+
+.. math::
+
+    x = c \\tanh\\!\\Big(\\frac{s \\, (h W + b)}{c}\\Big), \\qquad z = h W + b,
+
+with an optional ``logit_scale`` ``s`` (Cohere) and an optional ``softcap`` ``c`` (Gemma),
+per model. The block recipe turns ``x`` into values and ``dD/dx``; the chain rule here gives
+
+.. math::
+
+    \\frac{\\partial D}{\\partial z} = \\frac{\\partial D}{\\partial x}\\, s\\,
+    \\big(1 - \\tanh^2(s z / c)\\big), \\qquad dh = \\frac{\\partial D}{\\partial z} W^T,\\quad
+    dW = h^T \\frac{\\partial D}{\\partial z},\\quad db = \\sum_\\text{tokens}
+    \\frac{\\partial D}{\\partial z}.
+
+Matmuls run in the inputs' dtype with float32 accumulation; everything after them is float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+SIDES = ("student", "teacher")
+
+
+class Params(NamedTuple):
+  """Both models' output projections: kernels ``[d, vocab]``, biases ``[vocab]`` or None."""
+
+  student_kernel: Array
+  student_bias: Array | None
+  teacher_kernel: Array
+  teacher_bias: Array | None
+
+
+class Inputs(NamedTuple):
+  """The arrays of a fused loss, the token axis flattened: hidden states ``[tokens, d]``."""
+
+  student_hidden: Array
+  teacher_hidden: Array
+  params: Params
+
+
+class Logits(NamedTuple):
+  """One side's raw float32 logits of a block, and what the chain rule needs of them."""
+
+  raw: Array  # [tokens, vocab columns]
+  tanh: Array | None  # tanh(s z / c), kept for the chain rule; None without a softcap.
+
+
+class Grads(NamedTuple):
+  """Gradients with respect to the student's hidden states and projection (float32)."""
+
+  hidden: Array  # [tokens, d_student]
+  kernel: Array  # [d_student, vocab columns]
+  bias: Array | None  # [vocab columns]
+
+
+def logits(hp: Mapping[str, Any], side: str, hidden: Array, kernel: Array,
+           bias: Array | None) -> Logits:
+  """``side``'s raw logits of the rows ``hidden`` and the columns of ``kernel``."""
+  x = jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)
+  if bias is not None:
+    x = x + bias.astype(jnp.float32)
+  scale = hp.get(f"{side}_logit_scale")
+  if scale is not None:
+    x = x * scale
+  softcap = hp.get(f"{side}_softcap")
+  tanh = None
+  if softcap is not None:
+    tanh = jnp.tanh(x / softcap)
+    x = softcap * tanh
+  return Logits(x, tanh)
+
+
+def both_logits(hp: Mapping[str, Any], student_hidden: Array, teacher_hidden: Array,
+                params: Params) -> tuple[Logits, Logits]:
+  return (logits(hp, "student", student_hidden, params.student_kernel, params.student_bias),
+          logits(hp, "teacher", teacher_hidden, params.teacher_kernel, params.teacher_bias))
+
+
+def logit_grad(hp: Mapping[str, Any], student: Logits, grad_raw: Array) -> Array:
+  """``dD/dz`` from ``dD/dx`` (float32), through the softcap and the logit scale."""
+  grad = grad_raw
+  if student.tanh is not None:
+    grad = grad * (1.0 - jnp.square(student.tanh))
+  scale = hp.get("student_logit_scale")
+  if scale is not None:
+    grad = grad * scale
+  return grad
+
+
+def param_grads(hidden: Array, kernel: Array, with_bias: bool, grad_logits: Array) -> Grads:
+  """The three matmul-shaped gradients of ``z = h W + b`` for one block."""
+  compute_dtype = jnp.result_type(hidden.dtype, kernel.dtype)
+  grad_logits_c = grad_logits.astype(compute_dtype)
+  d_hidden = lax.dot_general(
+      grad_logits_c, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  d_kernel = lax.dot_general(
+      hidden, grad_logits_c, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  d_bias = jnp.sum(grad_logits, axis=0) if with_bias else None
+  return Grads(d_hidden, d_kernel, d_bias)
+
+
+def vocab_slice(params: Params, start, width: int) -> Params:
+  """The columns ``[start, start + width)`` of both projections."""
+  def cut(x, axis):
+    return None if x is None else lax.dynamic_slice_in_dim(x, start, width, axis=axis)
+  return Params(cut(params.student_kernel, 1), cut(params.student_bias, 0),
+                cut(params.teacher_kernel, 1), cut(params.teacher_bias, 0))

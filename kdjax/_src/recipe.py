@@ -1,0 +1,334 @@
+"""The block recipe: per-token values and student gradients from row statistics.
+
+Every path that compares a teacher's softmax with a student's -- materialised logits blocked over
+tokens, the fused linear head, vocabulary shards on a mesh, sparse top-k teachers, vocabulary
+tiles with an online log-sum-exp -- computes them with the functions of this module. The paths
+differ only in how they obtain a block of logits and how they reduce a row over the vocabulary:
+
+* the whole row at once (``WHOLE_ROW``);
+* this device's slice, followed by a ``pmax``/``psum`` over a mesh axis (``VocabReduce(axis)``);
+* tile by tile, folding partial statistics with :func:`combine` (an online log-sum-exp) and
+  summing the tiles' terms.
+
+The recipe, for one block of rows (``x`` raw float32 logits, ``T`` the temperature):
+
+1. **Row statistics** (:func:`statistics`): ``m = max_v x_v`` and ``S = sum_v exp((x_v - m) / T)``.
+2. **Distributions** (:func:`distribution`): ``log q = (x - m) / T - log S``, exactly 0 at a
+   row's largest entry when it is alone. The shift happens in raw-logit space, before scaling,
+   and ``m + log S`` is never formed: subtracting it from a large logit would lose ``log S``.
+3. **Terms**: the divergence's elementwise value and ``d value / d log q`` (``divergences.py``),
+   summed over the vocabulary into :class:`Sums`.
+4. **Tokens** (:func:`finish`): the per-token value -- times ``T**2`` with
+   ``temperature_squared``, mixed with the hard-label cross entropy ``log S_1 - (x_label - m)``
+   (at temperature 1) when the config asks for it -- and the per-row gradient coefficients.
+5. **Gradient** (:func:`student_grad`): ``c (g - q sum_v g) + c_ce (softmax(x) - onehot(label))``
+   per entry, ``g = d value / d log q``, with respect to the raw student logits.
+
+Conventions applied here, once, per token: a token whose student or teacher row has no mass (all
+``-inf``) contributes 0 with a zero gradient; a NaN or ``+inf`` logit, a hard label outside
+``[0, vocab)``, or an input a caller flags as invalid makes the token's value and gradient NaN;
+a token whose weight is 0 gets an exactly zero gradient whatever it holds. Everything is float32;
+the caller rounds the gradient to the logits' dtype once, after all scaling.
+
+The functions are plain ``jnp`` code on ``[rows, entries]`` arrays, so a kernel can run them on
+tiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kdjax._src import divergences as div
+from kdjax._src.config import Config
+
+Array = jax.Array
+
+
+class VocabReduce(NamedTuple):
+  """How a row is reduced over the vocabulary: this array's last axis, then the mesh axis.
+
+  ``axis_name`` None: the last axis holds the whole vocabulary. Otherwise each device along
+  ``axis_name`` holds a contiguous slice of it (device ``i`` of ``n``: entries
+  ``[i * width, (i + 1) * width)``) and every reduction is followed by ``pmax``/``psum``.
+  """
+
+  axis_name: Hashable | None = None
+
+  def max(self, x: Array) -> Array:
+    row_max = jnp.max(x, axis=-1)
+    return row_max if self.axis_name is None else lax.pmax(row_max, self.axis_name)
+
+  def sum(self, x: Array) -> Array:
+    row_sum = jnp.sum(x, axis=-1)
+    return row_sum if self.axis_name is None else lax.psum(row_sum, self.axis_name)
+
+  def start(self, width: int) -> Array | int:
+    """The vocabulary id of this array's first entry."""
+    return 0 if self.axis_name is None else lax.axis_index(self.axis_name) * width
+
+  def size(self, width: int) -> Array | int:
+    """The whole vocabulary's size, for this array's ``width`` entries."""
+    return width if self.axis_name is None else lax.axis_size(self.axis_name) * width
+
+
+WHOLE_ROW = VocabReduce()
+
+
+def inverse_temperature(hp: Mapping[str, Any]):
+  """``1 / T``: logits are multiplied by it (a Python float when ``T`` is static)."""
+  return 1.0 / hp["temperature"]
+
+
+def value_scale(config: Config, hp: Mapping[str, Any]):
+  """``T**2`` with ``temperature_squared``, else 1."""
+  return jnp.square(hp["temperature"]) if config.temperature_squared else 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# 1-2. Row statistics and distributions.
+# ----------------------------------------------------------------------------------------------
+
+
+class Stats(NamedTuple):
+  """Row statistics of one side's logits at one temperature, over the vocabulary so far."""
+
+  max: Array  # [rows] the largest raw logit; -inf for a row with no mass, NaN if any is NaN.
+  sum_exp: Array  # [rows] sum_v exp((x_v - max) / T); 0 exactly for a row with no mass.
+
+
+def _finite(row_max: Array) -> Array:
+  # An empty row is shifted by 0 (its entries stay -inf); NaN and +inf are kept, so they spread.
+  return jnp.where(row_max == -jnp.inf, 0.0, row_max)
+
+
+def _safe_log(sum_exp: Array) -> Array:
+  return jnp.log(jnp.where(sum_exp > 0, sum_exp, 1.0))
+
+
+def _safe_reciprocal(sum_exp: Array) -> Array:
+  return 1.0 / jnp.where(sum_exp > 0, sum_exp, 1.0)
+
+
+def shifted(x: Array, row_max: Array, inv_temperature) -> Array:
+  """``(x - max) / T``: shifted in raw-logit space first, so the largest entry is exactly 0."""
+  return (x - _finite(row_max)[..., None]) * inv_temperature
+
+
+def statistics(x: Array, inv_temperature, reduce: VocabReduce = WHOLE_ROW, *,
+               keep: bool = False) -> tuple[Stats, Array]:
+  """Row statistics of the float32 logits ``x`` ``[rows, entries]``, and ``exp((x - m) / T)``.
+
+  ``keep``: materialise the exponentials once (an XLA optimisation barrier), so the
+  probabilities computed from them cost a multiplication instead of a second ``exp``.
+  """
+  row_max = reduce.max(x)
+  exps = jnp.exp(shifted(x, row_max, inv_temperature))
+  if keep:
+    exps = lax.optimization_barrier(exps)
+  return Stats(row_max, reduce.sum(exps)), exps
+
+
+def combine(a: Stats, b: Stats, inv_temperature) -> Stats:
+  """Statistics of two disjoint parts of a row (vocabulary tiles): the online log-sum-exp."""
+  row_max = jnp.maximum(a.max, b.max)
+  shift = _finite(row_max)
+
+  def rescaled(part: Stats) -> Array:  # exp(-inf) = 0 rescales an empty part's 0 to 0.
+    return part.sum_exp * jnp.exp((part.max - shift) * inv_temperature)
+
+  return Stats(row_max, rescaled(a) + rescaled(b))
+
+
+def combine_over(stats: Stats, reduce: VocabReduce, inv_temperature) -> Stats:
+  """Statistics of each device's vocabulary slice combined over ``reduce``'s mesh axis."""
+  if reduce.axis_name is None:
+    return stats
+  row_max = reduce.max(stats.max[:, None])
+  rescaled = stats.sum_exp * jnp.exp((stats.max - _finite(row_max)) * inv_temperature)
+  return Stats(row_max, reduce.sum(rescaled[:, None]))
+
+
+def log_normaliser(stats: Stats, inv_temperature) -> Array:
+  """``log sum_v exp(x_v / T)`` per row (``-inf`` for an empty row), for callers that need the
+  number itself (a sparse teacher's stored mass); never subtract it from logits."""
+  return jnp.where(stats.sum_exp > 0, _finite(stats.max) * inv_temperature
+                   + _safe_log(stats.sum_exp), -jnp.inf)
+
+
+def distribution(x: Array, stats: Stats, inv_temperature,
+                 exps: Array | None = None) -> div.Dist:
+  """The softmax of ``x / T`` at the entries of ``x``, from the row statistics.
+
+  ``x`` may hold any of the row's entries (a tile, gathered ids); ``exps`` are
+  ``exp((x - m) / T)`` when :func:`statistics` computed them for the same entries.
+  """
+  log = shifted(x, stats.max, inv_temperature) - _safe_log(stats.sum_exp)[..., None]
+  prob = None if exps is None else exps * _safe_reciprocal(stats.sum_exp)[..., None]
+  return div.dist(log, prob)
+
+
+def terms(config: Config, hp: Mapping[str, Any], teacher: div.Dist,
+          student: div.Dist) -> div.Terms:
+  """The divergence's elementwise terms (``divergences.DIVERGENCES``)."""
+  return div.DIVERGENCES[config.divergence].terms(teacher, student, hp)
+
+
+def label_entry(x: Array, labels: Array, start, row_max: Array) -> Array:
+  """``x[label] - max`` per row where the label's entry is in ``x`` (ids ``start + j``), else 0.
+
+  Summed over the tiles or shards of a row, it is exact: one of them holds the entry.
+  """
+  local = labels - start
+  inside = (local >= 0) & (local < x.shape[-1])
+  picked = jnp.take_along_axis(x, jnp.clip(local, 0, x.shape[-1] - 1)[:, None], axis=-1)[:, 0]
+  return jnp.where(inside, picked - _finite(row_max), 0.0)
+
+
+def one_hot(labels: Array, start, width: int) -> Array:
+  """bool ``[rows, width]``: True at each row's label (vocabulary ids ``start + j``)."""
+  ids = start + lax.broadcasted_iota(labels.dtype, (labels.shape[0], width), 1)
+  return ids == labels[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3-5. Tokens and gradients.
+# ----------------------------------------------------------------------------------------------
+
+
+class Sums(NamedTuple):
+  """Per-row sums over the whole vocabulary (all tiles and shards)."""
+
+  value: Array  # [rows] of the divergence's value terms.
+  dlog_q: Array | None  # [rows] of their derivatives with respect to log q (gradients only).
+  label: Array | None = None  # [rows] x[label] - max (cross entropy only).
+
+
+class Rows(NamedTuple):
+  """Per-token results (float32 ``[rows]``)."""
+
+  value: Array  # what the loss sums: kd_coef * divergence + (1 - kd_coef) * cross_entropy.
+  divergence: Array  # the divergence, times T**2 with temperature_squared.
+  cross_entropy: Array  # the hard-label cross entropy; 0 without it.
+
+
+class GradScale(NamedTuple):
+  """Per-row coefficients of the gradient with respect to the raw student logits."""
+
+  divergence: Array  # [rows] multiplies g - q * sum(g).
+  cross_entropy: Array | None  # [rows] multiplies softmax(x) - onehot(label).
+  live: Array | None  # bool [rows]: False where the token's weight is 0 (gradient exactly 0).
+
+
+def finish(config: Config, hp: Mapping[str, Any], student: Stats, teacher: Stats, sums: Sums,
+           *, weights: Array | None = None, labels: Array | None = None,
+           vocab_size=None, cross_entropy_sum_exp: Array | None = None,
+           invalid: Array | None = None) -> tuple[Rows, GradScale]:
+  """Per-token values and gradient coefficients from whole-row statistics and sums.
+
+  Args:
+    config, hp: the static config and the hyperparameters (``temperature``, ``kd_coef``, ...).
+    student, teacher: row statistics over the whole vocabulary.
+    sums: per-row sums over the whole vocabulary.
+    weights: float32 ``[rows]`` token weights folded into the gradient coefficients (the
+      gradient is then that of ``sum(weights * value)``); None: 1.
+    labels, vocab_size, cross_entropy_sum_exp: the hard labels, the vocabulary size and the
+      student's ``S`` at temperature 1 (cross entropy only).
+    invalid: optional bool ``[rows]``: inputs a caller found invalid (NaN value and gradient).
+  """
+  inv_temperature = inverse_temperature(hp)
+  scale = value_scale(config, hp)
+  empty = (student.sum_exp == 0) | (teacher.sum_exp == 0)
+  bad = jnp.isnan(student.sum_exp) | jnp.isnan(teacher.sum_exp)
+  if invalid is not None:
+    bad = bad | invalid
+  divergence = jnp.where(bad, jnp.nan, jnp.where(empty, 0.0, scale * sums.value))
+  weights = 1.0 if weights is None else weights
+  grad_divergence = jnp.where(bad, jnp.nan, jnp.where(empty, 0.0, scale * inv_temperature))
+  live = None if isinstance(weights, float) else weights != 0
+  if not config.cross_entropy:
+    return (Rows(divergence, divergence, jnp.zeros_like(divergence)),
+            GradScale(grad_divergence * weights, None, live))
+  kd_coef = hp["kd_coef"]
+  valid_label = (labels >= 0) & (labels < vocab_size)
+  cross_entropy = jnp.where(
+      valid_label, _safe_log(cross_entropy_sum_exp) - sums.label, jnp.nan)
+  value = kd_coef * divergence + (1.0 - kd_coef) * cross_entropy
+  return (Rows(value, divergence, cross_entropy),
+          GradScale(kd_coef * grad_divergence * weights,
+                    jnp.where(valid_label, (1.0 - kd_coef) * weights, jnp.nan), live))
+
+
+def scale_entries(scale: GradScale, dvalue: Array,
+                  cross_entropy: tuple[Array, Array] | None = None) -> Array:
+  """float32 gradient entries: ``dvalue`` (the divergence's derivative with respect to the
+  scaled student logits) times the rows' coefficients, plus the cross entropy's share.
+
+  ``cross_entropy``: ``(softmax(x) at temperature 1, onehot(label))`` of the same entries.
+  Rows whose weight is 0 are exactly 0.
+  """
+  grad = scale.divergence[:, None] * dvalue
+  if scale.cross_entropy is not None:
+    softmax, label = cross_entropy
+    grad = grad + scale.cross_entropy[:, None] * jnp.where(label, softmax - 1.0, softmax)
+  if scale.live is not None:
+    grad = jnp.where(scale.live[:, None], grad, 0.0)
+  return grad
+
+
+def student_grad(scale: GradScale, dlog_q: Array, student_prob: Array, sum_dlog_q: Array,
+                 cross_entropy: tuple[Array, Array] | None = None) -> Array:
+  """float32 gradient with respect to the raw student logits of the entries of ``dlog_q``:
+  ``g - q sum(g)`` through :func:`scale_entries`."""
+  return scale_entries(scale, dlog_q - student_prob * sum_dlog_q[:, None], cross_entropy)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole recipe for rows that hold their whole vocabulary (or this device's slice of it).
+# ----------------------------------------------------------------------------------------------
+
+
+def block(config: Config, hp: Mapping[str, Any], logits: Array, teacher_logits: Array,
+          labels: Array | None = None, weights: Array | None = None, *,
+          reduce: VocabReduce = WHOLE_ROW, with_grad: bool = True) -> tuple[Rows, Array | None]:
+  """Per-token results of a block of rows and, ``with_grad``, the gradient of
+  ``sum(weights * value)`` with respect to ``logits`` (float32 ``[rows, vocab]``).
+
+  ``logits`` and ``teacher_logits`` are ``[rows, vocab]`` in any float dtype (this device's
+  slice of the vocabulary with a mesh ``reduce``); ``labels`` ``[rows]`` are read only for the
+  cross entropy. One ``exp`` per entry and side (two more for the cross entropy at ``T != 1``).
+  """
+  inv_temperature = inverse_temperature(hp)
+  x_student = logits.astype(jnp.float32)
+  x_teacher = teacher_logits.astype(jnp.float32)
+  student, student_exps = statistics(x_student, inv_temperature, reduce, keep=True)
+  teacher, teacher_exps = statistics(x_teacher, inv_temperature, reduce, keep=True)
+  q = distribution(x_student, student, inv_temperature, student_exps)
+  p = distribution(x_teacher, teacher, inv_temperature, teacher_exps)
+  entry_terms = terms(config, hp, p, q)
+  ce = {}
+  width = logits.shape[-1]
+  if config.cross_entropy:
+    start = reduce.start(width)
+    if config.is_static("temperature", 1.0):
+      ce_exps, ce_sum_exp = student_exps, student.sum_exp
+    else:
+      ce_exps = jnp.exp(shifted(x_student, student.max, 1.0))
+      ce_sum_exp = reduce.sum(ce_exps)
+    label = reduce.sum(label_entry(x_student, labels, start, student.max)[:, None])
+    ce = dict(labels=labels, vocab_size=reduce.size(width), cross_entropy_sum_exp=ce_sum_exp)
+  else:
+    label = None
+  sums = Sums(reduce.sum(entry_terms.value),
+              reduce.sum(entry_terms.dlog_q) if with_grad else None, label)
+  rows, scale = finish(config, hp, student, teacher, sums, weights=weights, **ce)
+  if not with_grad:
+    return rows, None
+  ce_grad = None
+  if config.cross_entropy:
+    ce_grad = (ce_exps * _safe_reciprocal(ce_sum_exp)[:, None], one_hot(labels, start, width))
+  return rows, student_grad(scale, entry_terms.dlog_q, q.prob, sums.dlog_q, ce_grad)

@@ -1,0 +1,98 @@
+"""The readable definition of every loss (``implementation="reference"``).
+
+Whole ``[tokens, vocab]`` arrays, ``jax.nn.log_softmax``, the divergences' value terms
+(``divergences.py``) and ``jnp.where`` for the conventions, differentiated by JAX autodiff. It is
+the oracle every other implementation is tested against, in float32 and float64. It keeps
+several ``[tokens, vocab]`` float32 arrays alive for the backward pass: use it to check, or for
+small problems.
+
+It follows the conventions of the other implementations exactly: logits are shifted by their row
+maximum before they are divided by the temperature; a row with no mass contributes 0; a NaN or
+``+inf`` logit, or a hard label outside ``[0, vocab)``, makes its token's value NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kdjax._src import divergences as div
+from kdjax._src.config import Config
+from kdjax._src.recipe import Rows
+
+Array = jax.Array
+
+
+def log_softmax(logits: Array, inv_temperature) -> Array:
+  """``log softmax(logits / T)`` over the last axis; ``-inf`` everywhere in a row of ``-inf``."""
+  row_max = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  empty = row_max == -jnp.inf
+  scaled = jnp.where(empty, 0.0, logits - jnp.where(empty, 0.0, row_max)) * inv_temperature
+  return jnp.where(empty, -jnp.inf, jax.nn.log_softmax(scaled, axis=-1))
+
+
+def _not_a_distribution(logits: Array) -> Array:
+  return jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)
+
+
+def _finish(config: Config, hp: Mapping, divergence: Array, empty: Array,
+            invalid: Array) -> Array:
+  scale = jnp.square(hp["temperature"]) if config.temperature_squared else 1.0
+  return jnp.where(invalid, jnp.nan, jnp.where(empty, 0.0, scale * divergence))
+
+
+def per_token(config: Config, traced: Mapping[str, Array], logits: Array,
+              teacher_logits: Array, labels: Array | None = None) -> Rows:
+  """Per-token rows of ``[..., vocab]`` logits; only ``value`` carries a gradient."""
+  hp = config.hyperparameters(traced)
+  inv_temperature = 1.0 / hp["temperature"]
+  student = logits.astype(jnp.float32)
+  teacher = lax.stop_gradient(teacher_logits).astype(jnp.float32)
+  q = div.dist(log_softmax(student, inv_temperature))
+  p = div.dist(log_softmax(teacher, inv_temperature))
+  terms = div.DIVERGENCES[config.divergence].terms(p, q, hp)
+  empty = jnp.all(student == -jnp.inf, axis=-1) | jnp.all(teacher == -jnp.inf, axis=-1)
+  invalid = _not_a_distribution(student) | _not_a_distribution(teacher)
+  divergence = _finish(config, hp, jnp.sum(terms.value, axis=-1), empty, invalid)
+  if not config.cross_entropy:
+    return Rows(divergence, lax.stop_gradient(divergence), jnp.zeros_like(divergence))
+  vocab = student.shape[-1]
+  valid = (labels >= 0) & (labels < vocab)
+  label_log_prob = jnp.take_along_axis(
+      log_softmax(student, 1.0), jnp.clip(labels, 0, vocab - 1)[..., None], axis=-1)[..., 0]
+  cross_entropy = jnp.where(valid, -label_log_prob, jnp.nan)
+  value = hp["kd_coef"] * divergence + (1.0 - hp["kd_coef"]) * cross_entropy
+  return Rows(value, lax.stop_gradient(divergence), lax.stop_gradient(cross_entropy))
+
+
+def sparse_per_token(config: Config, traced: Mapping[str, Array], logits: Array,
+                     teacher_ids: Array, teacher_logprobs: Array) -> Rows:
+  """Per-token rows of the student ``[..., vocab]`` against a top-k teacher (``[..., k]``)."""
+  hp = config.hyperparameters(traced)
+  student = logits.astype(jnp.float32)
+  vocab = student.shape[-1]
+  log_q = log_softmax(student, 1.0 / hp["temperature"])
+  log_q_top = jnp.take_along_axis(log_q, teacher_ids, axis=-1, mode="fill",
+                                  fill_value=-jnp.inf)
+  log_p_top = lax.stop_gradient(teacher_logprobs).astype(jnp.float32)
+  if config.tail == "renormalize":
+    log_q_top, log_p_top = log_softmax(log_q_top, 1.0), log_softmax(log_p_top, 1.0)
+  elif config.tail == "bucket":
+    in_top = jnp.any(teacher_ids[..., :, None] == jnp.arange(vocab), axis=-2)
+    q_rest = jnp.sum(jnp.where(in_top, 0.0, jnp.exp(log_q)), axis=-1, keepdims=True)
+    p_rest = jnp.maximum(1.0 - jnp.sum(jnp.exp(log_p_top), axis=-1, keepdims=True), 0.0)
+    log_q_top = jnp.concatenate([log_q_top, _log(q_rest)], axis=-1)
+    log_p_top = jnp.concatenate([log_p_top, _log(p_rest)], axis=-1)
+  terms = div.DIVERGENCES[config.divergence].terms(div.dist(log_p_top), div.dist(log_q_top), hp)
+  empty = jnp.all(teacher_logprobs == -jnp.inf, axis=-1)
+  invalid = (_not_a_distribution(student) | jnp.any(jnp.isnan(log_p_top), axis=-1)
+             | jnp.any((teacher_ids < 0) | (teacher_ids >= vocab), axis=-1))
+  divergence = _finish(config, hp, jnp.sum(terms.value, axis=-1), empty, invalid)
+  return Rows(divergence, lax.stop_gradient(divergence), jnp.zeros_like(divergence))
+
+
+def _log(x: Array) -> Array:
+  return jnp.where(x > 0, jnp.log(jnp.where(x > 0, x, 1.0)), -jnp.inf)
