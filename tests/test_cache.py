@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import zlib
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -179,3 +181,158 @@ def test_bf16_jax_inputs_are_accepted(tmp_path):
   np.testing.assert_array_equal(got_ids, [[0, 1]])
   assert got_logprobs.dtype == ml_dtypes.bfloat16
   np.testing.assert_array_equal(np.asarray(got_logprobs, np.float32), [[-1.0, -2.5]])
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile or damaged manifests: a TeacherCacheError naming the file and the field, nothing read
+# from outside the cache folder, nothing yielded from counts the files cannot hold.
+# ----------------------------------------------------------------------------------------------
+
+
+def _edit_manifest(path, edit):
+  manifest_path = path / cache.MANIFEST
+  manifest = json.loads(manifest_path.read_text())
+  edit(manifest)
+  manifest_path.write_text(json.dumps(manifest))
+
+
+def _set_shard(index, **fields):
+  def edit(manifest):
+    manifest["shards"][index].update(fields)
+  return edit
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_manifest_cannot_point_outside_the_cache_folder(tmp_path, verify):
+  folder = tmp_path / "cache"
+  info = _write_small(folder)
+  shard = info.shards[0]
+  rng = np.random.default_rng(3)
+  # Outside files: one of the shard's size (so only its CRC-32 could tell), one of another size.
+  same_size = rng.integers(0, 256, shard.num_bytes, dtype=np.uint8).tobytes()
+  other_size = rng.integers(0, 256, 12345, dtype=np.uint8).tobytes()
+  (tmp_path / "same_size.bin").write_bytes(same_size)
+  (tmp_path / "other_size.bin").write_bytes(other_size)
+  secrets = ["12345", f"{zlib.crc32(same_size):#010x}", f"{zlib.crc32(other_size):#010x}"]
+  outside = ["../same_size.bin", "../other_size.bin", str(tmp_path / "same_size.bin"),
+             "../../x", "sub/shard-00000.bin", "./shard-00000.bin", "shard-00000.bin/",
+             "shard-00000.bin.tmp", "", ".", ".."]
+  for file in outside:
+    _edit_manifest(folder, _set_shard(0, file=file))
+    with pytest.raises(TeacherCacheError, match=r"shards\[0\]\.file") as raised:
+      next(read_teacher_cache(folder, batch_shape=(2,), verify=verify))
+    assert not any(secret in str(raised.value) for secret in secrets), raised.value
+  # A shard that is a symbolic link to an outside file is not followed either.
+  _edit_manifest(folder, _set_shard(0, file=shard.file))
+  os.remove(folder / shard.file)
+  os.symlink(tmp_path / "same_size.bin", folder / shard.file)
+  with pytest.raises(TeacherCacheError, match="is not a regular file") as raised:
+    next(read_teacher_cache(folder, batch_shape=(2,), verify=verify))
+  assert not any(secret in str(raised.value) for secret in secrets), raised.value
+  with pytest.raises(TeacherCacheError, match="is not a regular file"):
+    cache.read_shard(info, 0, verify=verify)
+
+
+def test_hostile_counts_are_rejected_before_reading(tmp_path):
+  _write_small(tmp_path)
+  (tmp_path / "shard-00009.bin").write_bytes(b"")
+
+  def edit(manifest):
+    # k = 0 and an empty shard that claims 10**15 tokens: "consistent" at 0 bytes per token.
+    manifest.update(k=0, num_tokens=10**15)
+    manifest["shards"] = [dict(file="shard-00009.bin", num_tokens=10**15, num_bytes=0, crc32=0)]
+
+  _edit_manifest(tmp_path, edit)
+  with pytest.raises(TeacherCacheError, match="field 'k' must be an integer in"):
+    next(read_teacher_cache(tmp_path, batch_shape=(1,), verify=False))
+  # With k >= 1 a count must match the bytes in the file.
+  _edit_manifest(tmp_path, lambda manifest: manifest.update(k=4))
+  with pytest.raises(TeacherCacheError, match=r"'shards\[0\].num_bytes' is 0 for 10{15}"):
+    next(read_teacher_cache(tmp_path, batch_shape=(1,), verify=False))
+  with pytest.raises(TeacherCacheError, match="is truncated"):
+    _edit_manifest(tmp_path, _set_shard(0, num_bytes=12 * 10**15))
+    next(read_teacher_cache(tmp_path, batch_shape=(1,), verify=False))
+
+
+def _shard_entry(index):
+  return lambda manifest: manifest["shards"][index]
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m.update(num_tokens="6"), "num_tokens"),
+    (lambda m: m.update(num_tokens=6.0), "num_tokens"),
+    (lambda m: m.update(num_tokens=1e15), "num_tokens"),
+    (lambda m: m.update(num_tokens=-6), "num_tokens"),
+    (lambda m: m.update(k=True), "k"),
+    (lambda m: m.update(vocab_size=None), "vocab_size"),
+    (lambda m: m.update(vocab_size=2**40), "vocab_size"),
+    (lambda m: m.update(id_dtype="uint64"), "id_dtype"),
+    (lambda m: m.update(logprob_dtype=["float16"]), "logprob_dtype"),
+    (lambda m: m.update(temperature="2"), "temperature"),
+    (lambda m: m.update(temperature=0), "temperature"),
+    (lambda m: m.update(temperature=10**400), "temperature"),
+    (lambda m: m.update(metadata=[1]), "metadata"),
+    (lambda m: m.pop("shards"), "shards"),
+    (lambda m: m.update(shards={"file": "shard-00000.bin"}), "shards"),
+    (lambda m: m["shards"].__setitem__(0, ["shard-00000.bin", 4]), "shards[0]"),
+    (lambda m: m["shards"][0].update(crc32="abc"), "shards[0].crc32"),
+    (lambda m: m["shards"][0].update(crc32=2**32), "shards[0].crc32"),
+    (lambda m: m["shards"][0].update(file=5), "shards[0].file"),
+    (lambda m: m["shards"][0].update(file=None), "shards[0].file"),
+    (lambda m: m["shards"][1].pop("num_bytes"), "shards[1].num_bytes"),
+    (lambda m: m["shards"][1].update(num_tokens="2"), "shards[1].num_tokens"),
+    (lambda m: m["shards"][1].update(num_tokens=0, num_bytes=0), "shards[1].num_tokens"),
+    (lambda m: m["shards"].append(dict(m["shards"][0])), "shards[2].file"),
+])
+def test_malformed_manifest_names_the_file_and_the_field(tmp_path, edit, field):
+  _write_small(tmp_path)
+  _edit_manifest(tmp_path, edit)
+  pattern = rf"manifest\.json.* is corrupted: field '{re.escape(field)}'"
+  with pytest.raises(TeacherCacheError, match=pattern):
+    open_teacher_cache(tmp_path)
+  with pytest.raises(TeacherCacheError, match=pattern):
+    next(read_teacher_cache(tmp_path, batch_shape=(2,), verify=False))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
+    ('{"format": "kdjax-teacher-cache", "version": 1, "num_tokens": NaN}', "not valid JSON"),
+    (b"\xff\xfe{}", "not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"format": "kdjax-teacher-cache", "version": true}', "is not a kdjax-teacher-cache"),
+])
+def test_unparseable_manifest_is_a_teacher_cache_error(tmp_path, text, message):
+  _write_small(tmp_path)
+  manifest_path = tmp_path / cache.MANIFEST
+  if isinstance(text, bytes):
+    manifest_path.write_bytes(text)
+  else:
+    manifest_path.write_text(text)
+  with pytest.raises(TeacherCacheError, match=rf"manifest\.json.* {message}"):
+    open_teacher_cache(tmp_path)
+
+
+def test_manifest_that_is_a_folder_is_a_teacher_cache_error(tmp_path):
+  (tmp_path / cache.MANIFEST).mkdir()
+  with pytest.raises(TeacherCacheError, match=r"manifest\.json' is not a regular file"):
+    open_teacher_cache(tmp_path)
+
+
+def test_nan_logprobs_are_rejected_on_write_and_detected_on_read(tmp_path):
+  ids = np.array([[0, 1], [2, 3]], np.int32)
+  for bad in (np.nan, np.inf):
+    logprobs = np.array([[-0.5, -1.0], [-0.25, bad]], np.float32)
+    with pytest.raises(ValueError, match=r"batch 1: logprobs must be finite or -inf, got NaN"):
+      write_teacher_cache(tmp_path / "w", [(ids, np.full((2, 2), -1.0)), (ids, logprobs)],
+                          vocab_size=4, temperature=1.0)
+  # A shard with a NaN and a matching CRC-32 (written by something else): corrupt on read.
+  info = write_teacher_cache(tmp_path / "r", [(ids, -np.ones((2, 2), np.float32))],
+                             vocab_size=4, temperature=1.0)
+  shard = tmp_path / "r" / info.shards[0].file
+  payload = bytearray(shard.read_bytes())
+  payload[-2:] = np.array([np.nan], np.float16).tobytes()
+  shard.write_bytes(bytes(payload))
+  _edit_manifest(tmp_path / "r", _set_shard(0, crc32=zlib.crc32(bytes(payload))))
+  for verify in (True, False):
+    with pytest.raises(TeacherCacheError, match="is corrupted: it holds NaN or \\+inf"):
+      next(read_teacher_cache(tmp_path / "r", batch_shape=(2,), verify=verify))

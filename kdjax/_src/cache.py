@@ -30,9 +30,12 @@ and raises :class:`TeacherCacheError` naming the file rather than returning wron
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
+import stat
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
@@ -44,6 +47,14 @@ FORMAT = "kdjax-teacher-cache"
 VERSION = 1
 MANIFEST = "manifest.json"
 DEFAULT_SHARD_BYTES = 1 << 28  # 256 MiB: few files, and a shard is cheap to read and check.
+# A manifest lists one short entry per shard: 64 MiB is hundreds of thousands of shards. The bound
+# keeps a hostile or damaged file from being read whole into memory.
+MAX_MANIFEST_BYTES = 1 << 26
+# The shard file names the writer produces; a manifest naming anything else is rejected, so a
+# cache never reads outside its folder.
+_SHARD_FILE = re.compile(r"shard-[0-9]{5,}\.bin")
+# Not following symbolic links keeps every read inside the cache folder.
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 _LOGPROB_DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -226,8 +237,13 @@ def write_teacher_cache(
       raise ValueError(
           f"batch {batch_index}: ids must be in [0, vocab_size={vocab_size}), got values in "
           f"[{ids.min()}, {ids.max()}].")
+    logprobs = logprobs.reshape(-1, k).astype(np.float32)
+    if np.isnan(logprobs).any() or np.isposinf(logprobs).any():
+      raise ValueError(
+          f"batch {batch_index}: logprobs must be finite or -inf, got NaN or +inf (check the "
+          "teacher's logits for NaN).")
     pending_ids.append(ids.reshape(-1, k).astype(ids_dtype))
-    pending_lp.append(logprobs.reshape(-1, k).astype(np.float32).astype(lp_dtype))
+    pending_lp.append(logprobs.astype(lp_dtype))
     pending += pending_ids[-1].shape[0]
     while pending >= tokens_per_shard:
       flush(tokens_per_shard)
@@ -247,53 +263,172 @@ def write_teacher_cache(
   return open_teacher_cache(directory)
 
 
+def _short(value: Any) -> str:
+  text = repr(value)
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Manifest:
+  """Typed access to a parsed manifest: every failure names the file and the field."""
+
+  def __init__(self, path: str, data: Any):
+    self.path = path
+    if not isinstance(data, dict):
+      raise TeacherCacheError(
+          f"{path!r} is corrupted: the manifest must be a JSON object, got {_short(data)}.")
+
+  def error(self, field: str, expected: str, value: Any) -> TeacherCacheError:
+    return TeacherCacheError(
+        f"{self.path!r} is corrupted: field {field!r} must be {expected}, got {_short(value)}.")
+
+  def get(self, mapping: dict, key: str, field: str) -> Any:
+    if key not in mapping:
+      raise TeacherCacheError(f"{self.path!r} is corrupted: field {field!r} is missing.")
+    return mapping[key]
+
+  def integer(self, mapping: dict, key: str, field: str, low: int, high: int) -> int:
+    value = self.get(mapping, key, field)
+    # JSON integers only: a float, a string or a boolean is not a count.
+    if type(value) is not int or not low <= value <= high:
+      raise self.error(field, f"an integer in [{low}, {high}]", value)
+    return value
+
+
+def _open_regular_file(path: str, name: str):
+  """Opens ``path`` for reading if it is a regular file, not a folder or a symbolic link."""
+  try:
+    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW)
+  except FileNotFoundError:
+    raise TeacherCacheError(f"{name} is missing.") from None
+  except OSError as e:
+    if e.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link.
+      raise TeacherCacheError(f"{name} is not a regular file (a symbolic link).") from None
+    raise TeacherCacheError(f"{name} cannot be opened: {e.strerror}.") from None
+  if not stat.S_ISREG(os.fstat(fd).st_mode):
+    os.close(fd)
+    raise TeacherCacheError(f"{name} is not a regular file.")
+  return os.fdopen(fd, "rb")
+
+
+def _read_manifest(directory: str) -> CacheInfo:
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.lexists(path):
+    raise TeacherCacheError(
+        f"{path!r} does not exist: {directory!r} is not a teacher cache, or its writer did not "
+        "finish.")
+  with _open_regular_file(path, repr(path)) as f:
+    raw = f.read(MAX_MANIFEST_BYTES + 1)
+  if len(raw) > MAX_MANIFEST_BYTES:
+    raise TeacherCacheError(
+        f"{path!r} is corrupted: it is larger than {MAX_MANIFEST_BYTES} bytes.")
+  try:
+    data = json.loads(raw, parse_constant=_reject_constant)
+  except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting.
+    raise TeacherCacheError(
+        f"{path!r} is corrupted: it is not valid JSON ({_short(str(e))}).") from None
+  manifest = _Manifest(path, data)
+  fmt, version = data.get("format"), data.get("version")
+  if fmt != FORMAT or type(version) is not int or version != VERSION:
+    raise TeacherCacheError(
+        f"{path!r} is not a {FORMAT} version {VERSION} manifest (format={_short(fmt)}, "
+        f"version={_short(version)}).")
+  vocab_size = manifest.integer(data, "vocab_size", "vocab_size", 1, 2**32)
+  k = manifest.integer(data, "k", "k", 1, 2**31 - 1)
+  num_tokens = manifest.integer(data, "num_tokens", "num_tokens", 0, 2**63 - 1)
+  ids_name = manifest.get(data, "id_dtype", "id_dtype")
+  if ids_name != id_dtype(vocab_size).name:
+    raise manifest.error("id_dtype", f"{id_dtype(vocab_size).name!r} for vocab_size={vocab_size}",
+                         ids_name)
+  logprob_dtype = manifest.get(data, "logprob_dtype", "logprob_dtype")
+  if not isinstance(logprob_dtype, str) or logprob_dtype not in _LOGPROB_DTYPES:
+    raise manifest.error("logprob_dtype", f"one of {sorted(_LOGPROB_DTYPES)}", logprob_dtype)
+  temperature = manifest.get(data, "temperature", "temperature")
+  if not _is_positive_finite(temperature):
+    raise manifest.error("temperature", "a finite number > 0", temperature)
+  metadata = data.get("metadata", {})
+  if not isinstance(metadata, dict):
+    raise manifest.error("metadata", "a JSON object", metadata)
+  entries = manifest.get(data, "shards", "shards")
+  if not isinstance(entries, list):
+    raise manifest.error("shards", "a list", entries)
+  token_bytes = bytes_per_token(k, vocab_size, logprob_dtype=logprob_dtype)
+  shards, seen = [], {}
+  for index, entry in enumerate(entries):
+    field = f"shards[{index}]"
+    if not isinstance(entry, dict):
+      raise manifest.error(field, "a JSON object", entry)
+    file = manifest.get(entry, "file", f"{field}.file")
+    if not isinstance(file, str) or not _SHARD_FILE.fullmatch(file):
+      raise manifest.error(f"{field}.file", "a shard file name such as 'shard-00000.bin'", file)
+    if file in seen:
+      raise TeacherCacheError(
+          f"{path!r} is corrupted: field '{field}.file' repeats shards[{seen[file]}].file "
+          f"({file!r}).")
+    seen[file] = index
+    shard_tokens = manifest.integer(entry, "num_tokens", f"{field}.num_tokens", 1, 2**63 - 1)
+    num_bytes = manifest.integer(entry, "num_bytes", f"{field}.num_bytes", 0, 2**63 - 1)
+    crc = manifest.integer(entry, "crc32", f"{field}.crc32", 0, 2**32 - 1)
+    if num_bytes != shard_tokens * token_bytes:
+      raise TeacherCacheError(
+          f"{path!r} is corrupted: field '{field}.num_bytes' is {num_bytes} for {shard_tokens} "
+          f"tokens of {token_bytes} bytes.")
+    shards.append(ShardInfo(file, shard_tokens, num_bytes, crc))
+  if sum(shard.num_tokens for shard in shards) != num_tokens:
+    raise TeacherCacheError(
+        f"{path!r} is corrupted: field 'num_tokens' is {num_tokens} but the shard token counts "
+        f"do not add up to it.")
+  return CacheInfo(directory, num_tokens, k, vocab_size, ids_name, logprob_dtype,
+                   float(temperature), tuple(shards), metadata)
+
+
+def _is_positive_finite(value: Any) -> bool:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return False
+  try:
+    return math.isfinite(float(value)) and value > 0
+  except OverflowError:  # an integer too large for a float
+    return False
+
+
+def _reject_constant(name: str) -> None:
+  raise ValueError(f"{name} is not valid JSON")
+
+
+def _shard_path(directory: str, file: str) -> str:
+  """The path of a shard named ``file``, which must be a plain name the writer produces."""
+  if not isinstance(file, str) or not _SHARD_FILE.fullmatch(file):
+    raise TeacherCacheError(
+        f"{_short(file)} is not a shard file name such as 'shard-00000.bin' (a plain name "
+        f"inside the cache folder).")
+  return os.path.join(directory, file)
+
+
 def open_teacher_cache(directory: str | os.PathLike) -> CacheInfo:
   """Reads and checks a cache's manifest, and that every shard file has its recorded size.
 
+  Every field of the manifest is checked (types, ranges, and that the byte and token counts
+  agree with each other and with the files), and shard files must be plain file names of the
+  writer's form, inside ``directory``, and regular files (not symbolic links).
+
   Raises:
     TeacherCacheError: no manifest (missing or unfinished cache), an unreadable or
-      inconsistent manifest, or a missing or truncated shard.
+      inconsistent manifest (naming the field), or a missing or truncated shard.
   """
   directory = os.fspath(directory)
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.exists(path):
-    raise TeacherCacheError(
-        f"{path!r} does not exist: {directory!r} is not a teacher cache, or its writer did "
-        "not finish.")
-  try:
-    with open(path, "rb") as f:
-      manifest = json.loads(f.read())
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+  info = _read_manifest(directory)
+  for shard in info.shards:
+    shard_path = _shard_path(directory, shard.file)
+    try:
+      status = os.lstat(shard_path)
+    except FileNotFoundError:
+      raise TeacherCacheError(f"shard {shard_path!r} is missing.") from None
+    if not stat.S_ISREG(status.st_mode):
+      raise TeacherCacheError(f"shard {shard_path!r} is not a regular file.")
+    if status.st_size != shard.num_bytes:
       raise TeacherCacheError(
-          f"{path!r} is not a {FORMAT} version {VERSION} manifest (format="
-          f"{manifest.get('format')!r}, version={manifest.get('version')!r}).")
-    shards = tuple(ShardInfo(**shard) for shard in manifest["shards"])
-    info = CacheInfo(
-        directory, int(manifest["num_tokens"]), int(manifest["k"]), int(manifest["vocab_size"]),
-        str(manifest["id_dtype"]), str(manifest["logprob_dtype"]),
-        float(manifest["temperature"]), shards, dict(manifest.get("metadata", {})))
-    expected_bytes = info.bytes_per_token
-  except TeacherCacheError:
-    raise
-  except (ValueError, KeyError, TypeError, AttributeError) as e:
-    raise TeacherCacheError(f"{path!r} is corrupted: {e}") from e
-  if id_dtype(info.vocab_size).name != info.id_dtype:
-    raise TeacherCacheError(f"{path!r} is corrupted: id_dtype does not match vocab_size.")
-  if sum(shard.num_tokens for shard in shards) != info.num_tokens:
-    raise TeacherCacheError(f"{path!r} is corrupted: shard token counts do not add up.")
-  for shard in shards:
-    if shard.num_bytes != shard.num_tokens * expected_bytes:
-      raise TeacherCacheError(
-          f"{path!r} is corrupted: shard {shard.file!r} records {shard.num_bytes} bytes for "
-          f"{shard.num_tokens} tokens of {expected_bytes} bytes.")
-    shard_path = os.path.join(directory, shard.file)
-    if not os.path.exists(shard_path):
-      raise TeacherCacheError(f"shard {shard_path!r} is missing.")
-    size = os.path.getsize(shard_path)
-    if size != shard.num_bytes:
-      raise TeacherCacheError(
-          f"shard {shard_path!r} is {'truncated' if size < shard.num_bytes else 'too long'}: "
-          f"the manifest records {shard.num_bytes} bytes, the file has {size}.")
+          f"shard {shard_path!r} is "
+          f"{'truncated' if status.st_size < shard.num_bytes else 'too long'}: the manifest "
+          f"records {shard.num_bytes} bytes, the file has {status.st_size}.")
   return info
 
 
@@ -301,16 +436,18 @@ def read_shard(info: CacheInfo, index: int, *, verify: bool = True) -> tuple[np.
                                                                              np.ndarray]:
   """One shard's ``(ids, logprobs)``: int32 ``[tokens, k]`` and the storage dtype ``[tokens, k]``.
 
-  With ``verify`` (default) the shard's size and CRC-32 are checked first.
+  The shard's size is checked, and with ``verify`` (default) its CRC-32 too, before any of it is
+  used; ids out of range and NaN or ``+inf`` log-probabilities are always reported as corruption.
   """
   shard = info.shards[index]
-  path = os.path.join(info.directory, shard.file)
-  with open(path, "rb") as f:
-    payload = f.read()
+  path = _shard_path(info.directory, shard.file)
+  with _open_regular_file(path, f"shard {path!r}") as f:
+    payload = f.read(shard.num_bytes + 1)
   if len(payload) != shard.num_bytes:
     raise TeacherCacheError(
         f"shard {path!r} is {'truncated' if len(payload) < shard.num_bytes else 'too long'}: "
-        f"the manifest records {shard.num_bytes} bytes, the file has {len(payload)}.")
+        f"the manifest records {shard.num_bytes} bytes, the file has "
+        f"{'more' if len(payload) > shard.num_bytes else len(payload)}.")
   if verify and zlib.crc32(payload) != shard.crc32:
     raise TeacherCacheError(
         f"shard {path!r} is corrupted: its CRC-32 is {zlib.crc32(payload):#010x}, the manifest "
@@ -322,6 +459,9 @@ def read_shard(info: CacheInfo, index: int, *, verify: bool = True) -> tuple[np.
   ids = ids.reshape(shard.num_tokens, info.k).astype(np.int32)
   if ids.size and ids.max() >= info.vocab_size:
     raise TeacherCacheError(f"shard {path!r} is corrupted: an id is >= {info.vocab_size}.")
+  if np.isnan(logprobs).any() or np.isposinf(logprobs).any():
+    raise TeacherCacheError(
+        f"shard {path!r} is corrupted: it holds NaN or +inf log-probabilities.")
   return ids, logprobs.reshape(shard.num_tokens, info.k)
 
 
