@@ -2,7 +2,11 @@
 
 import json
 import os
+import pathlib
 import re
+import signal
+import subprocess
+import sys
 import zlib
 
 import jax.numpy as jnp
@@ -18,6 +22,8 @@ from kdjax._src.cache import (
     write_teacher_cache,
 )
 from kdjax._src.sparse import sparse_distill_loss, topk_teacher
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def teacher_batches(num_batches, batch_shape, vocab, k, seed=0):
@@ -106,7 +112,7 @@ def test_truncated_shard_raises(tmp_path):
   info = _write_small(tmp_path)
   shard = tmp_path / info.shards[1].file
   shard.write_bytes(shard.read_bytes()[:-5])
-  with pytest.raises(TeacherCacheError, match=r"shard-00001.bin.* is truncated"):
+  with pytest.raises(TeacherCacheError, match=rf"{info.shards[1].file}' is truncated"):
     list(read_teacher_cache(tmp_path, batch_shape=(2,)))
   with pytest.raises(TeacherCacheError, match="is truncated"):
     cache.read_shard(info, 1)  # also caught when the file shrinks after opening
@@ -119,7 +125,7 @@ def test_corrupted_shard_raises(tmp_path):
   payload[-1] ^= 0x01  # one flipped bit in a stored log-probability
   shard.write_bytes(bytes(payload))
   reader = read_teacher_cache(tmp_path, batch_shape=(2,))
-  with pytest.raises(TeacherCacheError, match=r"shard-00000.bin.* is corrupted: its CRC-32"):
+  with pytest.raises(TeacherCacheError, match=rf"{info.shards[0].file}' is corrupted: its CRC"):
     next(reader)
   # verify=False skips the checksum (for speed) but still checks sizes.
   assert len(list(read_teacher_cache(tmp_path, batch_shape=(2,), verify=False))) == 3
@@ -138,12 +144,14 @@ def test_missing_or_corrupted_manifest_and_missing_shard(tmp_path):
   manifest_path.write_text("{not json")
   with pytest.raises(TeacherCacheError, match="is corrupted"):
     open_teacher_cache(tmp_path)
-  _write_small_overwrite = write_teacher_cache(
+  rewritten = write_teacher_cache(
       tmp_path, teacher_batches(2, (3,), vocab=9, k=4), vocab_size=9, tokens_per_shard=4,
       overwrite=True)
-  assert _write_small_overwrite.shards == info.shards
-  os.remove(tmp_path / info.shards[-1].file)
-  with pytest.raises(TeacherCacheError, match="shard-00001.bin.* is missing"):
+  # The same data in new files (each write names its shards afresh).
+  assert [s[1:] for s in rewritten.shards] == [s[1:] for s in info.shards]
+  assert not {s.file for s in rewritten.shards} & {s.file for s in info.shards}
+  os.remove(tmp_path / rewritten.shards[-1].file)
+  with pytest.raises(TeacherCacheError, match=rf"{rewritten.shards[-1].file}' is missing"):
     open_teacher_cache(tmp_path)
 
 
@@ -336,3 +344,142 @@ def test_nan_logprobs_are_rejected_on_write_and_detected_on_read(tmp_path):
   for verify in (True, False):
     with pytest.raises(TeacherCacheError, match="is corrupted: it holds NaN or \\+inf"):
       next(read_teacher_cache(tmp_path / "r", batch_shape=(2,), verify=verify))
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing is all or nothing, never touches files it did not write, and one writer at a time.
+# ----------------------------------------------------------------------------------------------
+
+
+def _snapshot(folder):
+  """Every file in ``folder`` (but the writers' lock file) with its bytes."""
+  return {p.name: p.read_bytes() for p in folder.iterdir() if p.name != cache.LOCK_FILE}
+
+
+def _assert_reads_back(folder, batches):
+  read = list(read_teacher_cache(folder, batch_shape=batches[0][0].shape[:-1]))
+  assert len(read) == len(batches)
+  for (ids, logprobs), (got_ids, got_logprobs) in zip(batches, read, strict=True):
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(got_logprobs, logprobs.astype(np.float16))
+
+
+def _raising_batches():
+  yield from teacher_batches(2, (3,), vocab=9, k=4, seed=7)
+  raise RuntimeError("the teacher crashed")
+
+
+_GOOD = teacher_batches(1, (3,), vocab=9, k=4, seed=8)[0]
+
+
+@pytest.mark.parametrize("batches, kwargs, error", [
+    ([], dict(vocab_size=300), "batches is empty"),
+    ([_GOOD, (_GOOD[0][:, :2], _GOOD[1][:, :2])], {}, "k changed from 4 to 2"),
+    ([_GOOD], dict(metadata={"teacher": object()}), "metadata must be JSON-serialisable"),
+    ([_GOOD], dict(metadata={"loss": float("nan")}), "metadata must be JSON-serialisable"),
+    (_raising_batches(), {}, "the teacher crashed"),
+])
+def test_failed_overwrite_keeps_the_existing_cache(tmp_path, batches, kwargs, error):
+  original = teacher_batches(2, (3,), vocab=9, k=4)
+  write_teacher_cache(tmp_path, original, vocab_size=9, tokens_per_shard=4)
+  before = _snapshot(tmp_path)
+  kwargs = dict(dict(vocab_size=9, tokens_per_shard=1, overwrite=True), **kwargs)
+  with pytest.raises((ValueError, TypeError, RuntimeError)) as raised:
+    write_teacher_cache(tmp_path, batches, **kwargs)
+  # The old cache is whole and readable, and the failed write left nothing behind.
+  assert _snapshot(tmp_path) == before
+  _assert_reads_back(tmp_path, original)
+  assert error in str(raised.value)
+
+
+_KILLED_WRITER = """
+import sys, time
+import numpy as np
+from kdjax._src.cache import write_teacher_cache
+
+def batches():
+  for i in range(3):
+    yield np.full((4, 2), i, np.int32), np.full((4, 2), -1.0, np.float32)
+  print("3 shards written", flush=True)
+  time.sleep(600)
+
+write_teacher_cache(sys.argv[1], batches(), vocab_size=9, temperature=1.0, tokens_per_shard=4,
+                    overwrite=True)
+"""
+
+
+def test_killed_overwrite_keeps_the_existing_cache_and_releases_the_lock(tmp_path):
+  original = teacher_batches(2, (3,), vocab=9, k=4)
+  write_teacher_cache(tmp_path, original, vocab_size=9, tokens_per_shard=4)
+  before = _snapshot(tmp_path)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+  writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    line = writer.stdout.readline()
+    assert line == "3 shards written\n", writer.communicate(timeout=60)
+    # While it writes, the old cache reads as before and a second writer is refused at once.
+    _assert_reads_back(tmp_path, original)
+    with pytest.raises(TeacherCacheError, match="another writer is writing a teacher cache"):
+      write_teacher_cache(tmp_path, original, vocab_size=9, temperature=1.0, overwrite=True)
+  finally:
+    writer.send_signal(signal.SIGKILL)
+    writer.communicate(timeout=60)
+  assert writer.returncode == -signal.SIGKILL
+  after = _snapshot(tmp_path)
+  new_files = sorted(set(after) - set(before))
+  assert len(new_files) == 3 and all(name.startswith("shard-") for name in new_files), after
+  assert {name: after[name] for name in before} == before
+  _assert_reads_back(tmp_path, original)
+  # The killed writer's lock died with it: the next write goes through.
+  replacement = teacher_batches(1, (5,), vocab=9, k=4, seed=9)
+  write_teacher_cache(tmp_path, replacement, vocab_size=9, temperature=1.0, overwrite=True)
+  _assert_reads_back(tmp_path, replacement)
+
+
+def test_a_second_writer_in_the_same_folder_fails_clearly(tmp_path):
+  batch = teacher_batches(1, (3,), vocab=9, k=4)[0]
+
+  def batches_racing_a_second_writer():
+    yield batch
+    with pytest.raises(TeacherCacheError, match="another writer is writing a teacher cache"):
+      write_teacher_cache(tmp_path, [batch], vocab_size=9, temperature=1.0, overwrite=True)
+    yield batch
+
+  info = write_teacher_cache(tmp_path, batches_racing_a_second_writer(), vocab_size=9,
+                             tokens_per_shard=1)
+  assert info.num_tokens == 6
+  _assert_reads_back(tmp_path, [batch, batch])
+
+
+def test_writer_never_removes_files_it_did_not_write(tmp_path):
+  user_files = {"shard-00042.bin": b"mine", "shard-00000.bin": b"also mine",
+                "shard-00001.bin.tmp": b"mine too", "notes.txt": b"keep"}
+  for name, data in user_files.items():
+    (tmp_path / name).write_bytes(data)
+  first = write_teacher_cache(tmp_path, teacher_batches(2, (3,), vocab=9, k=4), vocab_size=9,
+                              tokens_per_shard=4)
+  assert {name: _snapshot(tmp_path)[name] for name in user_files} == user_files
+  # Overwriting removes the old cache's own shards, and only those.
+  second = write_teacher_cache(tmp_path, teacher_batches(1, (3,), vocab=9, k=4), vocab_size=9,
+                               overwrite=True)
+  after = _snapshot(tmp_path)
+  assert set(after) == set(user_files) | {cache.MANIFEST} | {s.file for s in second.shards}
+  assert {name: after[name] for name in user_files} == user_files
+  assert not any((tmp_path / s.file).exists() for s in first.shards)
+  # A manifest that is unreadable lists nothing: nothing but the manifest is replaced.
+  (tmp_path / cache.MANIFEST).write_text("{not json")
+  third = write_teacher_cache(tmp_path, teacher_batches(1, (3,), vocab=9, k=4), vocab_size=9,
+                              overwrite=True)
+  assert set(_snapshot(tmp_path)) == set(after) | {s.file for s in third.shards}
+
+
+def test_writer_never_replaces_a_file_with_a_shard_name(tmp_path, monkeypatch):
+  # A user's file that happens to carry the first write id drawn: the writer draws another.
+  ids = iter(["0000beef", "0000cafe"])
+  monkeypatch.setattr(cache.secrets, "token_hex", lambda nbytes: next(ids))
+  (tmp_path / "shard-0000beef-00000.bin").write_bytes(b"mine")
+  info = write_teacher_cache(tmp_path, teacher_batches(1, (3,), vocab=9, k=4), vocab_size=9)
+  assert [s.file for s in info.shards] == ["shard-0000cafe-00000.bin"]
+  assert (tmp_path / "shard-0000beef-00000.bin").read_bytes() == b"mine"

@@ -30,11 +30,13 @@ and raises :class:`TeacherCacheError` naming the file rather than returning wron
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
 import re
+import secrets
 import stat
 import zlib
 from collections.abc import Iterable, Iterator
@@ -43,16 +45,22 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
+try:
+  import fcntl
+except ImportError:  # Windows
+  fcntl = None
+
 FORMAT = "kdjax-teacher-cache"
 VERSION = 1
 MANIFEST = "manifest.json"
+LOCK_FILE = ".kdjax-cache.lock"
 DEFAULT_SHARD_BYTES = 1 << 28  # 256 MiB: few files, and a shard is cheap to read and check.
 # A manifest lists one short entry per shard: 64 MiB is hundreds of thousands of shards. The bound
 # keeps a hostile or damaged file from being read whole into memory.
 MAX_MANIFEST_BYTES = 1 << 26
 # The shard file names the writer produces; a manifest naming anything else is rejected, so a
 # cache never reads outside its folder.
-_SHARD_FILE = re.compile(r"shard-[0-9]{5,}\.bin")
+_SHARD_FILE = re.compile(r"shard-(?:[0-9a-f]{8}-)?[0-9]{5,}\.bin")
 # Not following symbolic links keeps every read inside the cache folder.
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
@@ -110,18 +118,118 @@ def _logprob_dtype(name: str) -> np.dtype:
   return _LOGPROB_DTYPES[name]
 
 
-def _shard_name(index: int) -> str:
-  return f"shard-{index:05d}.bin"
+def _check_metadata(metadata: Any) -> dict[str, Any]:
+  if metadata is None:
+    return {}
+  if not isinstance(metadata, dict):
+    raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}.")
+  try:
+    json.dumps(metadata, allow_nan=False)
+  except (TypeError, ValueError) as e:
+    raise type(e)(
+        f"metadata must be JSON-serialisable (str keys; str, finite numbers, bool, None, lists "
+        f"and dicts), got an error from json: {e}") from None
+  return metadata
 
 
-def _write_atomic(path: str, chunks: Iterable[bytes]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    for chunk in chunks:
-      f.write(chunk)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+@contextlib.contextmanager
+def _writer_lock(directory: str) -> Iterator[None]:
+  """Holds an exclusive lock on ``directory``'s lock file for one writer.
+
+  ``flock`` locks belong to the open file: the operating system releases them when the writer
+  exits, however it exits, so a crashed writer never leaves a stale lock behind.
+  """
+  if fcntl is None:  # No advisory locks here; writers still never share a file (see _Writer).
+    yield
+    return
+  path = os.path.join(directory, LOCK_FILE)
+  try:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW, 0o644)
+  except OSError as e:
+    raise TeacherCacheError(f"cannot open the writer's lock file {path!r}: {e.strerror}.") from None
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise TeacherCacheError(
+          f"another writer is writing a teacher cache in {directory!r} (it holds the lock "
+          f"{path!r}); wait for it to finish or write to another folder.") from None
+    yield
+  finally:
+    os.close(fd)
+
+
+class _Writer:
+  """The files of one write: shards named with a fresh write id, and the manifest, committed
+  last by an atomic rename. Until then an existing cache in the folder is untouched."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self.created: list[str] = []
+    taken = os.listdir(directory)
+    while True:
+      self.write_id = secrets.token_hex(4)
+      if not any(self.write_id in name for name in taken):
+        break
+
+  def shard_name(self, index: int) -> str:
+    return f"shard-{self.write_id}-{index:05d}.bin"
+
+  def create(self, name: str, chunks: Iterable[bytes]) -> str:
+    """Writes a new file (never an existing one) and flushes it to the disk."""
+    path = os.path.join(self.directory, name)
+    try:
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      raise TeacherCacheError(
+          f"{path!r} already exists: the writer never replaces a file that it did not "
+          "write.") from None
+    self.created.append(path)
+    with os.fdopen(fd, "wb") as f:
+      for chunk in chunks:
+        f.write(chunk)
+      f.flush()
+      os.fsync(f.fileno())
+    return path
+
+  def commit(self, manifest: dict[str, Any]) -> None:
+    staged = self.create(f".manifest-{self.write_id}.json.tmp",
+                         [json.dumps(manifest, indent=1, allow_nan=False).encode()])
+    os.replace(staged, os.path.join(self.directory, MANIFEST))
+    self.created.remove(staged)
+    _sync_directory(self.directory)
+
+  def remove_created(self) -> None:
+    for path in reversed(self.created):
+      with contextlib.suppress(OSError):
+        os.remove(path)
+    self.created.clear()
+
+
+def _sync_directory(directory: str) -> None:
+  """Makes the folder's renames durable (where the platform can)."""
+  try:
+    fd = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _listed_shard_files(directory: str) -> list[str]:
+  """The shard files that the cache now in ``directory`` lists, to remove once it is replaced.
+
+  None when its manifest cannot be read: the writer never removes a file that a valid manifest
+  of this cache does not list.
+  """
+  try:
+    return [shard.file for shard in _read_manifest(directory).shards]
+  except TeacherCacheError:
+    return []
 
 
 def write_teacher_cache(
@@ -137,9 +245,17 @@ def write_teacher_cache(
 ) -> CacheInfo:
   """Writes a stream of top-k teacher batches to ``directory`` as checksummed shards.
 
+  The write is all or nothing: the shards are new files, and the manifest that makes them a
+  cache is renamed into place last. If the write fails or is killed, a cache already in
+  ``directory`` is untouched and still readable; with ``overwrite`` its shard files are removed
+  only after the new manifest has replaced its own. The writer never removes or replaces a file
+  that it did not write or that the old manifest does not list, and a second writer to the same
+  folder fails at once with :class:`TeacherCacheError` (an operating-system lock, released when
+  the writer exits however it exits).
+
   Args:
     directory: where to write; created if missing. It must not already hold a cache unless
-      ``overwrite`` (then its manifest and shards are replaced).
+      ``overwrite``.
     batches: iterable of ``(ids, logprobs)``, NumPy or JAX arrays ``[..., k]`` (for example
       :func:`kdjax.topk_teacher` of a ``[batch, seq, vocab]`` teacher batch); the leading axes
       are flattened into tokens in C order, batch after batch.
@@ -154,6 +270,11 @@ def write_teacher_cache(
 
   Returns:
     The :class:`CacheInfo` of the written cache.
+
+  Raises:
+    FileExistsError: ``directory`` holds a cache and ``overwrite`` is false.
+    TeacherCacheError: another writer is writing to ``directory``.
+    ValueError, TypeError: a bad argument or batch (nothing is left behind).
 
   Example:
     >>> import tempfile, jax.numpy as jnp
@@ -170,7 +291,7 @@ def write_teacher_cache(
   """
   directory = os.fspath(directory)
   ids_dtype = id_dtype(vocab_size)
-  lp_dtype = _logprob_dtype(logprob_dtype)
+  _logprob_dtype(logprob_dtype)
   if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(
       temperature)):
     raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
@@ -178,17 +299,41 @@ def write_teacher_cache(
       isinstance(tokens_per_shard, bool) or not isinstance(tokens_per_shard, int)
       or tokens_per_shard < 1):
     raise ValueError(f"tokens_per_shard must be a positive integer, got {tokens_per_shard!r}.")
+  metadata = _check_metadata(metadata)
   os.makedirs(directory, exist_ok=True)
   manifest_path = os.path.join(directory, MANIFEST)
-  if os.path.exists(manifest_path) and not overwrite:
-    raise FileExistsError(
-        f"{directory!r} already holds a teacher cache; pass overwrite=True to replace it.")
-  if os.path.exists(manifest_path):
-    os.remove(manifest_path)  # First, so a failure below never leaves a stale complete cache.
-  for name in os.listdir(directory):
-    if name.startswith("shard-") and name.endswith((".bin", ".bin.tmp")):
-      os.remove(os.path.join(directory, name))
+  with _writer_lock(directory):
+    if os.path.lexists(manifest_path):
+      if not overwrite:
+        raise FileExistsError(
+            f"{directory!r} already holds a teacher cache; pass overwrite=True to replace it.")
+      if not stat.S_ISREG(os.lstat(manifest_path).st_mode):
+        raise TeacherCacheError(
+            f"{manifest_path!r} is not a regular file; the writer will not replace it.")
+    replaced = _listed_shard_files(directory) if overwrite else []
+    writer = _Writer(directory)
+    try:
+      manifest = _write_shards(writer, batches, vocab_size=vocab_size, ids_dtype=ids_dtype,
+                               logprob_dtype=logprob_dtype, tokens_per_shard=tokens_per_shard)
+      manifest.update(temperature=float(temperature), metadata=metadata)
+      writer.commit(manifest)
+    except BaseException:
+      writer.remove_created()
+      raise
+    written = {shard["file"] for shard in manifest["shards"]}
+    for name in replaced:
+      path = os.path.join(directory, name)
+      if name not in written and os.path.isfile(path) and not os.path.islink(path):
+        with contextlib.suppress(OSError):  # An orphan is never read; the new cache is whole.
+          os.remove(path)
+  return open_teacher_cache(directory)
 
+
+def _write_shards(writer: _Writer, batches: Iterable[tuple[Any, Any]], *, vocab_size: int,
+                  ids_dtype: np.dtype, logprob_dtype: str,
+                  tokens_per_shard: int | None) -> dict[str, Any]:
+  """Writes the batches as shards; returns the manifest without temperature and metadata."""
+  lp_dtype = _logprob_dtype(logprob_dtype)
   k = None
   shards: list[ShardInfo] = []
   pending_ids: list[np.ndarray] = []
@@ -202,8 +347,8 @@ def write_teacher_cache(
     payload = (np.ascontiguousarray(ids[:count]).tobytes(),
                np.ascontiguousarray(lp[:count]).tobytes())
     crc = zlib.crc32(payload[1], zlib.crc32(payload[0]))
-    name = _shard_name(len(shards))
-    _write_atomic(os.path.join(directory, name), payload)
+    name = writer.shard_name(len(shards))
+    writer.create(name, payload)
     shards.append(ShardInfo(name, count, len(payload[0]) + len(payload[1]), crc))
     pending_ids, pending_lp = [ids[count:]], [lp[count:]]
     pending -= count
@@ -252,15 +397,11 @@ def write_teacher_cache(
   if pending:
     flush(pending)
 
-  num_tokens = sum(shard.num_tokens for shard in shards)
-  manifest = {
-      "format": FORMAT, "version": VERSION, "num_tokens": num_tokens, "k": k,
-      "vocab_size": int(vocab_size), "id_dtype": ids_dtype.name, "logprob_dtype": logprob_dtype,
-      "temperature": float(temperature), "metadata": metadata or {},
-      "shards": [shard._asdict() for shard in shards],
+  return {
+      "format": FORMAT, "version": VERSION, "num_tokens": sum(s.num_tokens for s in shards),
+      "k": k, "vocab_size": int(vocab_size), "id_dtype": ids_dtype.name,
+      "logprob_dtype": logprob_dtype, "shards": [shard._asdict() for shard in shards],
   }
-  _write_atomic(manifest_path, [json.dumps(manifest, indent=1).encode()])
-  return open_teacher_cache(directory)
 
 
 def _short(value: Any) -> str:
@@ -359,7 +500,8 @@ def _read_manifest(directory: str) -> CacheInfo:
       raise manifest.error(field, "a JSON object", entry)
     file = manifest.get(entry, "file", f"{field}.file")
     if not isinstance(file, str) or not _SHARD_FILE.fullmatch(file):
-      raise manifest.error(f"{field}.file", "a shard file name such as 'shard-00000.bin'", file)
+      raise manifest.error(
+          f"{field}.file", "a plain shard file name such as 'shard-0123abcd-00000.bin'", file)
     if file in seen:
       raise TeacherCacheError(
           f"{path!r} is corrupted: field '{field}.file' repeats shards[{seen[file]}].file "
@@ -398,8 +540,8 @@ def _shard_path(directory: str, file: str) -> str:
   """The path of a shard named ``file``, which must be a plain name the writer produces."""
   if not isinstance(file, str) or not _SHARD_FILE.fullmatch(file):
     raise TeacherCacheError(
-        f"{_short(file)} is not a shard file name such as 'shard-00000.bin' (a plain name "
-        f"inside the cache folder).")
+        f"{_short(file)} is not a plain shard file name such as 'shard-0123abcd-00000.bin' "
+        "(a file inside the cache folder).")
   return os.path.join(directory, file)
 
 
