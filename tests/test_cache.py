@@ -63,7 +63,8 @@ def test_round_trip_is_exact_within_storage_precision(tmp_path, logprob_dtype, s
 
 def test_batches_span_shards_and_resume(tmp_path):
   batches = teacher_batches(3, (4, 5), vocab=300, k=3, seed=1)
-  info = write_teacher_cache(tmp_path, batches, vocab_size=300, tokens_per_shard=7)
+  info = write_teacher_cache(tmp_path, batches, vocab_size=300, temperature=1.0,
+                             tokens_per_shard=7)
   assert info.id_dtype == "uint16" and info.bytes_per_token == 3 * (2 + 2)
   all_ids = np.concatenate([ids.reshape(-1, 3) for ids, _ in batches])
   read = [ids for ids, _ in read_teacher_cache(tmp_path, batch_shape=(2, 5))]
@@ -87,7 +88,7 @@ def test_cached_teacher_gives_the_same_loss(tmp_path):
   teacher = rng.normal(size=(2, 4, 40)).astype(np.float32)
   student = rng.normal(size=(2, 4, 40)).astype(np.float32)
   ids, logprobs = topk_teacher(teacher, 8)
-  write_teacher_cache(tmp_path, [(ids, logprobs)], vocab_size=40)
+  write_teacher_cache(tmp_path, [(ids, logprobs)], vocab_size=40, temperature=1.0)
   ((cached_ids, cached_logprobs),) = read_teacher_cache(tmp_path, batch_shape=(2, 4))
   for tail in ("renormalize", "zero", "bucket"):
     direct = sparse_distill_loss(student, ids, logprobs, tail=tail)
@@ -105,7 +106,7 @@ def test_id_dtype_and_bytes_per_token():
 
 def _write_small(path):
   return write_teacher_cache(path, teacher_batches(2, (3,), vocab=9, k=4), vocab_size=9,
-                             tokens_per_shard=4)
+                             temperature=1.0, tokens_per_shard=4)
 
 
 def test_truncated_shard_raises(tmp_path):
@@ -145,8 +146,8 @@ def test_missing_or_corrupted_manifest_and_missing_shard(tmp_path):
   with pytest.raises(TeacherCacheError, match="is corrupted"):
     open_teacher_cache(tmp_path)
   rewritten = write_teacher_cache(
-      tmp_path, teacher_batches(2, (3,), vocab=9, k=4), vocab_size=9, tokens_per_shard=4,
-      overwrite=True)
+      tmp_path, teacher_batches(2, (3,), vocab=9, k=4), vocab_size=9, temperature=1.0,
+      tokens_per_shard=4, overwrite=True)
   # The same data in new files (each write names its shards afresh).
   assert [s[1:] for s in rewritten.shards] == [s[1:] for s in info.shards]
   assert not {s.file for s in rewritten.shards} & {s.file for s in info.shards}
@@ -163,28 +164,47 @@ def test_writer_errors(tmp_path):
   ids = np.zeros((2, 3), np.int32)
   logprobs = np.zeros((2, 3), np.float32)
   with pytest.raises(ValueError, match=r"ids must be in \[0, vocab_size=5\)"):
-    write_teacher_cache(other, [(ids + 5, logprobs)], vocab_size=5)
+    write_teacher_cache(other, [(ids + 5, logprobs)], vocab_size=5, temperature=1.0)
   with pytest.raises(ValueError, match="k changed from 3 to 2"):
-    write_teacher_cache(other, [(ids, logprobs), (ids[:, :2], logprobs[:, :2])], vocab_size=5)
+    write_teacher_cache(other, [(ids, logprobs), (ids[:, :2], logprobs[:, :2])], vocab_size=5,
+                        temperature=1.0)
   with pytest.raises(ValueError, match="same shape"):
-    write_teacher_cache(other, [(ids, logprobs[:, :2])], vocab_size=5)
+    write_teacher_cache(other, [(ids, logprobs[:, :2])], vocab_size=5, temperature=1.0)
   with pytest.raises(TypeError, match="ids must be integers"):
-    write_teacher_cache(other, [(logprobs, logprobs)], vocab_size=5)
+    write_teacher_cache(other, [(logprobs, logprobs)], vocab_size=5, temperature=1.0)
   with pytest.raises(ValueError, match="logprob_dtype must be one of"):
-    write_teacher_cache(other, [(ids, logprobs)], vocab_size=5, logprob_dtype="float8")
+    write_teacher_cache(other, [(ids, logprobs)], vocab_size=5, temperature=1.0,
+                        logprob_dtype="float8")
   with pytest.raises(ValueError, match="batches is empty"):
-    write_teacher_cache(other, [], vocab_size=5)
+    write_teacher_cache(other, [], vocab_size=5, temperature=1.0)
   with pytest.raises(ValueError, match="vocab_size must be a positive integer"):
-    write_teacher_cache(other, [(ids, logprobs)], vocab_size=0)
+    write_teacher_cache(other, [(ids, logprobs)], vocab_size=0, temperature=1.0)
   # No manifest is left behind by a failed write.
   with pytest.raises(TeacherCacheError, match="writer did not finish"):
     open_teacher_cache(other)
 
 
+def test_temperature_is_required_and_recorded(tmp_path):
+  teacher = np.random.default_rng(4).normal(size=(2, 3, 10)).astype(np.float32)
+  batch = topk_teacher(teacher, 4, temperature=2.0)
+  # No default: a cache of tempered log-probabilities is never silently recorded as 1.0.
+  with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'temperature'"):
+    write_teacher_cache(tmp_path, [batch], vocab_size=10)
+  for bad, error in [("2.0", TypeError), (True, TypeError), (None, TypeError), (0.0, ValueError),
+                     (-2.0, ValueError), (float("nan"), ValueError), (float("inf"), ValueError)]:
+    with pytest.raises(error, match="temperature must be a"):
+      write_teacher_cache(tmp_path, [batch], vocab_size=10, temperature=bad)
+  assert not (tmp_path / cache.MANIFEST).exists()
+  info = write_teacher_cache(tmp_path, [batch], vocab_size=10, temperature=np.float32(2.0))
+  assert info.temperature == 2.0 and open_teacher_cache(tmp_path).temperature == 2.0
+  assert json.loads((tmp_path / cache.MANIFEST).read_text())["temperature"] == 2.0
+
+
 def test_bf16_jax_inputs_are_accepted(tmp_path):
   ids = jnp.array([[0, 1]], jnp.int32)
   logprobs = jnp.array([[-1.0, -2.5]], jnp.bfloat16)  # exact in bfloat16
-  write_teacher_cache(tmp_path, [(ids, logprobs)], vocab_size=2, logprob_dtype="bfloat16")
+  write_teacher_cache(tmp_path, [(ids, logprobs)], vocab_size=2, temperature=1.0,
+                      logprob_dtype="bfloat16")
   ((got_ids, got_logprobs),) = read_teacher_cache(tmp_path, batch_shape=(1,))
   np.testing.assert_array_equal(got_ids, [[0, 1]])
   assert got_logprobs.dtype == ml_dtypes.bfloat16
@@ -381,9 +401,9 @@ _GOOD = teacher_batches(1, (3,), vocab=9, k=4, seed=8)[0]
 ])
 def test_failed_overwrite_keeps_the_existing_cache(tmp_path, batches, kwargs, error):
   original = teacher_batches(2, (3,), vocab=9, k=4)
-  write_teacher_cache(tmp_path, original, vocab_size=9, tokens_per_shard=4)
+  write_teacher_cache(tmp_path, original, vocab_size=9, temperature=1.0, tokens_per_shard=4)
   before = _snapshot(tmp_path)
-  kwargs = dict(dict(vocab_size=9, tokens_per_shard=1, overwrite=True), **kwargs)
+  kwargs = dict(dict(vocab_size=9, temperature=1.0, tokens_per_shard=1, overwrite=True), **kwargs)
   with pytest.raises((ValueError, TypeError, RuntimeError)) as raised:
     write_teacher_cache(tmp_path, batches, **kwargs)
   # The old cache is whole and readable, and the failed write left nothing behind.
@@ -410,7 +430,7 @@ write_teacher_cache(sys.argv[1], batches(), vocab_size=9, temperature=1.0, token
 
 def test_killed_overwrite_keeps_the_existing_cache_and_releases_the_lock(tmp_path):
   original = teacher_batches(2, (3,), vocab=9, k=4)
-  write_teacher_cache(tmp_path, original, vocab_size=9, tokens_per_shard=4)
+  write_teacher_cache(tmp_path, original, vocab_size=9, temperature=1.0, tokens_per_shard=4)
   before = _snapshot(tmp_path)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
@@ -448,7 +468,7 @@ def test_a_second_writer_in_the_same_folder_fails_clearly(tmp_path):
     yield batch
 
   info = write_teacher_cache(tmp_path, batches_racing_a_second_writer(), vocab_size=9,
-                             tokens_per_shard=1)
+                             temperature=1.0, tokens_per_shard=1)
   assert info.num_tokens == 6
   _assert_reads_back(tmp_path, [batch, batch])
 
@@ -459,11 +479,11 @@ def test_writer_never_removes_files_it_did_not_write(tmp_path):
   for name, data in user_files.items():
     (tmp_path / name).write_bytes(data)
   first = write_teacher_cache(tmp_path, teacher_batches(2, (3,), vocab=9, k=4), vocab_size=9,
-                              tokens_per_shard=4)
+                              temperature=1.0, tokens_per_shard=4)
   assert {name: _snapshot(tmp_path)[name] for name in user_files} == user_files
   # Overwriting removes the old cache's own shards, and only those.
   second = write_teacher_cache(tmp_path, teacher_batches(1, (3,), vocab=9, k=4), vocab_size=9,
-                               overwrite=True)
+                               temperature=1.0, overwrite=True)
   after = _snapshot(tmp_path)
   assert set(after) == set(user_files) | {cache.MANIFEST} | {s.file for s in second.shards}
   assert {name: after[name] for name in user_files} == user_files
@@ -471,7 +491,7 @@ def test_writer_never_removes_files_it_did_not_write(tmp_path):
   # A manifest that is unreadable lists nothing: nothing but the manifest is replaced.
   (tmp_path / cache.MANIFEST).write_text("{not json")
   third = write_teacher_cache(tmp_path, teacher_batches(1, (3,), vocab=9, k=4), vocab_size=9,
-                              overwrite=True)
+                              temperature=1.0, overwrite=True)
   assert set(_snapshot(tmp_path)) == set(after) | {s.file for s in third.shards}
 
 
@@ -480,6 +500,21 @@ def test_writer_never_replaces_a_file_with_a_shard_name(tmp_path, monkeypatch):
   ids = iter(["0000beef", "0000cafe"])
   monkeypatch.setattr(cache.secrets, "token_hex", lambda nbytes: next(ids))
   (tmp_path / "shard-0000beef-00000.bin").write_bytes(b"mine")
-  info = write_teacher_cache(tmp_path, teacher_batches(1, (3,), vocab=9, k=4), vocab_size=9)
+  info = write_teacher_cache(tmp_path, teacher_batches(1, (3,), vocab=9, k=4), vocab_size=9,
+                             temperature=1.0)
   assert [s.file for s in info.shards] == ["shard-0000cafe-00000.bin"]
   assert (tmp_path / "shard-0000beef-00000.bin").read_bytes() == b"mine"
+
+
+def test_teacher_cache_example_runs(tmp_path):
+  # A few steps on little text: the caches are written, checked and read back by the example.
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "examples" / "teacher_cache.py"), "--steps", "3",
+       "--teacher-bytes", "200000", "--student-bytes", "16388", "--heldout-bytes", "2052",
+       "--keep-cache", str(tmp_path)],
+      capture_output=True, text=True, timeout=600, cwd=ROOT, check=True)
+  assert "| 128 | bucket |" in result.stdout, result.stdout
+  for k in (8, 32, 128):
+    info = open_teacher_cache(tmp_path / f"k{k}")
+    # 16384 of the 16388 student bytes: whole [4, 256] batches after 4 bytes of context.
+    assert info.k == k and info.temperature == 1.0 and info.num_tokens == 16384

@@ -34,6 +34,7 @@ import contextlib
 import errno
 import json
 import math
+import numbers
 import os
 import re
 import secrets
@@ -237,7 +238,7 @@ def write_teacher_cache(
     batches: Iterable[tuple[Any, Any]],
     *,
     vocab_size: int,
-    temperature: float = 1.0,
+    temperature: float,
     logprob_dtype: str = "float16",
     tokens_per_shard: int | None = None,
     metadata: dict[str, Any] | None = None,
@@ -260,8 +261,10 @@ def write_teacher_cache(
       :func:`kdjax.topk_teacher` of a ``[batch, seq, vocab]`` teacher batch); the leading axes
       are flattened into tokens in C order, batch after batch.
     vocab_size: the teacher's (aligned) vocabulary size; every id must be in ``[0, vocab_size)``.
-    temperature: the temperature the log-probabilities were computed at (recorded, so the
-      student is distilled at the same one).
+    temperature: required: the temperature the log-probabilities were computed at (the
+      ``temperature`` given to :func:`kdjax.topk_teacher`), recorded in the manifest so that
+      the student is distilled at the same one. There is no default, so that a cache of
+      tempered log-probabilities is never recorded as ``1.0``.
     logprob_dtype: ``"float16"`` (default, 8x finer than bfloat16 on log-probabilities) or
       ``"bfloat16"``.
     tokens_per_shard: tokens per shard file (default: about 256 MiB per shard).
@@ -282,9 +285,10 @@ def write_teacher_cache(
     >>> from kdjax._src.cache import write_teacher_cache, read_teacher_cache
     >>> teacher_logits = jnp.arange(24.0).reshape(2, 3, 4)  # [batch, seq, vocab]
     >>> path = tempfile.mkdtemp()
-    >>> info = write_teacher_cache(path, [topk_teacher(teacher_logits, 2)], vocab_size=4)
-    >>> info.num_tokens, info.bytes_per_token
-    (6, 6)
+    >>> batches = [topk_teacher(teacher_logits, 2, temperature=2.0)]
+    >>> info = write_teacher_cache(path, batches, vocab_size=4, temperature=2.0)
+    >>> info.num_tokens, info.bytes_per_token, info.temperature
+    (6, 6, 2.0)
     >>> ids, logprobs = next(read_teacher_cache(path, batch_shape=(2, 3)))
     >>> ids.shape, ids[0, 0].tolist()
     ((2, 3, 2), [3, 2])
@@ -292,8 +296,11 @@ def write_teacher_cache(
   directory = os.fspath(directory)
   ids_dtype = id_dtype(vocab_size)
   _logprob_dtype(logprob_dtype)
-  if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(
-      temperature)):
+  if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+    raise TypeError(
+        f"temperature must be a number (the temperature given to topk_teacher), got "
+        f"{_short(temperature)}.")
+  if not _is_positive_finite(temperature):
     raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
   if tokens_per_shard is not None and (
       isinstance(tokens_per_shard, bool) or not isinstance(tokens_per_shard, int)
@@ -524,7 +531,7 @@ def _read_manifest(directory: str) -> CacheInfo:
 
 
 def _is_positive_finite(value: Any) -> bool:
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
     return False
   try:
     return math.isfinite(float(value)) and value > 0
