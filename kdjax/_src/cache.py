@@ -6,26 +6,49 @@ Run the teacher over the training tokens once, keep :func:`kdjax.topk_teacher`'s
 
 On disk a cache is a directory::
 
-    manifest.json      format, version, k, vocab_size, dtypes, temperature, num_tokens, and per
-                       shard: file name, number of tokens, number of bytes, CRC-32 of the bytes
-    shard-00000.bin    ids of the shard's tokens ([tokens, k], little endian), then their
-    shard-00001.bin    log-probabilities ([tokens, k], little endian)
+    manifest.json                format, version, k, vocab_size, dtypes, temperature, num_tokens,
+                                 and per shard: file name, number of tokens, number of bytes,
+                                 CRC-32 of the bytes
+    shard-1f0c9a2e-00000.bin     ids of the shard's tokens ([tokens, k], little endian), then
+    shard-1f0c9a2e-00001.bin     their log-probabilities ([tokens, k], little endian)
     ...
+    .kdjax-cache.lock            the writers' lock file (empty)
 
 * ids use the narrowest unsigned type that holds ``vocab_size - 1`` (uint8 up to 256 ids,
   uint16 up to 65536, else uint32); they are returned as int32.
 * log-probabilities are stored as float16 (default) or bfloat16. float16 is the better choice
   for log-probabilities: they lie in ``[-inf, 0]``, where float16's 10-bit mantissa is 8 times
   finer than bfloat16's 7 bits and its range (down to -65504) loses nothing that matters
-  (``exp(-65504)`` is 0 in float32); ``-inf`` is kept exactly.
+  (``exp(-65504)`` is 0 in float32); ``-inf`` is kept exactly. NaN and ``+inf`` are refused.
 * bytes per token: ``k * (id bytes + 2)``; for example k = 32 with a 152k vocabulary: 192 B.
 
 Tokens are stored in the order the writer received them (the leading axes of each batch
 flattened in C order), so a reader with the same batch shape yields batches aligned with the
-token batches. Every shard is written to a temporary file and renamed, and the manifest is
-written last: an interrupted writer leaves no manifest, never a cache that looks complete. The
-reader checks each shard's size (truncation) and CRC-32 (corruption) before returning any of it,
-and raises :class:`TeacherCacheError` naming the file rather than returning wrong data.
+token batches.
+
+What is guaranteed:
+
+* **A write is atomic.** Shards are new files named with the write's own id (8 hex digits), so
+  they never replace a file; the manifest that makes them a cache is written to a temporary file
+  and renamed over ``manifest.json`` last. A write that fails (bad batch, metadata that is not
+  JSON, an exception in the batch stream) removes the files it created; one that is killed
+  leaves them behind (shards that no manifest lists: never read, safe to delete). Either way a
+  cache already in the folder is untouched and reads as before. After an ``overwrite``
+  commits, the old cache's shards are removed: only the files its (valid) manifest lists; no
+  other file in the folder is ever removed or replaced.
+* **One writer at a time.** A writer holds an ``flock`` on ``.kdjax-cache.lock``; a second
+  writer to the same folder fails at once with :class:`TeacherCacheError`. The operating
+  system releases the lock when the writer exits, however it exits. (Where ``fcntl`` does not
+  exist there is no lock; writers still never share a file.) A reader that opened the cache
+  before an overwrite committed gets a "missing shard" error, not data from two caches.
+* **Everything read is checked.** Every manifest field is checked for type and range before
+  use, and the counts must agree with each other and with the file sizes, so a hostile or
+  damaged manifest cannot make the reader loop or allocate without bound; shard entries must
+  be plain file names of the writer's form, opened inside the folder without following
+  symbolic links. Each shard's size and (unless ``verify=False``) CRC-32 are checked before any
+  of it is returned, and ids out of range or NaN log-probabilities are reported as corruption.
+  Every failure is a :class:`TeacherCacheError` naming the file (and the field), never wrong
+  data.
 """
 
 from __future__ import annotations
