@@ -82,8 +82,9 @@ DEFAULT_SHARD_BYTES = 1 << 28  # 256 MiB: few files, and a shard is cheap to rea
 # A manifest lists one short entry per shard: 64 MiB is hundreds of thousands of shards. The bound
 # keeps a hostile or damaged file from being read whole into memory.
 MAX_MANIFEST_BYTES = 1 << 26
-# The shard file names the writer produces; a manifest naming anything else is rejected, so a
-# cache never reads outside its folder.
+# The shard file names the writer produces (shard-<write id>-NNNNN.bin; before write ids,
+# shard-NNNNN.bin); a manifest naming anything else is rejected, so a cache never reads outside
+# its folder.
 _SHARD_FILE = re.compile(r"shard-(?:[0-9a-f]{8}-)?[0-9]{5,}\.bin")
 # Not following symbolic links keeps every read inside the cache folder.
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -92,7 +93,8 @@ _LOGPROB_DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype(ml_dtypes.bf
 
 
 class TeacherCacheError(ValueError):
-  """A teacher cache that is missing, incomplete, truncated or corrupted."""
+  """A teacher cache that is missing, incomplete, truncated or corrupted, or a folder that
+  another writer is writing to."""
 
 
 class ShardInfo(NamedTuple):
@@ -318,7 +320,7 @@ def write_teacher_cache(
   """
   directory = os.fspath(directory)
   ids_dtype = id_dtype(vocab_size)
-  _logprob_dtype(logprob_dtype)
+  _logprob_dtype(logprob_dtype)  # Every argument is checked before anything is written.
   if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
     raise TypeError(
         f"temperature must be a number (the temperature given to topk_teacher), got "
