@@ -6,6 +6,11 @@ seeded with ``(seed, k)``, and the model has no dropout. A run resumed from a ch
 holds the parameters, the optimizer state -- including its step count, which drives the
 learning-rate schedule -- and the step) therefore replays exactly the batches and updates of an
 uninterrupted run.
+
+Every saved step gets a SHA-256 digest of its files, written once the save is complete; a step
+whose files no longer match (a flipped bit, a truncated file) or that has no digest (its save was
+interrupted) is never restored: it is moved aside with a one-line warning, and the phase resumes
+from the latest step that passes, or starts afresh.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import functools
 import hashlib
 import json
 import math
+import os
 import pathlib
+import sys
 import sysconfig
 import time
 from collections.abc import Callable
@@ -266,6 +273,53 @@ def config_hash(config: dict) -> str:
   return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def step_file_digests(step_folder: pathlib.Path) -> dict[str, str]:
+  """SHA-256 of every file of a saved step, by its path relative to the step's folder."""
+  digests = {}
+  for path in sorted(step_folder.rglob("*")):
+    if path.is_file():
+      sha = hashlib.sha256()
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          sha.update(block)
+      digests[path.relative_to(step_folder).as_posix()] = sha.hexdigest()
+  return digests
+
+
+def record_step_digest(checkpoints: pathlib.Path, digests: pathlib.Path, step: int) -> None:
+  """Writes the digest of saved step ``step`` to ``digests/<step>.json`` (atomically)."""
+  digests.mkdir(parents=True, exist_ok=True)
+  path = digests / f"{step}.json"
+  staged = digests / f".{step}.json.tmp"
+  with open(staged, "w") as f:
+    json.dump({"step": step, "sha256": step_file_digests(checkpoints / str(step))}, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(staged, path)
+
+
+def step_problem(checkpoints: pathlib.Path, digests: pathlib.Path, step: int) -> str | None:
+  """Why saved step ``step`` must not be restored, or ``None`` if its files match its digest."""
+  path = digests / f"{step}.json"
+  try:
+    recorded = json.loads(path.read_text())["sha256"]
+    if not (isinstance(recorded, dict) and recorded):
+      raise ValueError
+  except FileNotFoundError:
+    return "it has no digest (its save did not finish, or it was saved without one)"
+  except (OSError, ValueError, KeyError, TypeError):
+    return f"its digest file {path} is unreadable"
+  actual = step_file_digests(checkpoints / str(step))
+  for name in sorted(set(recorded) | set(actual)):
+    if name not in actual:
+      return f"its file {name} is missing"
+    if name not in recorded:
+      return f"its file {name} was not part of the save"
+    if actual[name] != recorded[name]:
+      return f"its file {name} does not match its SHA-256 digest (corrupted or truncated)"
+  return None
+
+
 @dataclasses.dataclass
 class Phase:
   """One model's training run: its folder, model, objective and schedule."""
@@ -292,13 +346,53 @@ def _history_entry(history, step, tokens_seen, heldout_loss, train_loss):
   history["train_loss"].append(train_loss)
 
 
+def _set_aside(phase: Phase, checkpoints: pathlib.Path, digests: pathlib.Path,
+               step: int) -> pathlib.Path:
+  """Moves a saved step that must not be restored (and its digest) out of the manager's way."""
+  aside = phase.folder / "unusable_checkpoints"
+  aside.mkdir(exist_ok=True)
+  destination, copy = aside / f"step-{step}", 1
+  while destination.exists():
+    destination, copy = aside / f"step-{step}-{copy}", copy + 1
+  os.replace(checkpoints / str(step), destination)
+  digest = digests / f"{step}.json"
+  if digest.exists():
+    os.replace(digest, destination.with_name(destination.name + ".digest.json"))
+  return destination
+
+
+def _restore_latest_good_step(phase: Phase, manager, digests: pathlib.Path, abstract):
+  """``(step, restored)`` of the latest saved step that passes its digest check and restores,
+  or ``(0, None)``. Steps that fail are moved aside, each with a one-line warning."""
+  checkpoints = pathlib.Path(manager.directory)
+  skipped = False
+  for step in sorted(manager.all_steps(), reverse=True):
+    problem = step_problem(checkpoints, digests, step)
+    if problem is None:
+      try:
+        return step, manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+      except Exception as error:  # Whatever the cause, this step is unusable.
+        reason = (str(error).splitlines() or [""])[0][:200]
+        problem = f"it does not restore ({type(error).__name__}: {reason})"
+    destination = _set_aside(phase, checkpoints, digests, step)
+    print(f"{phase.name}: warning: skipping the checkpoint at step {step}: {problem}; moved it "
+          f"to {destination}", file=sys.stderr, flush=True)
+    manager.reload()
+    skipped = True
+  if skipped:
+    print(f"{phase.name}: no usable checkpoint is left; starting from step 0", flush=True)
+  return 0, None
+
+
 def train(phase: Phase, train_tokens: np.ndarray, heldout: list[np.ndarray], *,
           progress: bool = True, step_sleep: float = 0.0) -> tuple[Any, Any, dict]:
   """Trains (or resumes, or just loads) one model. Returns ``(graphdef, params, history)``.
 
   A checkpoint holds ``{"params", "opt_state"}`` and the evaluation history so far; its step
-  number is the number of updates applied. The latest one is restored on start, so a run killed
-  at any point loses at most ``checkpoint_every`` steps and then continues bit for bit.
+  number is the number of updates applied. The latest one whose files match their digest is
+  restored on start, so a run killed at any point loses at most ``checkpoint_every`` steps and
+  then continues bit for bit, and a corrupted checkpoint costs the steps since the one before.
   """
   graphdef, params = build(phase.model, phase.seed)
   optimizer = make_optimizer(learning_rate=phase.learning_rate, steps=phase.steps,
@@ -307,15 +401,15 @@ def train(phase: Phase, train_tokens: np.ndarray, heldout: list[np.ndarray], *,
   tokens_per_step = phase.batch_size * phase.seq_len
   history = {"step": [], "tokens": [], "heldout_loss": [], "train_loss": []}
 
-  manager = ocp.CheckpointManager(
-      (phase.folder / "checkpoints").absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=phase.keep_checkpoints, create=True))
-  start = manager.latest_step() or 0
-  if start:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                            {"params": params, "opt_state": opt_state})
-    restored = manager.restore(start, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+  checkpoints = (phase.folder / "checkpoints").absolute()
+  digests = phase.folder / "checkpoint_digests"
+  # Synchronous saves: a step's digest is recorded right after its save completes.
+  manager = ocp.CheckpointManager(checkpoints, options=ocp.CheckpointManagerOptions(
+      max_to_keep=phase.keep_checkpoints, create=True, enable_async_checkpointing=False))
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                          {"params": params, "opt_state": opt_state})
+  start, restored = _restore_latest_good_step(phase, manager, digests, abstract)
+  if restored is not None:
     params, opt_state = restored.state["params"], restored.state["opt_state"]
     history = restored.history
   if start >= phase.steps:
@@ -329,9 +423,16 @@ def train(phase: Phase, train_tokens: np.ndarray, heldout: list[np.ndarray], *,
   evaluate = make_evaluate(graphdef, heldout)
 
   def save(step):
+    (digests / f"{step}.json").unlink(missing_ok=True)  # never a stale digest for a new save
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
         history=ocp.args.JsonSave(history)), force=True)
+    manager.wait_until_finished()
+    record_step_digest(checkpoints, digests, step)
+    kept = set(manager.all_steps())
+    for path in digests.glob("*.json"):
+      if path.stem.isdigit() and int(path.stem) not in kept:
+        path.unlink(missing_ok=True)  # the manager removed that step (max_to_keep)
 
   if start == 0:
     _history_entry(history, 0, 0, evaluate(params), None)

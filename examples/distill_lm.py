@@ -9,7 +9,9 @@ interpreter, whole files held out for evaluation), tokenized as bytes. The scrip
    ``(1 - kd_coef) * ce + kd_coef * kd`` from ``kdjax.distill_with_cross_entropy``,
 
 then prints a table of held-out loss and perplexity and writes a plot of the held-out curves.
-Every phase checkpoints with orbax and resumes from its latest checkpoint when rerun.
+Every phase checkpoints with orbax and resumes from its latest checkpoint when rerun; a checkpoint
+whose files no longer match the SHA-256 digest recorded when it was saved is skipped with a
+warning, and the phase resumes from the one before.
 
 Run: python examples/distill_lm.py [--out runs/demo] [--student-steps 400] [--kd-coef 0.5]
 """

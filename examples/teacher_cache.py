@@ -39,6 +39,7 @@ CONTEXT = ORDER - 1
 SEQ = 256  # tokens per sequence
 BATCH = 4  # sequences per batch
 KS = (8, 32, 128)
+TEMPERATURE = 1.0  # of the cached log-probabilities, recorded in each cache's manifest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def cache_batches(tables, student_tokens, k):
   """Runs the teacher once over the student's tokens, batch by batch: top-k per position."""
   for context in token_batches(student_tokens):
     logits = ngram_logits(tables, context.reshape(-1, CONTEXT)).reshape(BATCH, SEQ, VOCAB)
-    yield topk_teacher(logits, k)
+    yield topk_teacher(logits, k, temperature=TEMPERATURE)
 
 
 def train(student_tokens, steps, loss_fn, teacher_source, seed=0):
@@ -202,7 +203,7 @@ def run(args, tables, student_tokens, heldout_context, heldout_teacher, cache_ro
   for k in KS:
     infos[k] = write_teacher_cache(
         os.path.join(cache_root, f"k{k}"), cache_batches(tables, student_tokens, k),
-        vocab_size=VOCAB, logprob_dtype="float16", overwrite=True,
+        vocab_size=VOCAB, temperature=TEMPERATURE, logprob_dtype="float16", overwrite=True,
         metadata={"teacher": f"byte {ORDER}-gram, Witten-Bell", "k": k})
   print(f"wrote caches for k={KS} over {infos[KS[0]].num_tokens:,} student tokens to "
         f"{cache_root} ({time.time() - start:.1f} s so far)\n")
@@ -218,8 +219,8 @@ def run(args, tables, student_tokens, heldout_context, heldout_teacher, cache_ro
   heldout_sparse = {}
   for k in KS:
     path = os.path.join(cache_root, f"heldout-k{k}")
-    write_teacher_cache(path, [topk_teacher(heldout_teacher, k)], vocab_size=VOCAB,
-                        overwrite=True)
+    write_teacher_cache(path, [topk_teacher(heldout_teacher, k, temperature=TEMPERATURE)],
+                        vocab_size=VOCAB, temperature=TEMPERATURE, overwrite=True)
     (heldout_sparse[k],) = read_teacher_cache(path, batch_shape=(len(heldout_context),))
 
   def dense_kl(params):

@@ -368,8 +368,9 @@ def test_demo_writes_table_plot_and_histories(reference_run):
 def test_killed_run_resumes_to_the_same_parameters(reference_run, run_env, tmp_path):
   reference_out, _ = reference_run
   out = tmp_path / "interrupted"
-  # Slow student-KD steps widen the window: the kill lands after its checkpoint at step 6 and
-  # before its last step (12), possibly in the middle of writing a later checkpoint.
+  # Slow student-KD steps widen the window: the kill lands after its checkpoint at step 6 (and
+  # that checkpoint's digest) and before its last step (12), possibly in the middle of writing a
+  # later checkpoint.
   process = subprocess.Popen(
       [sys.executable, str(SCRIPT), "--out", str(out), *TINY, "--step-sleep", "0.3"],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=run_env)
@@ -377,9 +378,8 @@ def test_killed_run_resumes_to_the_same_parameters(reference_run, run_env, tmp_p
   try:
     while True:
       assert process.poll() is None, "the run ended before it could be killed"
-      assert time.monotonic() < deadline, "no student-KD checkpoint at step 6 in time"
-      folders = [p for p in out.glob("student-KD-*/checkpoints/6") if p.is_dir()]
-      if folders:
+      assert time.monotonic() < deadline, "no student-KD checkpoint (and digest) at step 6 in time"
+      if list(out.glob("student-KD-*/checkpoint_digests/6.json")):
         break
       time.sleep(0.02)
     process.send_signal(signal.SIGKILL)

@@ -6,33 +6,62 @@ Run the teacher over the training tokens once, keep :func:`kdjax.topk_teacher`'s
 
 On disk a cache is a directory::
 
-    manifest.json      format, version, k, vocab_size, dtypes, temperature, num_tokens, and per
-                       shard: file name, number of tokens, number of bytes, CRC-32 of the bytes
-    shard-00000.bin    ids of the shard's tokens ([tokens, k], little endian), then their
-    shard-00001.bin    log-probabilities ([tokens, k], little endian)
+    manifest.json                format, version, k, vocab_size, dtypes, temperature, num_tokens,
+                                 and per shard: file name, number of tokens, number of bytes,
+                                 CRC-32 of the bytes
+    shard-1f0c9a2e-00000.bin     ids of the shard's tokens ([tokens, k], little endian), then
+    shard-1f0c9a2e-00001.bin     their log-probabilities ([tokens, k], little endian)
     ...
+    .kdjax-cache.lock            the writers' lock file (empty)
 
 * ids use the narrowest unsigned type that holds ``vocab_size - 1`` (uint8 up to 256 ids,
   uint16 up to 65536, else uint32); they are returned as int32.
 * log-probabilities are stored as float16 (default) or bfloat16. float16 is the better choice
   for log-probabilities: they lie in ``[-inf, 0]``, where float16's 10-bit mantissa is 8 times
   finer than bfloat16's 7 bits and its range (down to -65504) loses nothing that matters
-  (``exp(-65504)`` is 0 in float32); ``-inf`` is kept exactly.
+  (``exp(-65504)`` is 0 in float32); ``-inf`` is kept exactly. NaN and ``+inf`` are refused.
 * bytes per token: ``k * (id bytes + 2)``; for example k = 32 with a 152k vocabulary: 192 B.
 
 Tokens are stored in the order the writer received them (the leading axes of each batch
 flattened in C order), so a reader with the same batch shape yields batches aligned with the
-token batches. Every shard is written to a temporary file and renamed, and the manifest is
-written last: an interrupted writer leaves no manifest, never a cache that looks complete. The
-reader checks each shard's size (truncation) and CRC-32 (corruption) before returning any of it,
-and raises :class:`TeacherCacheError` naming the file rather than returning wrong data.
+token batches.
+
+What is guaranteed:
+
+* **A write is atomic.** Shards are new files named with the write's own id (8 hex digits), so
+  they never replace a file; the manifest that makes them a cache is written to a temporary file
+  and renamed over ``manifest.json`` last. A write that fails (bad batch, metadata that is not
+  JSON, an exception in the batch stream) removes the files it created; one that is killed
+  leaves them behind (shards that no manifest lists: never read, safe to delete). Either way a
+  cache already in the folder is untouched and reads as before. After an ``overwrite``
+  commits, the old cache's shards are removed: only the files its (valid) manifest lists; no
+  other file in the folder is ever removed or replaced.
+* **One writer at a time.** A writer holds an ``flock`` on ``.kdjax-cache.lock``; a second
+  writer to the same folder fails at once with :class:`TeacherCacheError`. The operating
+  system releases the lock when the writer exits, however it exits. (Where ``fcntl`` does not
+  exist there is no lock; writers still never share a file.) A reader that opened the cache
+  before an overwrite committed gets a "missing shard" error, not data from two caches.
+* **Everything read is checked.** Every manifest field is checked for type and range before
+  use, and the counts must agree with each other and with the file sizes, so a hostile or
+  damaged manifest cannot make the reader loop or allocate without bound; shard entries must
+  be plain file names of the writer's form, opened inside the folder without following
+  symbolic links. Each shard's size and (unless ``verify=False``) CRC-32 are checked before any
+  of it is returned, and ids out of range or NaN log-probabilities are reported as corruption.
+  Every failure is a :class:`TeacherCacheError` naming the file (and the field), never wrong
+  data.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import numbers
 import os
+import re
+import secrets
+import stat
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
@@ -40,16 +69,32 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
+try:
+  import fcntl
+except ImportError:  # Windows
+  fcntl = None
+
 FORMAT = "kdjax-teacher-cache"
 VERSION = 1
 MANIFEST = "manifest.json"
+LOCK_FILE = ".kdjax-cache.lock"
 DEFAULT_SHARD_BYTES = 1 << 28  # 256 MiB: few files, and a shard is cheap to read and check.
+# A manifest lists one short entry per shard: 64 MiB is hundreds of thousands of shards. The bound
+# keeps a hostile or damaged file from being read whole into memory.
+MAX_MANIFEST_BYTES = 1 << 26
+# The shard file names the writer produces (shard-<write id>-NNNNN.bin; before write ids,
+# shard-NNNNN.bin); a manifest naming anything else is rejected, so a cache never reads outside
+# its folder.
+_SHARD_FILE = re.compile(r"shard-(?:[0-9a-f]{8}-)?[0-9]{5,}\.bin")
+# Not following symbolic links keeps every read inside the cache folder.
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 _LOGPROB_DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
 class TeacherCacheError(ValueError):
-  """A teacher cache that is missing, incomplete, truncated or corrupted."""
+  """A teacher cache that is missing, incomplete, truncated or corrupted, or a folder that
+  another writer is writing to."""
 
 
 class ShardInfo(NamedTuple):
@@ -99,18 +144,118 @@ def _logprob_dtype(name: str) -> np.dtype:
   return _LOGPROB_DTYPES[name]
 
 
-def _shard_name(index: int) -> str:
-  return f"shard-{index:05d}.bin"
+def _check_metadata(metadata: Any) -> dict[str, Any]:
+  if metadata is None:
+    return {}
+  if not isinstance(metadata, dict):
+    raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}.")
+  try:
+    json.dumps(metadata, allow_nan=False)
+  except (TypeError, ValueError) as e:
+    raise type(e)(
+        f"metadata must be JSON-serialisable (str keys; str, finite numbers, bool, None, lists "
+        f"and dicts), got an error from json: {e}") from None
+  return metadata
 
 
-def _write_atomic(path: str, chunks: Iterable[bytes]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    for chunk in chunks:
-      f.write(chunk)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+@contextlib.contextmanager
+def _writer_lock(directory: str) -> Iterator[None]:
+  """Holds an exclusive lock on ``directory``'s lock file for one writer.
+
+  ``flock`` locks belong to the open file: the operating system releases them when the writer
+  exits, however it exits, so a crashed writer never leaves a stale lock behind.
+  """
+  if fcntl is None:  # No advisory locks here; writers still never share a file (see _Writer).
+    yield
+    return
+  path = os.path.join(directory, LOCK_FILE)
+  try:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW, 0o644)
+  except OSError as e:
+    raise TeacherCacheError(f"cannot open the writer's lock file {path!r}: {e.strerror}.") from None
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise TeacherCacheError(
+          f"another writer is writing a teacher cache in {directory!r} (it holds the lock "
+          f"{path!r}); wait for it to finish or write to another folder.") from None
+    yield
+  finally:
+    os.close(fd)
+
+
+class _Writer:
+  """The files of one write: shards named with a fresh write id, and the manifest, committed
+  last by an atomic rename. Until then an existing cache in the folder is untouched."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self.created: list[str] = []
+    taken = os.listdir(directory)
+    while True:
+      self.write_id = secrets.token_hex(4)
+      if not any(self.write_id in name for name in taken):
+        break
+
+  def shard_name(self, index: int) -> str:
+    return f"shard-{self.write_id}-{index:05d}.bin"
+
+  def create(self, name: str, chunks: Iterable[bytes]) -> str:
+    """Writes a new file (never an existing one) and flushes it to the disk."""
+    path = os.path.join(self.directory, name)
+    try:
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      raise TeacherCacheError(
+          f"{path!r} already exists: the writer never replaces a file that it did not "
+          "write.") from None
+    self.created.append(path)
+    with os.fdopen(fd, "wb") as f:
+      for chunk in chunks:
+        f.write(chunk)
+      f.flush()
+      os.fsync(f.fileno())
+    return path
+
+  def commit(self, manifest: dict[str, Any]) -> None:
+    staged = self.create(f".manifest-{self.write_id}.json.tmp",
+                         [json.dumps(manifest, indent=1, allow_nan=False).encode()])
+    os.replace(staged, os.path.join(self.directory, MANIFEST))
+    self.created.remove(staged)
+    _sync_directory(self.directory)
+
+  def remove_created(self) -> None:
+    for path in reversed(self.created):
+      with contextlib.suppress(OSError):
+        os.remove(path)
+    self.created.clear()
+
+
+def _sync_directory(directory: str) -> None:
+  """Makes the folder's renames durable (where the platform can)."""
+  try:
+    fd = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _listed_shard_files(directory: str) -> list[str]:
+  """The shard files that the cache now in ``directory`` lists, to remove once it is replaced.
+
+  None when its manifest cannot be read: the writer never removes a file that a valid manifest
+  of this cache does not list.
+  """
+  try:
+    return [shard.file for shard in _read_manifest(directory).shards]
+  except TeacherCacheError:
+    return []
 
 
 def write_teacher_cache(
@@ -118,7 +263,7 @@ def write_teacher_cache(
     batches: Iterable[tuple[Any, Any]],
     *,
     vocab_size: int,
-    temperature: float = 1.0,
+    temperature: float,
     logprob_dtype: str = "float16",
     tokens_per_shard: int | None = None,
     metadata: dict[str, Any] | None = None,
@@ -126,15 +271,25 @@ def write_teacher_cache(
 ) -> CacheInfo:
   """Writes a stream of top-k teacher batches to ``directory`` as checksummed shards.
 
+  The write is all or nothing: the shards are new files, and the manifest that makes them a
+  cache is renamed into place last. If the write fails or is killed, a cache already in
+  ``directory`` is untouched and still readable; with ``overwrite`` its shard files are removed
+  only after the new manifest has replaced its own. The writer never removes or replaces a file
+  that it did not write or that the old manifest does not list, and a second writer to the same
+  folder fails at once with :class:`TeacherCacheError` (an operating-system lock, released when
+  the writer exits however it exits).
+
   Args:
     directory: where to write; created if missing. It must not already hold a cache unless
-      ``overwrite`` (then its manifest and shards are replaced).
+      ``overwrite``.
     batches: iterable of ``(ids, logprobs)``, NumPy or JAX arrays ``[..., k]`` (for example
       :func:`kdjax.topk_teacher` of a ``[batch, seq, vocab]`` teacher batch); the leading axes
       are flattened into tokens in C order, batch after batch.
     vocab_size: the teacher's (aligned) vocabulary size; every id must be in ``[0, vocab_size)``.
-    temperature: the temperature the log-probabilities were computed at (recorded, so the
-      student is distilled at the same one).
+    temperature: required: the temperature the log-probabilities were computed at (the
+      ``temperature`` given to :func:`kdjax.topk_teacher`), recorded in the manifest so that
+      the student is distilled at the same one. There is no default, so that a cache of
+      tempered log-probabilities is never recorded as ``1.0``.
     logprob_dtype: ``"float16"`` (default, 8x finer than bfloat16 on log-probabilities) or
       ``"bfloat16"``.
     tokens_per_shard: tokens per shard file (default: about 256 MiB per shard).
@@ -144,40 +299,73 @@ def write_teacher_cache(
   Returns:
     The :class:`CacheInfo` of the written cache.
 
+  Raises:
+    FileExistsError: ``directory`` holds a cache and ``overwrite`` is false.
+    TeacherCacheError: another writer is writing to ``directory``.
+    ValueError, TypeError: a bad argument or batch (nothing is left behind).
+
   Example:
     >>> import tempfile, jax.numpy as jnp
     >>> from kdjax._src.sparse import topk_teacher
     >>> from kdjax._src.cache import write_teacher_cache, read_teacher_cache
     >>> teacher_logits = jnp.arange(24.0).reshape(2, 3, 4)  # [batch, seq, vocab]
     >>> path = tempfile.mkdtemp()
-    >>> info = write_teacher_cache(path, [topk_teacher(teacher_logits, 2)], vocab_size=4)
-    >>> info.num_tokens, info.bytes_per_token
-    (6, 6)
+    >>> batches = [topk_teacher(teacher_logits, 2, temperature=2.0)]
+    >>> info = write_teacher_cache(path, batches, vocab_size=4, temperature=2.0)
+    >>> info.num_tokens, info.bytes_per_token, info.temperature
+    (6, 6, 2.0)
     >>> ids, logprobs = next(read_teacher_cache(path, batch_shape=(2, 3)))
     >>> ids.shape, ids[0, 0].tolist()
     ((2, 3, 2), [3, 2])
   """
   directory = os.fspath(directory)
   ids_dtype = id_dtype(vocab_size)
-  lp_dtype = _logprob_dtype(logprob_dtype)
-  if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(
-      temperature)):
+  _logprob_dtype(logprob_dtype)  # Every argument is checked before anything is written.
+  if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+    raise TypeError(
+        f"temperature must be a number (the temperature given to topk_teacher), got "
+        f"{_short(temperature)}.")
+  if not _is_positive_finite(temperature):
     raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
   if tokens_per_shard is not None and (
       isinstance(tokens_per_shard, bool) or not isinstance(tokens_per_shard, int)
       or tokens_per_shard < 1):
     raise ValueError(f"tokens_per_shard must be a positive integer, got {tokens_per_shard!r}.")
+  metadata = _check_metadata(metadata)
   os.makedirs(directory, exist_ok=True)
   manifest_path = os.path.join(directory, MANIFEST)
-  if os.path.exists(manifest_path) and not overwrite:
-    raise FileExistsError(
-        f"{directory!r} already holds a teacher cache; pass overwrite=True to replace it.")
-  if os.path.exists(manifest_path):
-    os.remove(manifest_path)  # First, so a failure below never leaves a stale complete cache.
-  for name in os.listdir(directory):
-    if name.startswith("shard-") and name.endswith((".bin", ".bin.tmp")):
-      os.remove(os.path.join(directory, name))
+  with _writer_lock(directory):
+    if os.path.lexists(manifest_path):
+      if not overwrite:
+        raise FileExistsError(
+            f"{directory!r} already holds a teacher cache; pass overwrite=True to replace it.")
+      if not stat.S_ISREG(os.lstat(manifest_path).st_mode):
+        raise TeacherCacheError(
+            f"{manifest_path!r} is not a regular file; the writer will not replace it.")
+    replaced = _listed_shard_files(directory) if overwrite else []
+    writer = _Writer(directory)
+    try:
+      manifest = _write_shards(writer, batches, vocab_size=vocab_size, ids_dtype=ids_dtype,
+                               logprob_dtype=logprob_dtype, tokens_per_shard=tokens_per_shard)
+      manifest.update(temperature=float(temperature), metadata=metadata)
+      writer.commit(manifest)
+    except BaseException:
+      writer.remove_created()
+      raise
+    written = {shard["file"] for shard in manifest["shards"]}
+    for name in replaced:
+      path = os.path.join(directory, name)
+      if name not in written and os.path.isfile(path) and not os.path.islink(path):
+        with contextlib.suppress(OSError):  # An orphan is never read; the new cache is whole.
+          os.remove(path)
+  return open_teacher_cache(directory)
 
+
+def _write_shards(writer: _Writer, batches: Iterable[tuple[Any, Any]], *, vocab_size: int,
+                  ids_dtype: np.dtype, logprob_dtype: str,
+                  tokens_per_shard: int | None) -> dict[str, Any]:
+  """Writes the batches as shards; returns the manifest without temperature and metadata."""
+  lp_dtype = _logprob_dtype(logprob_dtype)
   k = None
   shards: list[ShardInfo] = []
   pending_ids: list[np.ndarray] = []
@@ -191,8 +379,8 @@ def write_teacher_cache(
     payload = (np.ascontiguousarray(ids[:count]).tobytes(),
                np.ascontiguousarray(lp[:count]).tobytes())
     crc = zlib.crc32(payload[1], zlib.crc32(payload[0]))
-    name = _shard_name(len(shards))
-    _write_atomic(os.path.join(directory, name), payload)
+    name = writer.shard_name(len(shards))
+    writer.create(name, payload)
     shards.append(ShardInfo(name, count, len(payload[0]) + len(payload[1]), crc))
     pending_ids, pending_lp = [ids[count:]], [lp[count:]]
     pending -= count
@@ -226,8 +414,13 @@ def write_teacher_cache(
       raise ValueError(
           f"batch {batch_index}: ids must be in [0, vocab_size={vocab_size}), got values in "
           f"[{ids.min()}, {ids.max()}].")
+    logprobs = logprobs.reshape(-1, k).astype(np.float32)
+    if np.isnan(logprobs).any() or np.isposinf(logprobs).any():
+      raise ValueError(
+          f"batch {batch_index}: logprobs must be finite or -inf, got NaN or +inf (check the "
+          "teacher's logits for NaN).")
     pending_ids.append(ids.reshape(-1, k).astype(ids_dtype))
-    pending_lp.append(logprobs.reshape(-1, k).astype(np.float32).astype(lp_dtype))
+    pending_lp.append(logprobs.astype(lp_dtype))
     pending += pending_ids[-1].shape[0]
     while pending >= tokens_per_shard:
       flush(tokens_per_shard)
@@ -236,64 +429,180 @@ def write_teacher_cache(
   if pending:
     flush(pending)
 
-  num_tokens = sum(shard.num_tokens for shard in shards)
-  manifest = {
-      "format": FORMAT, "version": VERSION, "num_tokens": num_tokens, "k": k,
-      "vocab_size": int(vocab_size), "id_dtype": ids_dtype.name, "logprob_dtype": logprob_dtype,
-      "temperature": float(temperature), "metadata": metadata or {},
-      "shards": [shard._asdict() for shard in shards],
+  return {
+      "format": FORMAT, "version": VERSION, "num_tokens": sum(s.num_tokens for s in shards),
+      "k": k, "vocab_size": int(vocab_size), "id_dtype": ids_dtype.name,
+      "logprob_dtype": logprob_dtype, "shards": [shard._asdict() for shard in shards],
   }
-  _write_atomic(manifest_path, [json.dumps(manifest, indent=1).encode()])
-  return open_teacher_cache(directory)
+
+
+def _short(value: Any) -> str:
+  text = repr(value)
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Manifest:
+  """Typed access to a parsed manifest: every failure names the file and the field."""
+
+  def __init__(self, path: str, data: Any):
+    self.path = path
+    if not isinstance(data, dict):
+      raise TeacherCacheError(
+          f"{path!r} is corrupted: the manifest must be a JSON object, got {_short(data)}.")
+
+  def error(self, field: str, expected: str, value: Any) -> TeacherCacheError:
+    return TeacherCacheError(
+        f"{self.path!r} is corrupted: field {field!r} must be {expected}, got {_short(value)}.")
+
+  def get(self, mapping: dict, key: str, field: str) -> Any:
+    if key not in mapping:
+      raise TeacherCacheError(f"{self.path!r} is corrupted: field {field!r} is missing.")
+    return mapping[key]
+
+  def integer(self, mapping: dict, key: str, field: str, low: int, high: int) -> int:
+    value = self.get(mapping, key, field)
+    # JSON integers only: a float, a string or a boolean is not a count.
+    if type(value) is not int or not low <= value <= high:
+      raise self.error(field, f"an integer in [{low}, {high}]", value)
+    return value
+
+
+def _open_regular_file(path: str, name: str):
+  """Opens ``path`` for reading if it is a regular file, not a folder or a symbolic link."""
+  try:
+    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW)
+  except FileNotFoundError:
+    raise TeacherCacheError(f"{name} is missing.") from None
+  except OSError as e:
+    if e.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link.
+      raise TeacherCacheError(f"{name} is not a regular file (a symbolic link).") from None
+    raise TeacherCacheError(f"{name} cannot be opened: {e.strerror}.") from None
+  if not stat.S_ISREG(os.fstat(fd).st_mode):
+    os.close(fd)
+    raise TeacherCacheError(f"{name} is not a regular file.")
+  return os.fdopen(fd, "rb")
+
+
+def _read_manifest(directory: str) -> CacheInfo:
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.lexists(path):
+    raise TeacherCacheError(
+        f"{path!r} does not exist: {directory!r} is not a teacher cache, or its writer did not "
+        "finish.")
+  with _open_regular_file(path, repr(path)) as f:
+    raw = f.read(MAX_MANIFEST_BYTES + 1)
+  if len(raw) > MAX_MANIFEST_BYTES:
+    raise TeacherCacheError(
+        f"{path!r} is corrupted: it is larger than {MAX_MANIFEST_BYTES} bytes.")
+  try:
+    data = json.loads(raw, parse_constant=_reject_constant)
+  except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting.
+    raise TeacherCacheError(
+        f"{path!r} is corrupted: it is not valid JSON ({_short(str(e))}).") from None
+  manifest = _Manifest(path, data)
+  fmt, version = data.get("format"), data.get("version")
+  if fmt != FORMAT or type(version) is not int or version != VERSION:
+    raise TeacherCacheError(
+        f"{path!r} is not a {FORMAT} version {VERSION} manifest (format={_short(fmt)}, "
+        f"version={_short(version)}).")
+  vocab_size = manifest.integer(data, "vocab_size", "vocab_size", 1, 2**32)
+  k = manifest.integer(data, "k", "k", 1, 2**31 - 1)
+  num_tokens = manifest.integer(data, "num_tokens", "num_tokens", 0, 2**63 - 1)
+  ids_name = manifest.get(data, "id_dtype", "id_dtype")
+  if ids_name != id_dtype(vocab_size).name:
+    raise manifest.error("id_dtype", f"{id_dtype(vocab_size).name!r} for vocab_size={vocab_size}",
+                         ids_name)
+  logprob_dtype = manifest.get(data, "logprob_dtype", "logprob_dtype")
+  if not isinstance(logprob_dtype, str) or logprob_dtype not in _LOGPROB_DTYPES:
+    raise manifest.error("logprob_dtype", f"one of {sorted(_LOGPROB_DTYPES)}", logprob_dtype)
+  temperature = manifest.get(data, "temperature", "temperature")
+  if not _is_positive_finite(temperature):
+    raise manifest.error("temperature", "a finite number > 0", temperature)
+  metadata = data.get("metadata", {})
+  if not isinstance(metadata, dict):
+    raise manifest.error("metadata", "a JSON object", metadata)
+  entries = manifest.get(data, "shards", "shards")
+  if not isinstance(entries, list):
+    raise manifest.error("shards", "a list", entries)
+  token_bytes = bytes_per_token(k, vocab_size, logprob_dtype=logprob_dtype)
+  shards, seen = [], {}
+  for index, entry in enumerate(entries):
+    field = f"shards[{index}]"
+    if not isinstance(entry, dict):
+      raise manifest.error(field, "a JSON object", entry)
+    file = manifest.get(entry, "file", f"{field}.file")
+    if not isinstance(file, str) or not _SHARD_FILE.fullmatch(file):
+      raise manifest.error(
+          f"{field}.file", "a plain shard file name such as 'shard-0123abcd-00000.bin'", file)
+    if file in seen:
+      raise TeacherCacheError(
+          f"{path!r} is corrupted: field '{field}.file' repeats shards[{seen[file]}].file "
+          f"({file!r}).")
+    seen[file] = index
+    shard_tokens = manifest.integer(entry, "num_tokens", f"{field}.num_tokens", 1, 2**63 - 1)
+    num_bytes = manifest.integer(entry, "num_bytes", f"{field}.num_bytes", 0, 2**63 - 1)
+    crc = manifest.integer(entry, "crc32", f"{field}.crc32", 0, 2**32 - 1)
+    if num_bytes != shard_tokens * token_bytes:
+      raise TeacherCacheError(
+          f"{path!r} is corrupted: field '{field}.num_bytes' is {num_bytes} for {shard_tokens} "
+          f"tokens of {token_bytes} bytes.")
+    shards.append(ShardInfo(file, shard_tokens, num_bytes, crc))
+  if sum(shard.num_tokens for shard in shards) != num_tokens:
+    raise TeacherCacheError(
+        f"{path!r} is corrupted: field 'num_tokens' is {num_tokens} but the shard token counts "
+        f"do not add up to it.")
+  return CacheInfo(directory, num_tokens, k, vocab_size, ids_name, logprob_dtype,
+                   float(temperature), tuple(shards), metadata)
+
+
+def _is_positive_finite(value: Any) -> bool:
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    return False
+  try:
+    return math.isfinite(float(value)) and value > 0
+  except OverflowError:  # an integer too large for a float
+    return False
+
+
+def _reject_constant(name: str) -> None:
+  raise ValueError(f"{name} is not valid JSON")
+
+
+def _shard_path(directory: str, file: str) -> str:
+  """The path of a shard named ``file``, which must be a plain name the writer produces."""
+  if not isinstance(file, str) or not _SHARD_FILE.fullmatch(file):
+    raise TeacherCacheError(
+        f"{_short(file)} is not a plain shard file name such as 'shard-0123abcd-00000.bin' "
+        "(a file inside the cache folder).")
+  return os.path.join(directory, file)
 
 
 def open_teacher_cache(directory: str | os.PathLike) -> CacheInfo:
   """Reads and checks a cache's manifest, and that every shard file has its recorded size.
 
+  Every field of the manifest is checked (types, ranges, and that the byte and token counts
+  agree with each other and with the files), and shard files must be plain file names of the
+  writer's form, inside ``directory``, and regular files (not symbolic links).
+
   Raises:
     TeacherCacheError: no manifest (missing or unfinished cache), an unreadable or
-      inconsistent manifest, or a missing or truncated shard.
+      inconsistent manifest (naming the field), or a missing or truncated shard.
   """
   directory = os.fspath(directory)
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.exists(path):
-    raise TeacherCacheError(
-        f"{path!r} does not exist: {directory!r} is not a teacher cache, or its writer did "
-        "not finish.")
-  try:
-    with open(path, "rb") as f:
-      manifest = json.loads(f.read())
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+  info = _read_manifest(directory)
+  for shard in info.shards:
+    shard_path = _shard_path(directory, shard.file)
+    try:
+      status = os.lstat(shard_path)
+    except FileNotFoundError:
+      raise TeacherCacheError(f"shard {shard_path!r} is missing.") from None
+    if not stat.S_ISREG(status.st_mode):
+      raise TeacherCacheError(f"shard {shard_path!r} is not a regular file.")
+    if status.st_size != shard.num_bytes:
       raise TeacherCacheError(
-          f"{path!r} is not a {FORMAT} version {VERSION} manifest (format="
-          f"{manifest.get('format')!r}, version={manifest.get('version')!r}).")
-    shards = tuple(ShardInfo(**shard) for shard in manifest["shards"])
-    info = CacheInfo(
-        directory, int(manifest["num_tokens"]), int(manifest["k"]), int(manifest["vocab_size"]),
-        str(manifest["id_dtype"]), str(manifest["logprob_dtype"]),
-        float(manifest["temperature"]), shards, dict(manifest.get("metadata", {})))
-    expected_bytes = info.bytes_per_token
-  except TeacherCacheError:
-    raise
-  except (ValueError, KeyError, TypeError, AttributeError) as e:
-    raise TeacherCacheError(f"{path!r} is corrupted: {e}") from e
-  if id_dtype(info.vocab_size).name != info.id_dtype:
-    raise TeacherCacheError(f"{path!r} is corrupted: id_dtype does not match vocab_size.")
-  if sum(shard.num_tokens for shard in shards) != info.num_tokens:
-    raise TeacherCacheError(f"{path!r} is corrupted: shard token counts do not add up.")
-  for shard in shards:
-    if shard.num_bytes != shard.num_tokens * expected_bytes:
-      raise TeacherCacheError(
-          f"{path!r} is corrupted: shard {shard.file!r} records {shard.num_bytes} bytes for "
-          f"{shard.num_tokens} tokens of {expected_bytes} bytes.")
-    shard_path = os.path.join(directory, shard.file)
-    if not os.path.exists(shard_path):
-      raise TeacherCacheError(f"shard {shard_path!r} is missing.")
-    size = os.path.getsize(shard_path)
-    if size != shard.num_bytes:
-      raise TeacherCacheError(
-          f"shard {shard_path!r} is {'truncated' if size < shard.num_bytes else 'too long'}: "
-          f"the manifest records {shard.num_bytes} bytes, the file has {size}.")
+          f"shard {shard_path!r} is "
+          f"{'truncated' if status.st_size < shard.num_bytes else 'too long'}: the manifest "
+          f"records {shard.num_bytes} bytes, the file has {status.st_size}.")
   return info
 
 
@@ -301,16 +610,18 @@ def read_shard(info: CacheInfo, index: int, *, verify: bool = True) -> tuple[np.
                                                                              np.ndarray]:
   """One shard's ``(ids, logprobs)``: int32 ``[tokens, k]`` and the storage dtype ``[tokens, k]``.
 
-  With ``verify`` (default) the shard's size and CRC-32 are checked first.
+  The shard's size is checked, and with ``verify`` (default) its CRC-32 too, before any of it is
+  used; ids out of range and NaN or ``+inf`` log-probabilities are always reported as corruption.
   """
   shard = info.shards[index]
-  path = os.path.join(info.directory, shard.file)
-  with open(path, "rb") as f:
-    payload = f.read()
+  path = _shard_path(info.directory, shard.file)
+  with _open_regular_file(path, f"shard {path!r}") as f:
+    payload = f.read(shard.num_bytes + 1)
   if len(payload) != shard.num_bytes:
     raise TeacherCacheError(
         f"shard {path!r} is {'truncated' if len(payload) < shard.num_bytes else 'too long'}: "
-        f"the manifest records {shard.num_bytes} bytes, the file has {len(payload)}.")
+        f"the manifest records {shard.num_bytes} bytes, the file has "
+        f"{'more' if len(payload) > shard.num_bytes else len(payload)}.")
   if verify and zlib.crc32(payload) != shard.crc32:
     raise TeacherCacheError(
         f"shard {path!r} is corrupted: its CRC-32 is {zlib.crc32(payload):#010x}, the manifest "
@@ -322,6 +633,9 @@ def read_shard(info: CacheInfo, index: int, *, verify: bool = True) -> tuple[np.
   ids = ids.reshape(shard.num_tokens, info.k).astype(np.int32)
   if ids.size and ids.max() >= info.vocab_size:
     raise TeacherCacheError(f"shard {path!r} is corrupted: an id is >= {info.vocab_size}.")
+  if np.isnan(logprobs).any() or np.isposinf(logprobs).any():
+    raise TeacherCacheError(
+        f"shard {path!r} is corrupted: it holds NaN or +inf log-probabilities.")
   return ids, logprobs.reshape(shard.num_tokens, info.k)
 
 
