@@ -465,13 +465,14 @@ def test_vocab_parallel_per_token_in_shard_map():
   def loss(axis_name, weights, *args):
     config, traced = config_lib.build(dict(hp, beta=0.3), divergence="generalized_jsd",
                                       token_block=3, axis_name=axis_name)
-    total, _ = fused.per_token(config, traced, inputs(*args), weights)
+    _, total = fused.per_token(config, traced, inputs(*args), weights)
     return total
 
   def per_token_weighted(axis_name, weights, *args):
     config, traced = config_lib.build(hp, divergence="reverse_kl", token_block=3,
                                       vocab_block=3, axis_name=axis_name)
-    return jnp.sum(fused.per_token(config, traced, inputs(*args)) * weights)
+    values, _ = fused.per_token(config, traced, inputs(*args))
+    return jnp.sum(values * weights)
 
   args = (data["student_hidden"], data["student_kernel"], data["student_bias"],
           data["teacher_hidden"], data["teacher_kernel"], data["teacher_bias"])

@@ -61,7 +61,7 @@ def _whole_vocab(config: Config, hp, params: Params, with_grad: bool, student_hi
     return rows, None
   return rows, head.param_grads(student_hidden, params.student_kernel,
                                 params.student_bias is not None,
-                                head.logit_grad(hp, student, grad))
+                                head.logit_grad(hp, student, grad), weights)
 
 
 def _vocab_tiles(config: Config, hp, params: Params, with_grad: bool, student_hidden,
@@ -121,7 +121,7 @@ def _vocab_tiles(config: Config, hp, params: Params, with_grad: bool, student_hi
     sliced, student, q, terms = tile_terms(start, tile_width)
     grad = recipe.student_grad(scale, terms.dlog_q, q.prob, sums.dlog_q)
     tile = head.param_grads(student_hidden, sliced.student_kernel, with_bias,
-                            head.logit_grad(hp, student, grad))
+                            head.logit_grad(hp, student, grad), weights)
 
     def add(total, part, axis):
       return lax.dynamic_update_slice_in_dim(
@@ -256,20 +256,22 @@ def _per_token_bwd(config: Config, residuals, values_ct):
 _per_token.defvjp(_per_token_fwd, _per_token_bwd)
 
 
-def _reference_rows(config: Config, traced, inputs: Inputs):
+def _reference_values(config: Config, traced, inputs: Inputs, counted: Array | None):
   hp = config.hyperparameters(traced)
   student, teacher = head.both_logits(hp, inputs.student_hidden, inputs.teacher_hidden,
                                       inputs.params)
-  return reference.per_token(config, traced, student.raw, teacher.raw)
+  return reference.per_token(config, traced, student.raw, teacher.raw, counted=counted).value
 
 
-def per_token(config: Config, traced, inputs: Inputs, weights: Array | None = None):
-  """Fused per-token values from hidden states ``[tokens, d]`` (validated, flattened).
+def per_token(config: Config, traced, inputs: Inputs, weights: Array | None = None, *,
+              counted: Array | None = None) -> tuple[Array, Array | None]:
+  """Fused per-token values of hidden states ``[tokens, d]`` (validated, flattened).
 
-  ``weights is None``: float32 per-token values ``[tokens]``, differentiable (the blocked
-  backward recomputes the logits block by block). Otherwise ``(weighted_sum, values)``: the
-  float32 scalar ``sum(weights * values)``, differentiable with gradients computed in the
-  forward pass, and the per-token values under ``stop_gradient``. The teacher gets no gradient.
+  Returns ``(values, total)``. ``weights is None``: ``total`` is None and the float32 values
+  ``[tokens]`` are differentiable (the blocked backward recomputes the logits block by block);
+  ``counted`` (bool ``[tokens]``, optional) marks the tokens whose value is used. Otherwise
+  ``total = sum(weights * values)`` is differentiable, with gradients computed in the forward
+  pass, and the values are under ``stop_gradient``. The teacher gets no gradient.
   """
   inputs = inputs._replace(
       teacher_hidden=lax.stop_gradient(inputs.teacher_hidden),
@@ -279,14 +281,14 @@ def per_token(config: Config, traced, inputs: Inputs, weights: Array | None = No
           else lax.stop_gradient(inputs.params.teacher_bias)))
   num_logits = inputs.student_hidden.shape[0] * inputs.params.student_kernel.shape[1]
   if implementations.choose(config, num_logits) == "reference":
-    values = _reference_rows(config, traced, inputs).value
     if weights is None:
-      return values
-    return reductions.weighted_total(values, weights), lax.stop_gradient(values)
+      return _reference_values(config, traced, inputs, counted), None
+    values = _reference_values(config, traced, inputs, weights != 0)
+    return lax.stop_gradient(values), reductions.weighted_total(values, weights)
   if weights is None:
-    return _per_token(config, traced, inputs)
+    return _per_token(config, traced, inputs), None
   total, rows = _weighted(config, traced, lax.stop_gradient(weights), inputs)
-  return total, lax.stop_gradient(rows.value)
+  return lax.stop_gradient(rows.value), total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,18 +344,27 @@ def loss(config: Config, traced, inputs: Inputs, labels, where, normalizer) -> A
   """The reduced fused loss of hidden states ``[..., d]`` (the token shape is ``[...]``)."""
   token_shape = inputs.student_hidden.shape[:-1]
   mask = reductions.token_mask(token_shape, labels, where, config.ignore_index)
+  vocab_size = inputs.params.student_kernel.shape[1]
+  if config.axis_name is not None:
+    vocab_size *= lax.axis_size(config.axis_name)
   flat = inputs._replace(
       student_hidden=inputs.student_hidden.reshape(-1, inputs.student_hidden.shape[-1]),
       teacher_hidden=inputs.teacher_hidden.reshape(-1, inputs.teacher_hidden.shape[-1]))
-  if config.reduction == "none":
-    values = per_token(config, traced, flat).reshape(token_shape)
-    return reductions.reduce(values, mask, reduction="none")
-  weights = reductions.token_weights(mask, reduction=config.reduction, normalizer=normalizer,
-                                     data_axis_name=config.data_axis_name)
-  total, _ = per_token(config, traced, flat, weights.reshape(-1))
-  if config.data_axis_name is not None:
-    total = reductions.sum_over_data(total, config.data_axis_name)
-  return total
+
+  def compute(weights):
+    values, total = per_token(config, traced, flat, None if weights is None
+                              else weights.reshape(-1), counted=mask.reshape(-1))
+    return _Values(values.reshape(token_shape)), total
+
+  loss, _ = reductions.reduced_loss(
+      compute, mask, reduction=config.reduction, normalizer=normalizer,
+      data_axis_name=config.data_axis_name,
+      invalid=reductions.invalid_labels(labels, mask, vocab_size))
+  return loss
+
+
+class _Values(NamedTuple):
+  value: Array  # per-token values [...]
 
 
 _loss = jax.jit(loss, static_argnames=("config",))

@@ -99,8 +99,15 @@ def logit_grad(hp: Mapping[str, Any], student: Logits, grad_raw: Array) -> Array
   return grad
 
 
-def param_grads(hidden: Array, kernel: Array, with_bias: bool, grad_logits: Array) -> Grads:
-  """The three matmul-shaped gradients of ``z = h W + b`` for one block."""
+def param_grads(hidden: Array, kernel: Array, with_bias: bool, grad_logits: Array,
+                weights: Array | None = None) -> Grads:
+  """The three matmul-shaped gradients of ``z = h W + b`` for one block.
+
+  Rows whose ``weights`` are 0 (uncounted tokens) add exactly nothing to the kernel's gradient,
+  whatever their hidden states hold.
+  """
+  if weights is not None:
+    hidden = jnp.where((weights != 0)[:, None], hidden, jnp.zeros((), hidden.dtype))
   compute_dtype = jnp.result_type(hidden.dtype, kernel.dtype)
   grad_logits_c = grad_logits.astype(compute_dtype)
   d_hidden = lax.dot_general(

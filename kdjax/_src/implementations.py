@@ -57,17 +57,18 @@ def choose(config: Config, num_logits: int) -> str:
 
 
 def materialised(config: Config, traced: Mapping[str, Array], logits: Array,
-                 others: Sequence[Array], weights: Array | None, *,
+                 others: Sequence[Array], weights: Array | None, *, mask: Array,
                  block_fn: dense.BlockFn,
                  reference_fn: Callable[..., Rows]) -> tuple[Rows, Array | None]:
   """Per-token rows of materialised ``logits`` and, with ``weights``, ``sum(weights * value)``.
 
   ``block_fn`` is the blocked engine's block function and ``reference_fn`` the readable
-  definition, both taking ``(logits, *others)``. Without ``weights`` the rows' ``value`` is
-  differentiable; with them the total is (and the rows are under ``stop_gradient``).
+  definition, both taking ``(logits, *others)``; ``mask`` marks the counted tokens. Without
+  ``weights`` the rows' ``value`` is differentiable; with them the total is (and the rows are
+  under ``stop_gradient``).
   """
   if choose(config, logits.size) == "reference":
-    rows = reference_fn(config, traced, logits, *others)
+    rows = reference_fn(config, traced, logits, *others, counted=mask)
     if weights is None:
       return rows, None
     total = reductions.weighted_total(rows.value, weights)

@@ -29,22 +29,20 @@ def _distill(config, traced, logits, teacher_logits, labels, where, normalizer, 
   (``(sum, count)``) or ``"combined"`` (the loss and its two terms, each reduced alike).
   """
   mask = reductions.token_mask(logits.shape[:-1], labels, where, config.ignore_index)
+  invalid = reductions.invalid_labels(labels, mask, logits.shape[-1])
   reduction = "sum" if output == "sum_count" else config.reduction
-  weights = None
-  if reduction != "none":
-    weights = reductions.token_weights(mask, reduction=reduction, normalizer=normalizer)
   others = (teacher_logits, labels) if config.cross_entropy else (teacher_logits,)
-  rows, loss = implementations.materialised(
-      config, traced, logits, others, weights, block_fn=dense.teacher_logits_block,
-      reference_fn=reference.per_token)
-  if reduction == "none":
-    loss = reductions.reduce(rows.value, mask, reduction="none")
+  loss, rows = reductions.reduced_loss(
+      lambda weights: implementations.materialised(
+          config, traced, logits, others, weights, mask=mask,
+          block_fn=dense.teacher_logits_block, reference_fn=reference.per_token),
+      mask, reduction=reduction, normalizer=normalizer, invalid=invalid)
   if output == "sum_count":
     return loss, jnp.sum(mask).astype(jnp.float32)
   if output == "loss":
     return loss
   cross_entropy, distill = (
-      reductions.reduce(x, mask, reduction=reduction, normalizer=normalizer)
+      reductions.reduce(x, mask, reduction=reduction, normalizer=normalizer, invalid=invalid)
       for x in (rows.cross_entropy, rows.divergence))
   return loss, cross_entropy, distill
 

@@ -22,7 +22,8 @@ error grows like ``log n``, not ``n``.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,17 @@ def token_mask(token_shape, labels: Array | None, where: Array | None,
   return mask
 
 
+def invalid_labels(labels: Array | None, mask: Array, vocab_size) -> Array | None:
+  """bool: counted tokens whose label is not a vocabulary id (``-1`` padding, say).
+
+  Their loss is NaN rather than a plausible number: a label is ``ignore_index`` or an id in
+  ``[0, vocab_size)``.
+  """
+  if labels is None:
+    return None
+  return mask & ((labels < 0) | (labels >= vocab_size))
+
+
 def _safe_divide(total: Array, count: Array) -> Array:
   return total / jnp.where(count > 0, count, 1).astype(jnp.float32)
 
@@ -57,29 +69,33 @@ def global_sum(x: Array, data_axis_name: Hashable | None = None) -> Array:
 
 
 def token_weights(mask: Array, *, reduction: str, normalizer: Array | None = None,
-                  data_axis_name: Hashable | None = None) -> Array:
+                  data_axis_name: Hashable | None = None,
+                  invalid: Array | None = None) -> Array:
   """float32 weights ``w`` (``mask.shape``) with ``reduced loss = sum(w * values)``.
 
   ``reduction="none"`` gives the mask (the per-token values are then multiplied, not summed).
   With ``data_axis_name`` (inside ``shard_map``) the mean's divisor and the number of sequences
   count the tokens of every device along it; each sequence must live on one device.
-  ``normalizer`` is used as given. The weights are constants of the loss (no gradient flows
-  through them, nor to ``normalizer``).
+  ``normalizer`` is used as given. ``invalid`` tokens (:func:`invalid_labels`) get a NaN
+  weight, so the loss and their gradient are NaN. The weights are constants of the loss (no
+  gradient flows through them, nor to ``normalizer``).
   """
   weights = mask.astype(jnp.float32)
-  if reduction in ("sum", "none"):
-    return weights
   if reduction == "mean":
     count = (global_sum(weights, data_axis_name) if normalizer is None
              else jnp.asarray(normalizer, jnp.float32))
-    return lax.stop_gradient(_safe_divide(weights, count))
-  if reduction == "sequence_mean":
+    weights = _safe_divide(weights, count)
+  elif reduction == "sequence_mean":
     sequences = jnp.atleast_1d(weights)
     per_sequence = jnp.sum(sequences, axis=-1, keepdims=True)
     num_sequences = global_sum((per_sequence > 0).astype(jnp.float32), data_axis_name)
     weights = _safe_divide(_safe_divide(sequences, per_sequence), num_sequences)
-    return lax.stop_gradient(weights.reshape(mask.shape))
-  raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    weights = weights.reshape(mask.shape)
+  elif reduction not in ("sum", "none"):
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+  if invalid is not None:
+    weights = jnp.where(invalid, jnp.nan, weights)
+  return lax.stop_gradient(weights)
 
 
 # Token sums run in this many (or fewer) independent groups of contiguous tokens, so the groups
@@ -115,13 +131,35 @@ def weighted_total(values: Array, weights: Array) -> Array:
 
 
 def reduce(values: Array, mask: Array, *, reduction: str, normalizer: Array | None = None,
-           data_axis_name: Hashable | None = None) -> Array:
+           data_axis_name: Hashable | None = None, invalid: Array | None = None) -> Array:
   """``values`` (float32 ``mask.shape``) reduced over tokens: a scalar, or masked values."""
-  if reduction == "none":
-    return jnp.where(mask, values, 0.0)
   weights = token_weights(mask, reduction=reduction, normalizer=normalizer,
-                          data_axis_name=data_axis_name)
+                          data_axis_name=data_axis_name, invalid=invalid)
+  if reduction == "none":
+    return jnp.where(weights != 0, weights * values, 0.0)
   return weighted_total(values, weights)
+
+
+def reduced_loss(compute: Callable[[Array | None], tuple[Any, Array | None]], mask: Array, *,
+                 reduction: str, normalizer: Array | None = None,
+                 data_axis_name: Hashable | None = None,
+                 invalid: Array | None = None) -> tuple[Array, Any]:
+  """The loss every public function returns: ``(loss, rows)``.
+
+  ``compute(weights)`` runs an engine: per-token ``rows`` (with a ``value`` field) and, when
+  ``weights`` is not None, ``sum(weights * value)`` with its gradient. ``reduction="none"``
+  gives the per-token values (uncounted tokens 0); the others the weighted total, summed over
+  ``data_axis_name`` when given.
+  """
+  if reduction == "none":
+    rows, _ = compute(None)
+    return reduce(rows.value, mask, reduction="none", invalid=invalid), rows
+  weights = token_weights(mask, reduction=reduction, normalizer=normalizer,
+                          data_axis_name=data_axis_name, invalid=invalid)
+  rows, total = compute(weights)
+  if data_axis_name is not None:
+    total = sum_over_data(total, data_axis_name)
+  return total, rows
 
 
 def sum_and_count(values: Array, mask: Array) -> tuple[Array, Array]:

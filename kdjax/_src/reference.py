@@ -8,7 +8,10 @@ small problems.
 
 It follows the conventions of the other implementations exactly: logits are shifted by their row
 maximum before they are divided by the temperature; a row with no mass contributes 0; a NaN or
-``+inf`` logit, or a hard label outside ``[0, vocab)``, makes its token's value NaN.
+``+inf`` logit, or a hard label outside ``[0, vocab)``, makes its token's value NaN; the inputs
+of a token that is not counted are replaced by zeros first, so whatever they hold never reaches
+a gradient. It computes in float32, or in float64 for float64 inputs (with ``jax_enable_x64``):
+the tests check it against an independent float64 NumPy formula that way.
 """
 
 from __future__ import annotations
@@ -34,6 +37,14 @@ def log_softmax(logits: Array, inv_temperature) -> Array:
   return jnp.where(empty, -jnp.inf, jax.nn.log_softmax(scaled, axis=-1))
 
 
+def _inputs(x: Array, counted: Array | None) -> Array:
+  """``x`` in the compute dtype, with the rows of uncounted tokens replaced by zeros."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  if counted is None:
+    return x
+  return jnp.where(counted[..., None], x, jnp.zeros((), x.dtype))
+
+
 def _not_a_distribution(logits: Array) -> Array:
   return jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1)
 
@@ -45,12 +56,16 @@ def _finish(config: Config, hp: Mapping, divergence: Array, empty: Array,
 
 
 def per_token(config: Config, traced: Mapping[str, Array], logits: Array,
-              teacher_logits: Array, labels: Array | None = None) -> Rows:
-  """Per-token rows of ``[..., vocab]`` logits; only ``value`` carries a gradient."""
+              teacher_logits: Array, labels: Array | None = None, *,
+              counted: Array | None = None) -> Rows:
+  """Per-token rows of ``[..., vocab]`` logits; only ``value`` carries a gradient.
+
+  ``counted`` (bool ``[...]``, optional) marks the tokens whose value is used.
+  """
   hp = config.hyperparameters(traced)
   inv_temperature = 1.0 / hp["temperature"]
-  student = logits.astype(jnp.float32)
-  teacher = lax.stop_gradient(teacher_logits).astype(jnp.float32)
+  student = _inputs(logits, counted)
+  teacher = _inputs(lax.stop_gradient(teacher_logits), counted)
   q = div.dist(log_softmax(student, inv_temperature))
   p = div.dist(log_softmax(teacher, inv_temperature))
   terms = div.DIVERGENCES[config.divergence].terms(p, q, hp)
@@ -69,15 +84,19 @@ def per_token(config: Config, traced: Mapping[str, Array], logits: Array,
 
 
 def sparse_per_token(config: Config, traced: Mapping[str, Array], logits: Array,
-                     teacher_ids: Array, teacher_logprobs: Array) -> Rows:
+                     teacher_ids: Array, teacher_logprobs: Array, *,
+                     counted: Array | None = None) -> Rows:
   """Per-token rows of the student ``[..., vocab]`` against a top-k teacher (``[..., k]``)."""
   hp = config.hyperparameters(traced)
-  student = logits.astype(jnp.float32)
+  student = _inputs(logits, counted)
+  if counted is not None:
+    teacher_ids = jnp.where(counted[..., None], teacher_ids, 0)
+    teacher_logprobs = jnp.where(counted[..., None], teacher_logprobs, 0.0)
   vocab = student.shape[-1]
   log_q = log_softmax(student, 1.0 / hp["temperature"])
   log_q_top = jnp.take_along_axis(log_q, teacher_ids, axis=-1, mode="fill",
                                   fill_value=-jnp.inf)
-  log_p_top = lax.stop_gradient(teacher_logprobs).astype(jnp.float32)
+  log_p_top = lax.stop_gradient(teacher_logprobs).astype(student.dtype)
   if config.tail == "renormalize":
     log_q_top, log_p_top = log_softmax(log_q_top, 1.0), log_softmax(log_p_top, 1.0)
   elif config.tail == "bucket":

@@ -141,18 +141,14 @@ def vocab_parallel_distill_loss(
       implementation=_blocked_only(implementation), token_block=token_block,
       axis_name=axis_name, data_axis_name=data_axis_name)
   mask = reductions.token_mask(logits.shape[:-1], labels, where, ignore_index)
-  weights = None
-  if reduction != "none":
-    weights = reductions.token_weights(mask, reduction=reduction, normalizer=normalizer,
-                                       data_axis_name=data_axis_name)
-  rows, total = implementations.materialised(
-      config, traced, logits, (teacher_logits,), weights, block_fn=dense.teacher_logits_block,
-      reference_fn=reference.per_token)
-  if reduction == "none":
-    return reductions.reduce(rows.value, mask, reduction="none")
-  if data_axis_name is not None:
-    total = reductions.sum_over_data(total, data_axis_name)
-  return total
+  vocab_size = logits.shape[-1] * (1 if axis_name is None else lax.axis_size(axis_name))
+  loss, _ = reductions.reduced_loss(
+      lambda weights: implementations.materialised(
+          config, traced, logits, (teacher_logits,), weights, mask=mask,
+          block_fn=dense.teacher_logits_block, reference_fn=reference.per_token),
+      mask, reduction=reduction, normalizer=normalizer, data_axis_name=data_axis_name,
+      invalid=reductions.invalid_labels(labels, mask, vocab_size))
+  return loss
 
 
 def _blocked_only(implementation: str | None) -> str | None:

@@ -233,15 +233,12 @@ def _block(config: config_lib.Config, hp, logits, ids, teacher_logprobs, *, weig
 def _sparse(config, traced, logits, teacher_ids, teacher_logprobs, labels, where, normalizer,
             *, output):
   mask = reductions.token_mask(logits.shape[:-1], labels, where, config.ignore_index)
-  reduction = "sum" if output == "sum_count" else config.reduction
-  weights = None
-  if reduction != "none":
-    weights = reductions.token_weights(mask, reduction=reduction, normalizer=normalizer)
-  rows, loss = implementations.materialised(
-      config, traced, logits, (teacher_ids.astype(jnp.int32), teacher_logprobs), weights,
-      block_fn=_block, reference_fn=reference.sparse_per_token)
-  if reduction == "none":
-    return reductions.reduce(rows.value, mask, reduction="none")
+  loss, _ = reductions.reduced_loss(
+      lambda weights: implementations.materialised(
+          config, traced, logits, (teacher_ids.astype(jnp.int32), teacher_logprobs), weights,
+          mask=mask, block_fn=_block, reference_fn=reference.sparse_per_token),
+      mask, reduction="sum" if output == "sum_count" else config.reduction,
+      normalizer=normalizer, invalid=reductions.invalid_labels(labels, mask, logits.shape[-1]))
   if output == "sum_count":
     return loss, jnp.sum(mask).astype(jnp.float32)
   return loss
@@ -374,7 +371,7 @@ def sparse_distill_loss_sum_and_count(
     >>> import kdjax
     >>> ids, logprobs = jnp.array([[0], [1]]), jnp.log(jnp.array([[0.5], [0.5]]))
     >>> total, count = kdjax.sparse_distill_loss_sum_and_count(
-    ...     jnp.zeros((2, 2)), ids, logprobs, jnp.array([3, -100]), tail="bucket")
+    ...     jnp.zeros((2, 2)), ids, logprobs, jnp.array([1, -100]), tail="bucket")
     >>> float(total), float(count)
     (0.0, 1.0)
   """
