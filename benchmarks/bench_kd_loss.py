@@ -13,12 +13,13 @@ Prints markdown tables of median wall times, ratios and compiled temporary memor
 (``memory_analysis().temp_size_in_bytes``, as a multiple of one logits array).
 
 Usage: python benchmarks/bench_kd_loss.py [--quick] [--reps N]
-       [--divergences | --train-step | --floor]
+       [--divergences | --train-step | --floor | --small]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -244,6 +245,34 @@ def bench_floor(tokens, vocab, reps):
     print(f"| {name} | {t * 1e3:.0f} | {t / times['stream (a * b)']:.2f} |")
 
 
+SMALL_CASES = [(8, 128), (16, 1000), (64, 4096), (256, 4096), (1024, 8192), (512, 32000),
+               (2048, 32000)]
+
+
+def bench_small(reps):
+  """implementation="blocked" against "reference" and plain jnp autodiff, small to large: what
+  the default implementation (None) picks is the fastest at every size."""
+  print("| tokens x vocab | blocked ms | reference ms | naive jnp ms | blocked / reference "
+        "| blocked / naive |")
+  print("|---|---|---|---|---|---|")
+  for tokens, vocab in SMALL_CASES:
+    rng = np.random.default_rng(0)
+    logits, teacher = (jnp.asarray(rng.standard_normal((tokens, vocab)), jnp.float32)
+                       for _ in range(2))
+    labels = jnp.asarray(rng.integers(0, vocab, tokens), jnp.int32)
+    losses = {implementation: functools.partial(kdjax.kd_loss, implementation=implementation)
+              for implementation in ("blocked", "reference")}
+    losses["naive"] = functools.partial(naive_loss, "soft_cross_entropy")
+    runners = {name: _timer(functools.partial(jax.jit(jax.value_and_grad(loss)), logits, teacher,
+                                              labels))
+               for name, loss in losses.items()}
+    times = _interleaved_medians(runners, reps)
+    print(f"| {tokens} x {vocab} | {times['blocked'] * 1e3:.3f} "
+          f"| {times['reference'] * 1e3:.3f} | {times['naive'] * 1e3:.3f} "
+          f"| {times['blocked'] / times['reference']:.2f} "
+          f"| {times['blocked'] / times['naive']:.2f} |", flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="only (2048, 32000) float32")
@@ -254,7 +283,12 @@ def main():
                       help="kd_loss inside a step that computes the logits (hidden @ kernel)")
   parser.add_argument("--floor", action="store_true",
                       help="what the streaming op and a minimal blocked loss cost on this machine")
+  parser.add_argument("--small", action="store_true",
+                      help="the implementations from 8 x 128 to 2048 x 32000 (kd_loss)")
   args = parser.parse_args()
+  if args.small:
+    bench_small(args.reps)
+    return
   if args.floor:
     bench_floor(2048, 32000, args.reps)
     return

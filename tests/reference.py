@@ -10,13 +10,15 @@ import numpy as np
 
 
 def log_softmax(x):
+  """``x - logsumexp(x)`` over the last axis, as ``(x - max) - log(sum(exp(x - max)))``: even in
+  float64, ``max + log(sum)`` loses ``log(sum)`` next to a max of 1e30."""
   x = np.asarray(x, np.float64)
   finite_max = np.where(np.isfinite(x), x, -np.inf).max(-1, keepdims=True)
   finite_max = np.where(np.isfinite(finite_max), finite_max, 0.0)
+  shifted = x - finite_max
   with np.errstate(divide="ignore"):
-    total = np.exp(x - finite_max).sum(-1, keepdims=True)
-    lse = np.where(total > 0, finite_max + np.log(np.where(total > 0, total, 1.0)), 0.0)
-  return x - lse
+    total = np.exp(shifted).sum(-1, keepdims=True)
+  return shifted - np.log(np.where(total > 0, total, 1.0))
 
 
 def _kl_terms(x, log_x, log_y):

@@ -118,7 +118,8 @@ def temperature(x: Any) -> float | Array:
   if isinstance(x, float):
     if not (x > 0 and math.isfinite(x)):
       raise ValueError(f"temperature must be a finite number > 0, got {x!r}.")
-    inverse = np.float32(1.0) / np.float32(x) if x >= _FLOAT32.tiny else np.inf
+    with np.errstate(over="ignore"):
+      inverse = np.float32(1.0 / x)
     if not (np.isfinite(inverse) and inverse >= _FLOAT32.tiny):
       raise ValueError(
           f"temperature={x!r} is outside the float32 range the losses compute in: 1 / "

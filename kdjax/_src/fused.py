@@ -258,8 +258,10 @@ _per_token.defvjp(_per_token_fwd, _per_token_bwd)
 
 def _reference_values(config: Config, traced, inputs: Inputs, counted: Array | None):
   hp = config.hyperparameters(traced)
-  student, teacher = head.both_logits(hp, inputs.student_hidden, inputs.teacher_hidden,
-                                      inputs.params)
+  hidden = (inputs.student_hidden, inputs.teacher_hidden)
+  if counted is not None:  # Whatever an uncounted token holds never reaches a gradient.
+    hidden = (jnp.where(counted[:, None], h, jnp.zeros((), h.dtype)) for h in hidden)
+  student, teacher = head.both_logits(hp, *hidden, inputs.params)
   return reference.per_token(config, traced, student.raw, teacher.raw, counted=counted).value
 
 
