@@ -45,6 +45,27 @@ def test_map_token_blocks_matches_numpy(tokens, block, dtype, overwrite):
   np.testing.assert_allclose(np.asarray(out, np.float32), want_out, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("tokens,block", LAYOUTS)
+@pytest.mark.parametrize("strided", [True, False])
+def test_sums_and_weights_match_numpy(tokens, block, strided):
+  """Accumulated sums (a kernel gradient, say) with per-row weights: an overlapping last block
+  must neither count a row twice nor overwrite the rows it repeats."""
+  rng = np.random.default_rng(tokens + block)
+  rows = jnp.asarray(rng.standard_normal((tokens, 6)), jnp.float32)
+  weights = jnp.asarray(rng.random(tokens) + 0.5, jnp.float32)
+
+  def fn(r, w):
+    return r * w[:, None], jnp.sum(r * w[:, None], axis=0), jnp.sum(w)
+
+  out, total, weight_sum = jax.jit(lambda r, w: blocking.map_token_blocks(
+      fn, (r, w), (jnp.zeros_like(r),), sums=(jnp.zeros(6), jnp.zeros(())), block=block,
+      strided=strided, weights=1))(rows, weights)
+  x, w = np.asarray(rows, np.float64), np.asarray(weights, np.float64)
+  np.testing.assert_allclose(out, x * w[:, None], rtol=1e-6)
+  np.testing.assert_allclose(total, (x * w[:, None]).sum(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(weight_sum, w.sum(), rtol=1e-6)
+
+
 def test_overwrite_needs_matching_output():
   rows = jnp.zeros((4, 3))
   with pytest.raises(ValueError, match="input 0 cannot overwrite output 0"):

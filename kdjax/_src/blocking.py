@@ -69,6 +69,7 @@ def map_token_blocks(
     overwrite: Mapping[int, int] | None = None,
     sums: Sequence[Array] = (),
     strided: bool = True,
+    weights: int | None = None,
 ) -> tuple[Array, ...]:
   """Writes ``fn(*row_blocks(inputs))`` into row blocks of ``outputs``; adds up its ``sums``.
 
@@ -81,9 +82,13 @@ def map_token_blocks(
   ``i, i + n // block, ...``: the token axis becomes the leading axis of a
   ``[block, n // block, ...]`` view and the loop runs over the second, so under GSPMD a token
   axis sharded over devices stays sharded (contiguous blocks would make the partitioner gather
-  it). Otherwise the blocks are contiguous and the ``n % block`` rows left over form one last,
-  smaller block (no padding copy of the inputs). ``outputs`` give the shapes and dtypes, and are
-  overwritten in place by XLA.
+  it). Otherwise the blocks are contiguous, and the ``n % block`` rows left over are either a
+  last block that overlaps the one before it -- when nothing is overwritten and there are no
+  ``sums``, or ``weights`` names the input that weights each row's increments, which is then 0
+  for the rows computed before -- or one last, smaller block. The overlap recomputes a few rows;
+  the smaller block is compiled separately, and XLA does not share its temporaries with the
+  loop's. No padding copy of the inputs either way. ``outputs`` give the shapes and dtypes, and
+  are overwritten in place by XLA.
 
   ``overwrite`` maps an input's index to the index of an output of the same shape and dtype
   whose buffer it becomes: that input is the output's initial value, and each block of it is
@@ -104,7 +109,8 @@ def map_token_blocks(
       raise ValueError(f"input {i} cannot overwrite output {o}: shapes or dtypes differ.")
   sources = {o: i for i, o in overwrite.items()}
   outputs = [inputs[sources[j]] if j in sources else o for j, o in enumerate(outputs)]
-  loop = dict(block=block, overwrite=overwrite, strided=strided, num_outputs=len(outputs))
+  loop = dict(block=block, overwrite=overwrite, strided=strided, num_outputs=len(outputs),
+              weights=weights)
   if not any(x.dtype in _SIXTEEN_BIT_FLOATS for x in (*inputs, *outputs)):
     return _map_blocks(fn, inputs, outputs, sums, **loop)
   in_dtypes = [x.dtype for x in inputs]
@@ -166,7 +172,7 @@ def _from_bits(x: Array, dtype) -> Array:
   return x
 
 
-def _map_blocks(fn, inputs, outputs, sums, *, block, overwrite, strided, num_outputs):
+def _map_blocks(fn, inputs, outputs, sums, *, block, overwrite, strided, num_outputs, weights):
   num_tokens = inputs[0].shape[0]
   block = max(1, min(block, num_tokens))
   if num_tokens == 0:
@@ -187,29 +193,54 @@ def _map_blocks(fn, inputs, outputs, sums, *, block, overwrite, strided, num_out
     def strided_view(x):
       return x.reshape((block, num_blocks) + x.shape[1:])
 
-    def read(x, i):
+    def read(x, i, k=None):
+      del k
       return lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)
 
     def write(o, b, i):
       return lax.dynamic_update_index_in_dim(o, b.astype(o.dtype), i, axis=1)
 
     outputs = _shard_like_inputs(outputs, inputs)
-    outputs, sums = _vary_like_blocks(outputs, sums, fn, [read(strided_view(x), 0) for x in inputs])
+    outputs, sums = _vary_like_blocks(outputs, sums, fn,
+                                      [read(strided_view(x), 0) for x in inputs])
     outs, acc, _ = _block_loop(apply, [strided_view(x) for x in inputs],
                                [strided_view(o) for o in outputs], sums, num_blocks, read, write,
                                overwrite)
     return (*(o.reshape((num_tokens,) + o.shape[2:]) for o in outs), *acc)
 
-  # Contiguous blocks, and the remainder rows as one last, smaller block.
   remainder = num_tokens - num_blocks * block
+  outputs, sums = _vary_like_blocks(outputs, sums, fn, [x[:block] for x in inputs])
+  if remainder and not overwrite and (not sums or weights is not None):
+    # Contiguous blocks, the last one overlapping the one before it.
+    def start(i):
+      return jnp.minimum(i * block, num_tokens - block)
 
-  def read(x, i):
+    def fresh(rows, i):  # the rows no block before this one computed
+      return start(i) + lax.broadcasted_iota(jnp.int32, rows.shape, 0) >= i * block
+
+    def read(x, i, k=None):
+      rows = lax.dynamic_slice_in_dim(x, start(i), block, axis=0)
+      if k is None or k != weights:
+        return rows
+      return jnp.where(fresh(rows, i), rows, jnp.zeros((), rows.dtype))
+
+    def write(o, b, i):
+      before = lax.dynamic_slice_in_dim(o, start(i), block, axis=0)
+      b = jnp.where(fresh(before, i), b.astype(o.dtype), before)
+      return lax.dynamic_update_slice_in_dim(o, b, start(i), axis=0)
+
+    outs, acc, _ = _block_loop(apply, inputs, outputs, sums, num_blocks + 1, read, write,
+                               overwrite)
+    return (*outs, *acc)
+
+  # Contiguous blocks, and the remainder rows as one last, smaller block.
+  def read(x, i, k=None):
+    del k
     return lax.dynamic_slice_in_dim(x, i * block, block, axis=0)
 
   def write(o, b, i):
     return lax.dynamic_update_slice_in_dim(o, b.astype(o.dtype), i * block, axis=0)
 
-  outputs, sums = _vary_like_blocks(outputs, sums, fn, [x[:block] for x in inputs])
   # A remainder of an overwritten input is read before the loop overwrites anything.
   tail = {k: inputs[k][num_tokens - remainder:] for k in overwrite}
   outs, acc, tail = _block_loop(apply, inputs, outputs, sums, num_blocks, read, write, overwrite,
@@ -234,7 +265,7 @@ def _block_loop(apply, inputs, outputs, sums, num_blocks, read, write, overwrite
   """
   def body(i, carry):
     outs, acc, ahead, extra = carry
-    blocks = [ahead[k] if k in overwrite else read(x, i) for k, x in enumerate(inputs)]
+    blocks = [ahead[k] if k in overwrite else read(x, i, k) for k, x in enumerate(inputs)]
     outs, acc = apply(blocks, outs, acc, lambda o, r: write(o, r, i))
     following = jnp.minimum(i + 1, num_blocks - 1)  # The last read is not used.
     ahead = {k: read(outs[o], following) for k, o in overwrite.items()}

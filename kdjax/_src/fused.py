@@ -182,7 +182,7 @@ def _loop(config: Config, traced, inputs: Inputs, weights: Array | None):
       num_tokens, params.student_kernel.shape[1], blocking.FUSED)
   results = blocking.map_token_blocks(
       fn, (inputs.student_hidden, inputs.teacher_hidden, *(() if weights is None else (weights,))),
-      outputs, sums=sums, block=block, strided=False)
+      outputs, sums=sums, block=block, strided=False, weights=2)
   rows = recipe.Rows(*results[:3])
   if not with_grad:
     return rows, None
