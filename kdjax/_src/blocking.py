@@ -285,6 +285,16 @@ def varying_axes(aval) -> frozenset:
   return frozenset(getattr(aval, "vma", ()))
 
 
+def varying_zeros(shape, *like: Array | None) -> Array:
+  """float32 zeros that vary over the same ``shard_map`` axes as the arrays ``like`` (the initial
+  value of a loop carry that the loop body computes from them); plain zeros elsewhere."""
+  out = jnp.zeros(shape, jnp.float32)
+  for ref in like:
+    if ref is not None:
+      out = out + jnp.zeros_like(ref, dtype=jnp.float32, shape=())
+  return out
+
+
 def _vary_like_blocks(outputs: Sequence[Array], sums: Sequence[Array], fn,
                       blocks: Sequence[Array]) -> tuple[list[Array], list[Array]]:
   """Inside ``shard_map``, marks fresh ``outputs`` and ``sums`` as varying like ``fn``'s results.

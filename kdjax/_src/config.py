@@ -5,7 +5,7 @@ known at trace time becomes one hashable :class:`Config` -- a ``jax.jit`` static
 ``jax.custom_vjp`` non-differentiable argument -- and every hyperparameter given as an array (a
 scheduled temperature, say) goes into one dict of float32 scalars, ``traced``. Both travel down
 to the engines unchanged; the engines read hyperparameters through
-:meth:`Config.hyperparameters`, the one place where the two halves meet again.
+:meth:`Config.hyperparameters_with`, the one place where the two halves meet again.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Config(NamedTuple):
   data_axis_name: Hashable | None = None
   tail: str | None = None  # sparse teachers: what to do with the mass outside the top k.
 
-  def hyperparameters(self, traced: Mapping[str, Array]) -> dict[str, Any]:
+  def hyperparameters_with(self, traced: Mapping[str, Array]) -> dict[str, Any]:
     """The static and traced hyperparameters as one dict, by name."""
     return {**dict(self.static_hp), **traced}
 

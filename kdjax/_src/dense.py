@@ -52,7 +52,7 @@ def teacher_logits_block(config: Config, hp: Mapping, logits: Array, teacher_log
 def _loop(block_fn: BlockFn, config: Config, traced, logits, weights, others, *,
           with_grad: bool):
   """Runs ``block_fn`` over token blocks: ``(value, divergence, cross_entropy[, grad])``."""
-  hp = config.hyperparameters(traced)
+  hp = config.hyperparameters_with(traced)
   num_tokens, vocab = logits.shape
   block = config.token_block or blocking.token_block(num_tokens, vocab)
 

@@ -94,8 +94,8 @@ def _vocab_tiles(config: Config, hp, params: Params, with_grad: bool, student_hi
                  for acc, side in zip(carry, (student, teacher), strict=True))
 
   like = (student_hidden, teacher_hidden, *params, weights)
-  empty = recipe.Stats(_zeros(student_hidden.shape[:1], *like) - jnp.inf,
-                       _zeros(student_hidden.shape[:1], *like))
+  empty = recipe.Stats(blocking.varying_zeros(student_hidden.shape[:1], *like) - jnp.inf,
+                       blocking.varying_zeros(student_hidden.shape[:1], *like))
   student_stats, teacher_stats = (recipe.combine_over(s, reduce, inv_temperature)
                                   for s in over_tiles(stats_step, (empty, empty)))
 
@@ -109,7 +109,7 @@ def _vocab_tiles(config: Config, hp, params: Params, with_grad: bool, student_hi
     *_, terms = tile_terms(start, tile_width)
     return carry[0] + jnp.sum(terms.value, axis=-1), carry[1] + jnp.sum(terms.dlog_q, axis=-1)
 
-  zeros = _zeros(student_hidden.shape[:1], *like)
+  zeros = blocking.varying_zeros(student_hidden.shape[:1], *like)
   value_sum, dlog_q_sum = over_tiles(sums_step, (zeros, zeros))
   sums = recipe.Sums(reduce.sum(value_sum[:, None]), reduce.sum(dlog_q_sum[:, None]))
   rows, scale = recipe.finish(config, hp, student_stats, teacher_stats, sums, weights=weights)
@@ -132,19 +132,9 @@ def _vocab_tiles(config: Config, hp, params: Params, with_grad: bool, student_hi
                  add(grads.bias, tile.bias, 0) if with_bias else None)
 
   return rows, over_tiles(grad_step, Grads(
-      _zeros(student_hidden.shape[:1] + student_hidden.shape[1:], *like),
-      _zeros(params.student_kernel.shape, *like),
-      _zeros((vocab,), *like) if with_bias else None))
-
-
-def _zeros(shape, *like: Array | None) -> Array:
-  """float32 zeros that vary over the same ``shard_map`` axes as ``like`` (loop carries must
-  match the type of what the loop body makes of them); plain zeros outside ``shard_map``."""
-  out = jnp.zeros(shape, jnp.float32)
-  for ref in like:
-    if ref is not None:
-      out = out + jnp.zeros_like(ref, dtype=jnp.float32, shape=())
-  return out
+      blocking.varying_zeros(student_hidden.shape[:1] + student_hidden.shape[1:], *like),
+      blocking.varying_zeros(params.student_kernel.shape, *like),
+      blocking.varying_zeros((vocab,), *like) if with_bias else None))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,7 +145,7 @@ def _zeros(shape, *like: Array | None) -> Array:
 def _loop(config: Config, traced, inputs: Inputs, weights: Array | None):
   """Per-token rows and, when ``weights`` is given, the gradients of ``sum(weights * value)``
   with respect to the student's hidden states, kernel and bias (in their dtypes)."""
-  hp = config.hyperparameters(traced)
+  hp = config.hyperparameters_with(traced)
   with_grad = weights is not None
   block_fn = _whole_vocab if config.vocab_block is None else _vocab_tiles
   params = inputs.params
@@ -257,7 +247,7 @@ _per_token.defvjp(_per_token_fwd, _per_token_bwd)
 
 
 def _reference_values(config: Config, traced, inputs: Inputs, counted: Array | None):
-  hp = config.hyperparameters(traced)
+  hp = config.hyperparameters_with(traced)
   hidden = (inputs.student_hidden, inputs.teacher_hidden)
   if counted is not None:  # Whatever an uncounted token holds never reaches a gradient.
     hidden = (jnp.where(counted[:, None], h, jnp.zeros((), h.dtype)) for h in hidden)

@@ -326,8 +326,8 @@ def shift_labels(labels: ArrayLike, *, ignore_index: int = -100) -> Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def _per_token(divergence, logits, teacher_logits, *, temperature, beta=0.5, alpha=0.1,
-               token_block=None, implementation=None):
+def _divergence_per_token(divergence, logits, teacher_logits, *, temperature, beta=0.5,
+                          alpha=0.1, token_block=None, implementation=None):
   return _call(
       logits, teacher_logits, None, divergence=divergence, beta=beta, alpha=alpha,
       temperature=temperature, temperature_squared=False, ignore_index=-100, where=None,
@@ -363,8 +363,9 @@ def forward_kl(
     token_block: int | None = None,
     implementation: str | None = None,
 ) -> Array:
-  return _per_token("forward_kl", logits, teacher_logits, temperature=temperature,
-                    token_block=token_block, implementation=implementation)
+  return _divergence_per_token(
+      "forward_kl", logits, teacher_logits, temperature=temperature,
+      token_block=token_block, implementation=implementation)
 
 
 def reverse_kl(
@@ -375,8 +376,9 @@ def reverse_kl(
     token_block: int | None = None,
     implementation: str | None = None,
 ) -> Array:
-  return _per_token("reverse_kl", logits, teacher_logits, temperature=temperature,
-                    token_block=token_block, implementation=implementation)
+  return _divergence_per_token(
+      "reverse_kl", logits, teacher_logits, temperature=temperature,
+      token_block=token_block, implementation=implementation)
 
 
 def generalized_jsd(
@@ -388,8 +390,9 @@ def generalized_jsd(
     token_block: int | None = None,
     implementation: str | None = None,
 ) -> Array:
-  return _per_token("generalized_jsd", logits, teacher_logits, beta=beta, temperature=temperature,
-                    token_block=token_block, implementation=implementation)
+  return _divergence_per_token(
+      "generalized_jsd", logits, teacher_logits, beta=beta, temperature=temperature,
+      token_block=token_block, implementation=implementation)
 
 
 def skew_forward_kl(
@@ -401,8 +404,9 @@ def skew_forward_kl(
     token_block: int | None = None,
     implementation: str | None = None,
 ) -> Array:
-  return _per_token("skew_forward_kl", logits, teacher_logits, alpha=alpha, temperature=temperature,
-                    token_block=token_block, implementation=implementation)
+  return _divergence_per_token(
+      "skew_forward_kl", logits, teacher_logits, alpha=alpha, temperature=temperature,
+      token_block=token_block, implementation=implementation)
 
 
 def skew_reverse_kl(
@@ -414,8 +418,9 @@ def skew_reverse_kl(
     token_block: int | None = None,
     implementation: str | None = None,
 ) -> Array:
-  return _per_token("skew_reverse_kl", logits, teacher_logits, alpha=alpha, temperature=temperature,
-                    token_block=token_block, implementation=implementation)
+  return _divergence_per_token(
+      "skew_reverse_kl", logits, teacher_logits, alpha=alpha, temperature=temperature,
+      token_block=token_block, implementation=implementation)
 
 
 def total_variation(
@@ -426,8 +431,9 @@ def total_variation(
     token_block: int | None = None,
     implementation: str | None = None,
 ) -> Array:
-  return _per_token("total_variation", logits, teacher_logits, temperature=temperature,
-                    token_block=token_block, implementation=implementation)
+  return _divergence_per_token(
+      "total_variation", logits, teacher_logits, temperature=temperature,
+      token_block=token_block, implementation=implementation)
 
 
 def soft_cross_entropy(
@@ -438,8 +444,9 @@ def soft_cross_entropy(
     token_block: int | None = None,
     implementation: str | None = None,
 ) -> Array:
-  return _per_token("soft_cross_entropy", logits, teacher_logits, temperature=temperature,
-                    token_block=token_block, implementation=implementation)
+  return _divergence_per_token(
+      "soft_cross_entropy", logits, teacher_logits, temperature=temperature,
+      token_block=token_block, implementation=implementation)
 
 
 forward_kl.__doc__ = r"""Forward KL, per token.

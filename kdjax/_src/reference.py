@@ -62,7 +62,7 @@ def per_token(config: Config, traced: Mapping[str, Array], logits: Array,
 
   ``counted`` (bool ``[...]``, optional) marks the tokens whose value is used.
   """
-  hp = config.hyperparameters(traced)
+  hp = config.hyperparameters_with(traced)
   inv_temperature = 1.0 / hp["temperature"]
   student = _inputs(logits, counted)
   teacher = _inputs(lax.stop_gradient(teacher_logits), counted)
@@ -87,7 +87,7 @@ def sparse_per_token(config: Config, traced: Mapping[str, Array], logits: Array,
                      teacher_ids: Array, teacher_logprobs: Array, *,
                      counted: Array | None = None) -> Rows:
   """Per-token rows of the student ``[..., vocab]`` against a top-k teacher (``[..., k]``)."""
-  hp = config.hyperparameters(traced)
+  hp = config.hyperparameters_with(traced)
   student = _inputs(logits, counted)
   if counted is not None:
     teacher_ids = jnp.where(counted[..., None], teacher_ids, 0)
