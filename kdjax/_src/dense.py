@@ -15,7 +15,7 @@ respect to the student logits -- :func:`teacher_logits_block` here, the sparse o
   gradient's. A call that is not differentiated runs only the value loop.
 
 Two entry points. :func:`weighted_sum` returns ``sum_i w_i value_i`` for token weights known in
-the forward pass (the mask and the mean's divisor, ``reductions.token_weights``): the stored
+the forward pass (the mask and the mean's divisor, ``reductions.reduction_weights``): the stored
 gradient already is the final one, and under ``jax.grad`` its backward multiplies by the constant
 1, which XLA removes. :func:`per_token` returns the per-token values and scales the stored
 gradient by their cotangent in its backward (one more rounding of a 16-bit gradient unless that
@@ -146,10 +146,10 @@ def weighted_sum(block_fn: BlockFn, config: Config, traced: Mapping[str, Array],
                  weights: Array, *others: Array) -> tuple[Array, recipe.Rows]:
   """``(sum_i weights[i] * value[i], rows)``: the fastest way to a reduced loss.
 
-  ``weights`` (``logits.shape[:-1]``, float32; ``reductions.token_weights``) are constants of the
-  loss and get no gradient; a token whose weight is 0 contributes exactly 0 to the total and its
-  gradient, whatever its inputs hold. The gradient is complete after the forward pass; the rows
-  are under ``stop_gradient``.
+  ``weights`` (``logits.shape[:-1]``, float32; ``reductions.reduction_weights``) are constants
+  of the loss and get no gradient; a token whose weight is 0 contributes exactly 0 to the total
+  and its gradient, whatever its inputs hold. The gradient is complete after the forward pass;
+  the rows are under ``stop_gradient``.
   """
   flat_logits, flat_others = _flat(logits, others)
   flat_weights = lax.stop_gradient(jnp.asarray(weights, jnp.float32)).reshape(-1)

@@ -14,7 +14,7 @@ blocks. The teacher is a constant: no gradient flows to its hidden states, kerne
 gradient strategies, chosen by the reduction:
 
 * ``mean``/``sum``/``sequence_mean``: the reduced loss is a weighted sum of per-token values
-  with weights that depend only on the mask (``reductions.token_weights``). The forward pass
+  with weights that depend only on the mask (``reductions.reduction_weights``). The forward pass
   computes each block's gradient right after its value, while the block's logits are at hand,
   and the backward pass only scales the result by the scalar cotangent: four matmuls in all, as
   many as the materialised computation.
@@ -297,10 +297,12 @@ class Prepared(NamedTuple):
   labels: Array | None
   where: Array | None
   normalizer: Array | None
+  token_weights: Array | None
 
 
 def prepare(student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
-            teacher_bias, *, labels, where, reduction, normalizer, ignore_index, divergence,
+            teacher_bias, *, labels, where, token_weights, reduction, normalizer, ignore_index,
+            divergence,
             temperature, beta, alpha, temperature_squared, logit_scale, softcap, token_block,
             vocab_block, implementation, vocab_mismatch_hint, axis_name=None,
             data_axis_name=None) -> Prepared:
@@ -308,9 +310,10 @@ def prepare(student_hidden, student_kernel, teacher_hidden, teacher_kernel, stud
   inputs = checks.linear_heads(
       student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
       teacher_bias, vocab_mismatch_hint=vocab_mismatch_hint)
-  labels, where, normalizer, token_block = checks.token_arguments(
+  tokens = checks.token_arguments(
       inputs[0].shape[:-1], labels=labels, where=where, reduction=reduction,
-      normalizer=normalizer, ignore_index=ignore_index, token_block=token_block)
+      normalizer=normalizer, ignore_index=ignore_index, token_block=token_block,
+      token_weights=token_weights)
   hp = checks.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
   for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
     for side, side_value in zip(head.SIDES, checks.per_model(name, value), strict=True):
@@ -323,16 +326,18 @@ def prepare(student_hidden, student_kernel, teacher_hidden, teacher_kernel, stud
   config, traced = config_lib.build(
       hp, divergence=divergence, temperature_squared=bool(temperature_squared),
       reduction=reduction, ignore_index=ignore_index, implementation=implementation,
-      token_block=token_block,
+      token_block=tokens.token_block,
       vocab_block=checks.positive_int("vocab_block", vocab_block, optional=True),
       axis_name=axis_name, data_axis_name=data_axis_name)
   student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias, teacher_bias = (
       inputs)
   return Prepared(config, traced, Inputs(student_hidden, teacher_hidden, Params(
-      student_kernel, student_bias, teacher_kernel, teacher_bias)), labels, where, normalizer)
+      student_kernel, student_bias, teacher_kernel, teacher_bias)), tokens.labels, tokens.where,
+      tokens.normalizer, tokens.token_weights)
 
 
-def loss(config: Config, traced, inputs: Inputs, labels, where, normalizer) -> Array:
+def loss(config: Config, traced, inputs: Inputs, labels, where, normalizer,
+         token_weights) -> Array:
   """The reduced fused loss of hidden states ``[..., d]`` (the token shape is ``[...]``)."""
   token_shape = inputs.student_hidden.shape[:-1]
   mask = reductions.token_mask(token_shape, labels, where, config.ignore_index)
@@ -351,7 +356,7 @@ def loss(config: Config, traced, inputs: Inputs, labels, where, normalizer) -> A
   loss, _ = reductions.reduced_loss(
       compute, mask, reduction=config.reduction, normalizer=normalizer,
       data_axis_name=config.data_axis_name,
-      invalid=reductions.invalid_labels(labels, mask, vocab_size))
+      invalid=reductions.invalid_labels(labels, mask, vocab_size), token_weights=token_weights)
   return loss
 
 
@@ -380,6 +385,7 @@ def fused_linear_distill_loss(
     softcap: Any = None,
     ignore_index: int = -100,
     where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
     reduction: str = "mean",
     normalizer: ArrayLike | None = None,
     token_block: int | None = None,
@@ -420,7 +426,8 @@ def fused_linear_distill_loss(
       be None. Applied before the softcap.
     softcap: optional Gemma-style cap ``c > 0``: logits become ``c * tanh(logits / c)``. Shared
       or a ``(student, teacher)`` pair, like ``logit_scale``. Applied before the temperature.
-    ignore_index, where, reduction, normalizer: as in :func:`kdjax.distill_loss`.
+    ignore_index, where, token_weights, reduction, normalizer: as in
+      :func:`kdjax.distill_loss`.
     token_block: tokens per block (default 192, fewer for vocabularies above 131072 entries:
       96 at 262144). Temporaries are about ``5 * token_block * vocab * 4`` bytes.
     vocab_block: optional vocabulary columns per block. When set, each token block walks the
@@ -451,7 +458,8 @@ def fused_linear_distill_loss(
   """
   prepared = prepare(
       student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
-      teacher_bias, labels=labels, where=where, reduction=reduction, normalizer=normalizer,
+      teacher_bias, labels=labels, where=where, token_weights=token_weights,
+      reduction=reduction, normalizer=normalizer,
       ignore_index=ignore_index, divergence=divergence, temperature=temperature, beta=beta,
       alpha=alpha, temperature_squared=temperature_squared, logit_scale=logit_scale,
       softcap=softcap, token_block=token_block, vocab_block=vocab_block,
