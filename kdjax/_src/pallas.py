@@ -30,8 +30,8 @@ Variants (:class:`Variant`):
 * :data:`MOSAIC` (TPU): blocks of 8 rows or more (16 for 16-bit logits, a packed vreg), whole
   rows in VMEM (about :data:`TPU_BLOCK_BYTES` per array), read once from HBM by the pipeline;
   tiles ``ref[:, pl.ds(start, width)]`` of :data:`TPU_TILE` lanes and a static remainder tile.
-  A vocabulary whose double-buffered blocks exceed :data:`TPU_VMEM_BUDGET` is not supported
-  (the blocked engine runs instead).
+  A vocabulary whose double-buffered blocks exceed :data:`TPU_VMEM_FRACTION` of the core's VMEM
+  is not supported (the blocked engine runs instead).
 * :data:`INTERPRET`: the Triton variant in Pallas interpret mode, plain XLA operations on any
   backend: what ``implementation="pallas"`` runs on CPU. A testing aid -- as exact as the
   kernel, much slower than the blocked engine. Either variant runs interpreted with
@@ -65,14 +65,15 @@ GPU_WARPS = 8
 GPU_STAGES = 2
 
 # TPU: about this many bytes of each logits array per block (at least 8 rows, 16 for 16-bit
-# logits); tiles of this many lanes, so a [8, tile] float32 temporary is 4 of the 64 vector
-# registers; at most this much VMEM for the double-buffered blocks of the three [rows, vocab]
-# arrays (two logits, the gradient), under a scoped VMEM limit of TPU_VMEM_LIMIT (every TPU
-# since v4 has at least 32 MiB of VMEM per core).
+# logits: a packed vreg), tiles of this many lanes (a [8, tile] float32 temporary is 4 of the 64
+# vector registers), and at most this fraction of the core's VMEM for the double-buffered blocks
+# of the three [rows, vocab] arrays (two logits, the gradient): 24 MiB on a 64 MiB v5p or v7x,
+# 48 MiB on a 128 MiB v5e or v6e, 6 MiB on a 16 MiB v4.
 TPU_BLOCK_BYTES = 2 << 20
 TPU_TILE = 512
-TPU_VMEM_BUDGET = 24 << 20
-TPU_VMEM_LIMIT = 32 << 20
+TPU_VMEM_FRACTION = 3 / 8
+# VMEM per core assumed when the program is traced without a TPU to ask (lowering elsewhere).
+TPU_DEFAULT_VMEM = 64 << 20
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -91,17 +92,23 @@ MOSAIC = Variant("mosaic", TPU_TILE)
 INTERPRET = TRITON._replace(interpret=True)
 
 
-def _tpu_rows(vocab: int, dtypes) -> int:
-  """Rows per TPU block: a multiple of the packed sublanes, about TPU_BLOCK_BYTES per array."""
+def _tpu_vmem_capacity() -> int:
+  try:
+    return pltpu.get_tpu_info().vmem_capacity_bytes
+  except ValueError:  # Not traced for a TPU (or an abstract one): no chip to ask.
+    return TPU_DEFAULT_VMEM
+
+
+def _tpu_rows(vocab: int, dtypes) -> int | None:
+  """Rows per TPU block: a multiple of the packed sublanes, about TPU_BLOCK_BYTES per array,
+  double-buffered blocks within the VMEM budget; None when not even the fewest rows fit."""
   itemsizes = [jnp.dtype(d).itemsize for d in dtypes]
   multiple = 8 * (4 // min(itemsizes))
-  rows = TPU_BLOCK_BYTES // (vocab * max(itemsizes)) // multiple * multiple
-  return max(multiple, min(rows, 512))
-
-
-def _tpu_vmem_bytes(rows: int, vocab: int, dtypes) -> int:
-  """VMEM of the double-buffered blocks of the two logits and the gradient."""
-  return 2 * rows * vocab * sum(jnp.dtype(d).itemsize for d in (*dtypes, dtypes[0]))
+  row_bytes = 2 * vocab * (sum(itemsizes) + itemsizes[0])  # Two logits and the gradient.
+  budget = int(TPU_VMEM_FRACTION * _tpu_vmem_capacity())
+  rows = min(TPU_BLOCK_BYTES // (vocab * max(itemsizes)), 512, budget // row_bytes)
+  rows = max(multiple, rows // multiple * multiple)
+  return rows if rows * row_bytes <= budget else None
 
 
 def _partitioned() -> bool:
@@ -123,9 +130,8 @@ def supports(variant: Variant, config: Config, logits: Array, teacher_logits: Ar
   if (config.axis_name is not None or vocab == 0 or num_tokens == 0 or _partitioned()
       or logits.dtype not in _DTYPES or teacher_logits.dtype not in _DTYPES):
     return False
-  if variant.backend == "mosaic" and not variant.interpret:
-    dtypes = (logits.dtype, teacher_logits.dtype)
-    return _tpu_vmem_bytes(_tpu_rows(vocab, dtypes), vocab, dtypes) <= TPU_VMEM_BUDGET
+  if variant.backend == "mosaic" and not variant.interpret and variant.rows is None:
+    return _tpu_rows(vocab, (logits.dtype, teacher_logits.dtype)) is not None
   return True
 
 
@@ -299,9 +305,13 @@ def _layout_and_params(variant: Variant, num_tokens: int, vocab: int, dtypes):
     return _Layout(1, False, _Tiles(1, vocab, variant.tile, masked=True)), pl.BlockSpec(), params
   if variant.backend != "mosaic":
     raise ValueError(f"unknown kernel backend {variant.backend!r}.")
-  rows = min(variant.rows or _tpu_rows(vocab, dtypes), num_tokens)
-  params = pltpu.CompilerParams(dimension_semantics=("parallel",),
-                                vmem_limit_bytes=TPU_VMEM_LIMIT)
+  rows = variant.rows or _tpu_rows(vocab, dtypes) or 8
+  itemsizes = [jnp.dtype(d).itemsize for d in dtypes]
+  blocks = 2 * rows * vocab * (sum(itemsizes) + itemsizes[0])
+  # The blocks, and room for the tiles' temporaries.
+  vmem_limit = min(_tpu_vmem_capacity(), blocks + (8 << 20))
+  rows = min(rows, num_tokens)
+  params = pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=vmem_limit)
   return (_Layout(rows, True, _Tiles(rows, vocab, variant.tile, masked=False)),
           pl.BlockSpec(memory_space=pltpu.SMEM), params)
 
