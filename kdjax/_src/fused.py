@@ -168,11 +168,13 @@ def _loop(config: Config, traced, inputs: Inputs, weights: Array | None):
     outputs += (jnp.zeros(inputs.student_hidden.shape, d_hidden_dtype),)
     sums = (jnp.zeros(params.student_kernel.shape, jnp.float32),
             *((jnp.zeros(params.student_bias.shape, jnp.float32),) if with_bias else ()))
-  block = config.token_block or blocking.token_block(
-      num_tokens, params.student_kernel.shape[1], blocking.FUSED)
-  results = blocking.map_token_blocks(
-      fn, (inputs.student_hidden, inputs.teacher_hidden, *(() if weights is None else (weights,))),
-      outputs, sums=sums, block=block, strided=False, weights=2)
+  results = blocking.per_platform(
+      lambda block: blocking.map_token_blocks(
+          fn, (inputs.student_hidden, inputs.teacher_hidden,
+               *(() if weights is None else (weights,))),
+          outputs, sums=sums, block=block, strided=False, weights=2),
+      num_tokens, params.student_kernel.shape[1], cpu=blocking.FUSED,
+      accelerator=blocking.FUSED_ACCELERATOR, block=config.token_block)
   rows = recipe.Rows(*results[:3])
   if not with_grad:
     return rows, None
@@ -428,8 +430,10 @@ def fused_linear_distill_loss(
       or a ``(student, teacher)`` pair, like ``logit_scale``. Applied before the temperature.
     ignore_index, where, token_weights, reduction, normalizer: as in
       :func:`kdjax.distill_loss`.
-    token_block: tokens per block (default 192, fewer for vocabularies above 131072 entries:
-      96 at 262144). Temporaries are about ``5 * token_block * vocab * 4`` bytes.
+    token_block: tokens per block (default on CPU 192, fewer for vocabularies above 131072
+      entries: 96 at 262144; on GPUs and TPUs about 512 MiB per ``[block, vocab]`` float32
+      array, 1024 tokens at 128256). Temporaries are about ``5 * token_block * vocab * 4``
+      bytes.
     vocab_block: optional vocabulary columns per block. When set, each token block walks the
       vocabulary with an online log-sum-exp, so temporaries are
       ``O(token_block * vocab_block)``; it costs two extra logit matmuls per step.

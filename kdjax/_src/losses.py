@@ -36,7 +36,7 @@ def _distill(config, traced, logits, teacher_logits, labels, where, normalizer, 
   loss, rows = reductions.reduced_loss(
       lambda weights: implementations.materialised(
           config, traced, logits, others, weights, mask=mask,
-          block_fn=dense.teacher_logits_block, reference_fn=reference.per_token),
+          block_fn=dense.teacher_logits_block, reference_fn=reference.per_token, kernels=True),
       mask, reduction=reduction, normalizer=normalizer, invalid=invalid,
       token_weights=token_weights)
   if output == "sum_count":
@@ -65,7 +65,8 @@ def _call(logits, teacher_logits, labels, *, divergence, beta, alpha, temperatur
   config, traced = config_lib.build(
       hp, divergence=divergence, temperature_squared=bool(temperature_squared),
       cross_entropy=kd_coef is not None, reduction=reduction, ignore_index=ignore_index,
-      implementation=implementations.check(implementation), token_block=tokens.token_block)
+      implementation=implementations.check(implementation, kernels=True),
+      token_block=tokens.token_block)
   return _distill(config, traced, logits, teacher_logits, tokens.labels, tokens.where,
                   tokens.normalizer, tokens.token_weights, output=output)
 
@@ -132,11 +133,13 @@ def distill_loss(
     normalizer: optional scalar that replaces the valid-token count of ``"mean"``, for example a
       global count across hosts or gradient-accumulation steps.
     token_block: rows per block of the blocked computation (default: about 1 MiB of float32
-      per block).
+      per block on CPU, 64 MiB on GPUs and TPUs).
     implementation: ``"blocked"`` (token blocks, analytic gradient, temporaries
-      ``O(block * vocab)``), ``"reference"`` (the readable whole-array definition with JAX
-      autodiff, the oracle of the tests; ``O(tokens * vocab)`` float32 temporaries) or None
-      (the default: the best for the problem's size).
+      ``O(block * vocab)``), ``"pallas"`` (GPU and TPU kernels: one pass over the logits; on
+      CPU the kernel in Pallas interpret mode, a slow testing aid), ``"reference"`` (the
+      readable whole-array definition with JAX autodiff, the oracle of the tests;
+      ``O(tokens * vocab)`` float32 temporaries) or None (the default: per platform, the
+      blocked engine on CPU and the kernels on GPUs and TPUs; see ``docs/accelerators.md``).
 
   Returns:
     A float32 scalar, or ``logits.shape[:-1]`` for ``reduction="none"``. A NaN or ``+inf`` in
@@ -360,7 +363,8 @@ _PER_TOKEN_ARGS = """
     teacher_logits: teacher logits, same shape; no gradient flows to them.
     temperature: ``T > 0``; both logits are divided by it before the softmax.
     token_block: rows per block of the blocked computation (default: automatic).
-    implementation: ``"blocked"``, ``"reference"`` or None, as in :func:`kdjax.distill_loss`.
+    implementation: ``"blocked"``, ``"pallas"``, ``"reference"`` or None, as in
+      :func:`kdjax.distill_loss`.
 
   Returns:
     float32 ``logits.shape[:-1]``: one value per token. ``-inf`` logits follow the conventions

@@ -86,7 +86,10 @@ def inverse_temperature(hp: Mapping[str, Any]):
 
 def value_scale(config: Config, hp: Mapping[str, Any]):
   """``T**2`` with ``temperature_squared``, else 1."""
-  return jnp.square(hp["temperature"]) if config.temperature_squared else 1.0
+  # A product rather than jnp.square (the same operation): Pallas' Triton lowering cannot
+  # square a Python number.
+  temperature = hp["temperature"]
+  return jnp.multiply(temperature, temperature) if config.temperature_squared else 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,14 +181,20 @@ def terms(config: Config, hp: Mapping[str, Any], teacher: div.Dist,
   return div.DIVERGENCES[config.divergence].terms(teacher, student, hp)
 
 
-def label_entry(x: Array, labels: Array, start, row_max: Array) -> Array:
+def label_entry(x: Array, labels: Array, start, row_max: Array, *,
+                gather: bool = True) -> Array:
   """``x[label] - max`` per row where the label's entry is in ``x`` (ids ``start + j``), else 0.
 
   Summed over the tiles or shards of a row, it is exact: one of them holds the entry.
+  ``gather=False`` picks the entry by comparing every id with the label, for kernels, where a
+  gather along the vocabulary does not lower; the result is the same.
   """
   local = labels - start
   inside = (local >= 0) & (local < x.shape[-1])
-  picked = jnp.take_along_axis(x, jnp.clip(local, 0, x.shape[-1] - 1)[:, None], axis=-1)[:, 0]
+  if gather:
+    picked = jnp.take_along_axis(x, jnp.clip(local, 0, x.shape[-1] - 1)[:, None], axis=-1)[:, 0]
+  else:
+    picked = jnp.sum(jnp.where(one_hot(labels, start, x.shape[-1]), x, 0.0), axis=-1)
   return jnp.where(inside, picked - _finite(row_max), 0.0)
 
 
