@@ -39,15 +39,8 @@ def _distill(config, traced, logits, teacher_logits, labels, where, normalizer, 
           block_fn=dense.teacher_logits_block, reference_fn=reference.per_token, kernels=True),
       mask, reduction=reduction, normalizer=normalizer, invalid=invalid,
       token_weights=token_weights)
-  if output == "sum_count":
-    return loss, jnp.sum(mask).astype(jnp.float32)
-  if output == "loss":
-    return loss
-  cross_entropy, distill = (
-      reductions.reduce(x, mask, reduction=reduction, normalizer=normalizer, invalid=invalid,
-                        token_weights=token_weights)
-      for x in (rows.cross_entropy, rows.divergence))
-  return loss, cross_entropy, distill
+  return reductions.outputs(output, loss, rows, mask, reduction=reduction,
+                            normalizer=normalizer, invalid=invalid, token_weights=token_weights)
 
 
 def _call(logits, teacher_logits, labels, *, divergence, beta, alpha, temperature,

@@ -225,73 +225,27 @@ class _Refs(NamedTuple):
   grad: Any  # [rows, vocab] in the logits' dtype (with the gradient only), else None.
 
 
-def _empty(rows: int) -> recipe.Stats:
-  return recipe.Stats(jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32))
-
-
 def _body(config: Config, names: tuple[str, ...], layout: _Layout, refs: _Refs) -> None:
-  """One program: its rows' per-token results and, with ``refs.grad``, their gradient."""
+  """One program: :func:`recipe.tiled` on its rows, the gradient written tile by tile."""
   tiles = layout.tiles
   traced = {name: refs.hyperparameters[j] for j, name in enumerate(names)}
-  hp = config.hyperparameters_with(traced)
-  inv_temperature = recipe.inverse_temperature(hp)
-  with_grad = refs.grad is not None
-  cross_entropy = config.cross_entropy
-  # The cross entropy's softmax is at temperature 1: the student's own unless T may differ.
-  separate = cross_entropy and not config.is_static("temperature", 1.0)
-  labels = layout.read_rows(refs.labels) if cross_entropy else None
 
-  def tile_statistics(tile, stats):
-    x_student = tiles.read(refs.logits, tile)
-    x_teacher = tiles.read(refs.teacher, tile)
-    parts = [(x_student, inv_temperature), (x_teacher, inv_temperature), (x_student, 1.0)]
-    return tuple(recipe.combine(folded, recipe.statistics(x, inv)[0], inv)
-                 for folded, (x, inv) in zip(stats, parts, strict=False))
+  def read(tile):
+    return tiles.read(refs.logits, tile), tiles.read(refs.teacher, tile), None
 
-  stats = tiles.fold(tile_statistics, (_empty(tiles.rows),) * (3 if separate else 2))
-  student, teacher = stats[:2]
-  ce_stats = stats[2] if separate else student
-
-  def tile_terms(tile):
-    x_student = tiles.read(refs.logits, tile)
-    q = recipe.distribution(x_student, student, inv_temperature)
-    p = recipe.distribution(tiles.read(refs.teacher, tile), teacher, inv_temperature)
-    return x_student, q, recipe.terms(config, hp, p, q)
-
-  def tile_sums(tile, sums):
-    x_student, _, terms = tile_terms(tile)
-    value, dlog_q, label = sums
-    value = value + jnp.sum(terms.value, axis=-1)
-    if with_grad:
-      dlog_q = dlog_q + jnp.sum(terms.dlog_q, axis=-1)
-    if cross_entropy:
-      label = label + recipe.label_entry(x_student, labels, tile.start, student.max,
-                                         gather=False)
-    return value, dlog_q, label
-
-  zeros = jnp.zeros((tiles.rows,), jnp.float32)
-  sums = recipe.Sums(*tiles.fold(tile_sums, (zeros, zeros, zeros)))
-  ce = {}
-  if cross_entropy:
-    ce = dict(labels=labels, vocab_size=tiles.vocab, cross_entropy_sum_exp=ce_stats.sum_exp)
-  weights = None if refs.weights is None else layout.read_rows(refs.weights)
-  rows, scale = recipe.finish(config, hp, student, teacher, sums, weights=weights, **ce)
-  for ref, row in zip(refs.rows, rows, strict=True):
-    layout.write_rows(ref, row)
-  if not with_grad:
-    return
-
-  def tile_grad(tile, carry):
-    x_student, q, terms = tile_terms(tile)
-    ce_grad = None
-    if cross_entropy:
-      softmax = recipe.distribution(x_student, ce_stats, 1.0).prob if separate else q.prob
-      ce_grad = (softmax, recipe.one_hot(labels, tile.start, tile.width))
-    tiles.write(refs.grad, tile,
-                recipe.student_grad(scale, terms.dlog_q, q.prob, sums.dlog_q, ce_grad))
+  def write_grad(tile, context, grad, carry):
+    del context
+    tiles.write(refs.grad, tile, grad)
     return carry
 
-  tiles.fold(tile_grad, 0)
+  rows, _ = recipe.tiled(
+      config, config.hyperparameters_with(traced), tiles.fold, read,
+      zeros=jnp.zeros((tiles.rows,), jnp.float32), vocab_width=tiles.vocab,
+      labels=layout.read_rows(refs.labels) if config.cross_entropy else None,
+      weights=None if refs.weights is None else layout.read_rows(refs.weights),
+      emit=None if refs.grad is None else write_grad, emit_init=0)
+  for ref, row in zip(refs.rows, rows, strict=True):
+    layout.write_rows(ref, row)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -171,6 +171,25 @@ def reduced_loss(compute: Callable[[Array | None], tuple[Any, Array | None]], ma
   return total, rows
 
 
+OUTPUTS = ("loss", "sum_count", "combined")
+
+
+def outputs(output: str, loss: Array, rows: Any, mask: Array, **reduce_kwargs):
+  """What a public loss returns, from :func:`reduced_loss`'s ``(loss, rows)``.
+
+  ``"loss"``: the loss; ``"sum_count"``: ``(sum, number of counted tokens)`` (the loss must be
+  the ``"sum"`` reduction); ``"combined"``: ``(loss, cross_entropy, divergence)``, the rows'
+  two terms reduced like the loss (``reduce_kwargs`` as in :func:`reduce`).
+  """
+  if output == "sum_count":
+    return loss, jnp.sum(mask).astype(jnp.float32)
+  if output == "loss":
+    return loss
+  cross_entropy, divergence = (reduce(x, mask, **reduce_kwargs)
+                               for x in (rows.cross_entropy, rows.divergence))
+  return loss, cross_entropy, divergence
+
+
 def sum_and_count(values: Array, mask: Array) -> tuple[Array, Array]:
   """``(sum of the counted values, number of counted tokens)`` as float32 scalars."""
   return weighted_total(values, mask.astype(jnp.float32)), jnp.sum(mask).astype(jnp.float32)

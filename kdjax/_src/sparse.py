@@ -233,16 +233,14 @@ def _block(config: config_lib.Config, hp, logits, ids, teacher_logprobs, *, weig
 def _sparse(config, traced, logits, teacher_ids, teacher_logprobs, labels, where, normalizer,
             token_weights, *, output):
   mask = reductions.token_mask(logits.shape[:-1], labels, where, config.ignore_index)
-  loss, _ = reductions.reduced_loss(
+  loss, rows = reductions.reduced_loss(
       lambda weights: implementations.materialised(
           config, traced, logits, (teacher_ids.astype(jnp.int32), teacher_logprobs), weights,
           mask=mask, block_fn=_block, reference_fn=reference.sparse_per_token),
       mask, reduction="sum" if output == "sum_count" else config.reduction,
       normalizer=normalizer, invalid=reductions.invalid_labels(labels, mask, logits.shape[-1]),
       token_weights=token_weights)
-  if output == "sum_count":
-    return loss, jnp.sum(mask).astype(jnp.float32)
-  return loss
+  return reductions.outputs(output, loss, rows, mask)
 
 
 def _call(logits, teacher_ids, teacher_logprobs, labels, *, tail, temperature,
