@@ -366,6 +366,7 @@ def make_on_policy_step(graphdef, optimizer, teacher, *, sample_length, sample_t
 @functools.partial(jax.jit, static_argnums=(0, 2), static_argnames="length")
 def _sample_log_likelihood(graphdef, params, teacher_graphdef, teacher_params, prompts, key, *,
                            length, temperature):
+  """``[batch]``: the teacher's mean log-likelihood of each sequence's generated tokens."""
   samples = sample_continuation(graphdef, params, prompts, key, length=length,
                                 temperature=temperature)
   teacher_logits = apply(teacher_graphdef, teacher_params, samples).astype(jnp.float32)
@@ -373,26 +374,26 @@ def _sample_log_likelihood(graphdef, params, teacher_graphdef, teacher_params, p
                           samples.shape)
   labels = jnp.where(mask, kdjax.shift_labels(samples, ignore_index=IGNORE_INDEX), 0)
   log_likelihood = -optax.softmax_cross_entropy_with_integer_labels(teacher_logits, labels)
-  return jnp.sum(jnp.where(mask, log_likelihood, 0.0)), jnp.sum(mask)
+  return jnp.sum(jnp.where(mask, log_likelihood, 0.0), axis=1) / length
 
 
 def make_sample_score(teacher, batches: list[np.ndarray], *, sample_length: int,
-                      temperature: float, seed: int) -> Callable[[Any, Any], float]:
-  """``score(graphdef, params)``: the teacher's mean log-likelihood (nats per byte, at
-  temperature 1) of a model's continuations of the held-out prompts (the first
-  ``seq_len - sample_length`` bytes of each held-out window), sampled at ``temperature``. Every
-  model gets the same prompts and the same keys."""
+                      temperature: float, seed: int) -> Callable[[Any, Any], tuple[float, float]]:
+  """``score(graphdef, params) -> (mean, standard_error)``: the teacher's mean log-likelihood
+  (nats per byte, at temperature 1) of a model's continuations of the held-out prompts (the
+  first ``seq_len - sample_length`` bytes of each held-out window), sampled at ``temperature``,
+  and the standard error of that mean over the prompts. Every model gets the same prompts and
+  the same keys."""
   teacher_graphdef, teacher_params = teacher
 
-  def score(graphdef, params) -> float:
-    total, count = 0.0, 0
-    for index, batch in enumerate(batches):
-      batch_total, batch_count = _sample_log_likelihood(
-          graphdef, params, teacher_graphdef, teacher_params,
-          batch[:, :batch.shape[1] - sample_length], sampling_key(seed, index, stream="eval"),
-          length=sample_length, temperature=temperature)
-      total, count = total + float(batch_total), count + int(batch_count)
-    return total / max(count, 1)
+  def score(graphdef, params) -> tuple[float, float]:
+    per_sequence = np.concatenate([np.asarray(_sample_log_likelihood(
+        graphdef, params, teacher_graphdef, teacher_params,
+        batch[:, :batch.shape[1] - sample_length], sampling_key(seed, index, stream="eval"),
+        length=sample_length, temperature=temperature)) for index, batch in enumerate(batches)])
+    standard_error = (float(np.std(per_sequence, ddof=1) / math.sqrt(len(per_sequence)))
+                      if len(per_sequence) > 1 else float("nan"))
+    return float(np.mean(per_sequence)), standard_error
 
   return score
 

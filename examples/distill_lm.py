@@ -174,14 +174,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def results_table(rows: list[dict]) -> str:
   lines = [
       "| model | layers x width | parameters | training tokens | held-out loss (nats/byte) "
-      "| held-out perplexity | bits/byte | teacher log-likelihood of samples (nats/byte) |",
+      "| held-out perplexity | bits/byte | teacher log-likelihood of samples (nats/byte, "
+      "± s.e.) |",
       "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
   ]
   for row in rows:
     lines.append(
         f"| {row['model']} | {row['layers']} x {row['dim']} | {row['parameters']:,} "
         f"| {row['tokens']:,} | {row['loss']:.4f} | {math.exp(row['loss']):.3f} "
-        f"| {row['loss'] / math.log(2):.3f} | {row['sample_log_likelihood']:.4f} |")
+        f"| {row['loss'] / math.log(2):.3f} | {row['sample_log_likelihood']:.4f} "
+        f"± {row['sample_log_likelihood_se']:.3f} |")
   return "\n".join(lines)
 
 
@@ -189,8 +191,9 @@ STYLES = {"teacher": ("black", "--"), "student-CE": ("tab:blue", "-"),
           "student-KD": ("tab:red", "-"), "student-GKD": ("tab:green", "-")}
 
 
-def plot_curves(histories: dict[str, dict], sample_log_likelihoods: dict[str, float],
-                path: pathlib.Path, title: str) -> None:
+def plot_curves(histories: dict[str, dict],
+                sample_log_likelihoods: dict[str, tuple[float, float]], path: pathlib.Path,
+                title: str) -> None:
   """Held-out curves (left) and the teacher's log-likelihood of each model's samples (right)."""
   import matplotlib
 
@@ -213,15 +216,16 @@ def plot_curves(histories: dict[str, dict], sample_log_likelihoods: dict[str, fl
   # Points, not bars: the differences that matter are small next to the values.
   names = list(sample_log_likelihoods)
   for index, name in enumerate(names):
-    value = sample_log_likelihoods[name]
-    samples.plot(index, value, "o", color=STYLES.get(name, ("gray", ""))[0], markersize=8)
-    samples.annotate(f"{value:.3f}", (index, value), textcoords="offset points", xytext=(0, 8),
-                     ha="center", fontsize=7)
+    value, standard_error = sample_log_likelihoods[name]
+    samples.errorbar(index, value, yerr=standard_error, fmt="o", capsize=4, markersize=7,
+                     color=STYLES.get(name, ("gray", ""))[0])
+    samples.annotate(f"{value:.3f}", (index, value), textcoords="offset points",
+                     xytext=(9, -3), fontsize=7)
   samples.set_xticks(range(len(names)), [name.replace("student-", "") for name in names])
   samples.set_xlim(-0.6, len(names) - 0.4)
   samples.margins(y=0.25)
   samples.set_ylabel("teacher log-likelihood of samples (nats/byte)")
-  samples.set_title("continuations of held-out prompts; higher is better", fontsize=8)
+  samples.set_title("held-out prompts, ± s.e.; higher is better", fontsize=8)
   samples.grid(alpha=0.3, axis="y")
   figure.suptitle(textwrap.fill(title, 130), fontsize=7)
   figure.tight_layout()
@@ -300,10 +304,11 @@ def main(argv=None) -> int:
                                 temperature=args.sample_temperature, seed=args.seed)
   rows = []
   for name, (model, graphdef, params, history) in models.items():
+    log_likelihood, standard_error = score(graphdef, params)
     rows.append(dict(model=name, layers=model.layers, dim=model.dim,
                      parameters=_lm.count_params(params), tokens=history["tokens"][-1],
-                     loss=history["heldout_loss"][-1],
-                     sample_log_likelihood=score(graphdef, params)))
+                     loss=history["heldout_loss"][-1], sample_log_likelihood=log_likelihood,
+                     sample_log_likelihood_se=standard_error))
   table = results_table(rows)
   prompt_len = args.seq_len - args.sample_length
   setting = (f"student-KD: (1 - {args.kd_coef:g}) * ce + {args.kd_coef:g} * {args.divergence} "
@@ -328,7 +333,8 @@ def main(argv=None) -> int:
   (args.out / "results.json").write_text(json.dumps(
       {"rows": rows, "setting": setting, "args": {k: str(v) for k, v in vars(args).items()},
        "histories": histories}, indent=1))
-  plot_curves(histories, {row["model"]: row["sample_log_likelihood"] for row in rows},
+  plot_curves(histories, {row["model"]: (row["sample_log_likelihood"],
+                                         row["sample_log_likelihood_se"]) for row in rows},
               args.out / "curves.png", setting)
   print(f"wrote {args.out / 'results.md'} and {args.out / 'curves.png'}")
   return 0

@@ -372,8 +372,10 @@ def test_demo_writes_table_plot_and_histories(reference_run):
     # The teacher's mean log-likelihood of the model's 8-byte continuations of held-out
     # prompts: a log-probability per byte, at most 0 and above an untrained model's ~ -log 256.
     assert -math.log(256) - 1.5 < rows[name]["sample_log_likelihood"] < 0
-    assert f"| {rows[name]['sample_log_likelihood']:.4f} |" in table
-  assert "teacher log-likelihood of samples (nats/byte)" in table.splitlines()[0]
+    assert 0 < rows[name]["sample_log_likelihood_se"] < 1
+    assert (f"| {rows[name]['sample_log_likelihood']:.4f} "
+            f"± {rows[name]['sample_log_likelihood_se']:.3f} |") in table
+  assert "teacher log-likelihood of samples (nats/byte, ± s.e.)" in table.splitlines()[0]
   # Same student seed: the three students start from the same parameters.
   assert len({results["histories"][name]["heldout_loss"][0] for name in PHASES[1:]}) == 1
   # The on-policy student differs from the off-policy one only by its sampled batches.
