@@ -37,13 +37,16 @@ class BlockPolicy(NamedTuple):
 DENSE = BlockPolicy(elements=1 << 18)
 
 # The fused linear head re-reads the kernels, and accumulates the float32 kernel gradient, once
-# per token block, so its blocks are larger (benchmarks/bench_fused.py, CPU, float32, d=512: at
-# 2048 tokens and vocab 128000, 96-token blocks ran 1.32x the materialised time, 192-token blocks
-# 0.98x, 384-token blocks 0.97x), and small enough that the five [block, vocab] float32
-# temporaries of a block stay small (at 4096 tokens and vocab 32000: 0.078x the materialised
-# version's temporaries with 192-token blocks, 0.104x with 256): 192 tokens up to vocab 131072,
-# 96 at vocab 262144.
-FUSED = BlockPolicy(elements=192 * 131072, max_rows=192, multiple=8, prefer_divisor=False)
+# per token block, so its blocks are larger than the materialised engine's; the float32
+# [block, vocab] temporaries of a block (two logits, their exponentials, the gradient; two more
+# for the generalized JSD, one for the hard-label cross entropy) set its memory. Measured with
+# benchmarks/bench_fused.py (CPU, float32, d=512): at 2048 x 32000, 128-token blocks take the time
+# of 192-token blocks with two thirds of the temporaries (the combined CE + JSD objective: 125
+# MiB instead of 188, below the 156 MiB of autodiff over 128-token scan chunks, and 1.1x the
+# materialised time); at 2048 x 128000, 1.08x the materialised time where 192 took 1.00-1.06x
+# and 96 took 1.2-1.3x, with 313 MiB instead of 469. 128 tokens up to vocab 196608, 96 at
+# vocab 262144.
+FUSED = BlockPolicy(elements=128 * 196608, max_rows=128, multiple=8, prefer_divisor=False)
 
 # GPUs and TPUs run each block's operations as a few kernels over the whole block, so a block
 # must hold enough data to fill the device: 64 MiB per [block, vocab] float32 array (128 rows at

@@ -428,7 +428,7 @@ def fused_linear_distill_loss(
       or a ``(student, teacher)`` pair, like ``logit_scale``. Applied before the temperature.
     ignore_index, where, token_weights, reduction, normalizer: as in
       :func:`kdjax.distill_loss`.
-    token_block: tokens per block (default on CPU 192, fewer for vocabularies above 131072
+    token_block: tokens per block (default on CPU 128, fewer for vocabularies above 196608
       entries: 96 at 262144; on GPUs and TPUs about 512 MiB per ``[block, vocab]`` float32
       array, 1024 tokens at 128256). Temporaries are about ``5 * token_block * vocab * 4``
       bytes.
