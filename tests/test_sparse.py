@@ -432,3 +432,109 @@ def test_errors_name_the_argument():
     sparse_distill_loss(logits, ids, logprobs, jnp.zeros((3,), jnp.int32))
   with pytest.raises(ValueError, match="reduction must be one of"):
     sparse_distill_loss(logits, ids, logprobs, reduction="avg")
+
+
+# ----------------------------------------------------------------------------------------------
+# Every divergence from a sparse teacher.
+# ----------------------------------------------------------------------------------------------
+
+SPARSE_HYPER = {"generalized_jsd": {"beta": 0.3}, "skew_forward_kl": {"alpha": 0.2},
+                "skew_reverse_kl": {"alpha": 0.2}}
+
+
+def np_sparse_divergence(name, logits, ids, logprobs, tail, temperature=1.0):
+  """Per-token sparse divergence in float64: the k (+ 1) categories built from the definitions,
+  then the dense float64 divergence of tests/reference.py on them (whose log-softmax leaves
+  normalised log-probabilities unchanged)."""
+  from tests import reference
+
+  logits = np.asarray(logits, np.float64)
+  log_q = np_log_softmax(logits / temperature)
+  q = np.exp(np.take_along_axis(log_q, np.asarray(ids), -1))
+  p = np.exp(np.asarray(logprobs, np.float64))
+  if tail == "renormalize":
+    q, p = q / q.sum(-1, keepdims=True), p / p.sum(-1, keepdims=True)
+  else:
+    in_top = np.zeros(logits.shape, bool)
+    np.put_along_axis(in_top, np.asarray(ids), True, -1)
+    q_rest = np.where(in_top, 0.0, np.exp(log_q)).sum(-1, keepdims=True)
+    p_rest = np.maximum(1.0 - p.sum(-1, keepdims=True), 0.0)
+    q, p = np.concatenate([q, q_rest], -1), np.concatenate([p, p_rest], -1)
+  with np.errstate(divide="ignore"):
+    return reference.per_token(name, np.log(q), np.log(p), **SPARSE_HYPER.get(name, {}))
+
+
+@pytest.mark.parametrize("name", kdjax.DIVERGENCES)
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_every_divergence_against_float64(name, tail):
+  rng = np.random.default_rng(hash((name, tail)) % 2**32)
+  logits = random_logits(rng, (3, 4, 13))
+  teacher = random_logits(rng, (3, 4, 13))
+  ids, logprobs = topk_teacher(teacher, 5, temperature=1.5)
+  kwargs = dict(tail=tail, divergence=name, temperature=1.5, reduction="none",
+                **SPARSE_HYPER.get(name, {}))
+  got = sparse_distill_loss(logits, ids, logprobs, **kwargs)
+  want = np_sparse_divergence(name, logits, ids, logprobs, tail, temperature=1.5)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+  weights = rng.random((3, 4))
+  grad = jax.grad(lambda x: jnp.sum(sparse_distill_loss(x, ids, logprobs, **kwargs) * weights))(
+      logits)
+  want_grad = np_numeric_grad(lambda x: np.sum(np_sparse_divergence(
+      name, x, ids, logprobs, tail, temperature=1.5) * weights), logits)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", kdjax.DIVERGENCES)
+def test_every_divergence_with_every_id_is_the_dense_divergence(name):
+  rng = np.random.default_rng(21)
+  logits = random_logits(rng, (6, 9))
+  teacher = random_logits(rng, (6, 9))
+  teacher[0, :4] = -np.inf  # a padded teacher vocabulary on one token
+  ids, logprobs = topk_teacher(teacher, 9, temperature=0.8)
+  kwargs = dict(divergence=name, temperature=0.8, **SPARSE_HYPER.get(name, {}))
+  dense, dense_grad = jax.value_and_grad(lambda x: kdjax.distill_loss(x, teacher, **kwargs))(
+      logits)
+  for tail in ("bucket", "renormalize"):
+    value, grad = jax.value_and_grad(lambda x, t=tail: sparse_distill_loss(
+        x, ids, logprobs, tail=t, **kwargs))(logits)
+    np.testing.assert_allclose(value, dense, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad, dense_grad, rtol=1e-4, atol=1e-6)
+
+
+@hypothesis.settings(max_examples=15)
+@hypothesis.given(st.integers(0, 2**31 - 1), st.sampled_from([1, 3, 8]),
+                  st.sampled_from(["forward_kl", "reverse_kl", "generalized_jsd",
+                                   "total_variation"]))
+def test_bucket_never_exceeds_the_dense_divergence(seed, k, name):
+  """Merging the categories outside the top k cannot increase a divergence that satisfies the
+  data processing inequality."""
+  rng = np.random.default_rng(seed)
+  logits = random_logits(rng, (4, 12), scale=3.0)
+  teacher = random_logits(rng, (4, 12), scale=3.0)
+  ids, logprobs = topk_teacher(teacher, k)
+  sparse = sparse_distill_loss(logits, ids, logprobs, tail="bucket", divergence=name,
+                               reduction="none")
+  dense = kdjax.distill_loss(logits, teacher, divergence=name, reduction="none")
+  assert np.all(np.asarray(sparse) <= np.asarray(dense) + 1e-5)
+
+
+def test_reverse_kl_renormalized_is_blind_to_mass_leaving_the_support():
+  """With a renormalised top-k support, a student that moves its mass off the teacher's top k
+  keeps the same reverse KL; the tail bucket sees it."""
+  teacher = np.log(np.array([[0.6, 0.3, 0.05, 0.05]], np.float32))
+  ids, logprobs = topk_teacher(teacher, 2)
+  matched = np.log(np.array([[0.6, 0.3, 0.05, 0.05]], np.float32))
+  leaking = np.log(np.array([[0.06, 0.03, 0.455, 0.455]], np.float32))  # same shape on the top 2
+  losses = {tail: [float(sparse_distill_loss(x, ids, logprobs, tail=tail, divergence="reverse_kl"))
+                   for x in (matched, leaking)] for tail in ("renormalize", "bucket")}
+  np.testing.assert_allclose(losses["renormalize"], [0.0, 0.0], atol=1e-6)
+  assert losses["bucket"][0] < 1e-6 < 0.5 < losses["bucket"][1]
+
+
+def test_zero_tail_is_forward_kl_only():
+  logits = np.zeros((2, 4), np.float32)
+  ids, logprobs = topk_teacher(logits, 2)
+  with pytest.raises(ValueError, match="tail='zero'.*forward KL.*'bucket'"):
+    sparse_distill_loss(logits, ids, logprobs, tail="zero", divergence="reverse_kl")
+  with pytest.raises(ValueError, match="divergence must be one of"):
+    sparse_distill_loss(logits, ids, logprobs, tail="bucket", divergence="kl")

@@ -4,21 +4,23 @@ A sparse teacher is, per token, ``k`` vocabulary ids and the teacher's log-proba
 those ids over its **full** vocabulary (``log p_v = t_v - lse(t)``). It is computed once, stored
 (see ``cache.py``) and read back during student training, so the teacher does not run then.
 
-The loss is forward KL, the definition in ``divergences.py`` (``DIVERGENCES["forward_kl"]``),
-applied to the ``k`` gathered entries. What happens to the teacher's mass outside the top ``k``
-is a policy, ``tail``; with ``p`` the teacher's and ``q`` the student's full-vocabulary
-probabilities on the ``k`` ids (``q`` at the same temperature as the stored teacher):
+The loss is one of the divergences of ``divergences.py`` (forward KL by default), applied to the
+``k`` gathered entries. What happens to the teacher's mass outside the top ``k`` is a policy,
+``tail``; with ``p`` the teacher's and ``q`` the student's full-vocabulary probabilities on the
+``k`` ids (``q`` at the same temperature as the stored teacher):
 
-* ``"renormalize"``: both renormalised over the ``k`` ids, then KL. Only the relative shape of
-  the top ``k`` is matched; the student's mass outside them gets no gradient.
-* ``"zero"``: :math:`\\sum_k p_k (\\log p_k - \\log q_k)`, no renormalisation. The teacher's tail
-  is dropped; the student is pulled up on the ``k`` ids (and so down everywhere else).
-* ``"bucket"``: ``"zero"`` plus one extra category for the rest of the vocabulary,
-  :math:`p_r = 1 - \\sum_k p_k`, :math:`q_r = 1 - \\sum_k q_k`: a proper KL between two
-  distributions over ``k + 1`` categories, which never exceeds the full-vocabulary KL (data
-  processing inequality).
+* ``"renormalize"``: both renormalised over the ``k`` ids, then the divergence. Only the
+  relative shape of the top ``k`` is matched; the student's mass outside them gets no gradient
+  (with reverse KL the student may also shrink its mass inside the support unchecked).
+* ``"zero"`` (forward KL only): :math:`\\sum_k p_k (\\log p_k - \\log q_k)`, no
+  renormalisation. The teacher's tail is dropped; the student is pulled up on the ``k`` ids (and
+  so down everywhere else).
+* ``"bucket"``: one extra category for the rest of the vocabulary on both sides,
+  :math:`p_r = 1 - \\sum_k p_k`, :math:`q_r = 1 - \\sum_k q_k`: the divergence between two
+  distributions over ``k + 1`` categories, which never exceeds the full-vocabulary divergence
+  for forward and reverse KL, the JSDs and total variation (data processing inequality).
 
-With ``k`` equal to the vocabulary size all three equal ``forward_kl``.
+With ``k`` equal to the vocabulary size every policy is the dense divergence.
 
 It is the block recipe (``recipe.py``) on other rows: only the row statistics differ from the
 dense path. The student's log-normaliser is the full vocabulary log-sum-exp (``"zero"``,
@@ -243,9 +245,9 @@ def _sparse(config, traced, logits, teacher_ids, teacher_logprobs, labels, where
   return reductions.outputs(output, loss, rows, mask)
 
 
-def _call(logits, teacher_ids, teacher_logprobs, labels, *, tail, temperature,
-          temperature_squared, ignore_index, where, token_weights, reduction, normalizer,
-          token_block, implementation, output):
+def _call(logits, teacher_ids, teacher_logprobs, labels, *, tail, divergence, beta, alpha,
+          temperature, temperature_squared, ignore_index, where, token_weights, reduction,
+          normalizer, token_block, implementation, output):
   """Validates the inputs of the public losses (at trace time) and runs ``_sparse``."""
   logits, teacher_ids, teacher_logprobs = checks.sparse_teacher(
       logits, teacher_ids, teacher_logprobs)
@@ -253,9 +255,15 @@ def _call(logits, teacher_ids, teacher_logprobs, labels, *, tail, temperature,
       logits.shape[:-1], labels=labels, where=where, reduction=reduction,
       normalizer=normalizer, ignore_index=ignore_index, token_block=token_block,
       token_weights=token_weights)
+  checks.one_of("tail", tail, TAILS)
+  hp = checks.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
+  if tail == "zero" and divergence != "forward_kl":
+    raise ValueError(
+        f"tail='zero' drops the teacher's mass outside the top k without renormalising, which "
+        f"only forward KL's terms allow; divergence={divergence!r} needs tail='bucket' (or "
+        "'renormalize').")
   config, traced = config_lib.build(
-      checks.hyperparameters("forward_kl", temperature=temperature), divergence="forward_kl",
-      tail=checks.one_of("tail", tail, TAILS), temperature_squared=bool(temperature_squared),
+      hp, divergence=divergence, tail=tail, temperature_squared=bool(temperature_squared),
       reduction=reduction, ignore_index=ignore_index,
       implementation=implementations.check(implementation), token_block=tokens.token_block)
   return _sparse(config, traced, logits, teacher_ids, teacher_logprobs, tokens.labels,
@@ -269,6 +277,9 @@ def sparse_distill_loss(
     labels: ArrayLike | None = None,
     *,
     tail: str = "renormalize",
+    divergence: str = "forward_kl",
+    beta: float | ArrayLike = 0.5,
+    alpha: float | ArrayLike = 0.1,
     temperature: float | ArrayLike = 1.0,
     temperature_squared: bool = False,
     ignore_index: int = -100,
@@ -279,24 +290,27 @@ def sparse_distill_loss(
     token_block: int | None = None,
     implementation: str | None = None,
 ) -> Array:
-  r"""Forward KL from a sparse (top-k) teacher to the student, masked and reduced.
+  r"""A divergence from a sparse (top-k) teacher to the student, masked and reduced.
 
   With :math:`q = \mathrm{softmax}(\text{logits} / T)` over the student's full vocabulary,
-  :math:`K` the ``k`` teacher ids of a token and :math:`p_K = \exp(\text{teacher\_logprobs})`:
+  :math:`K` the ``k`` teacher ids of a token, :math:`p_K = \exp(\text{teacher\_logprobs})` and
+  :math:`D` the divergence (forward KL shown):
 
   .. math::
 
-      \text{renormalize:}\quad & \sum_{v \in K} \tilde p_v \log \frac{\tilde p_v}{\tilde q_v},
-      \quad \tilde p_v = \frac{p_v}{\sum_K p}, \ \tilde q_v = \frac{q_v}{\sum_K q} \\
+      \text{renormalize:}\quad & D(\tilde p, \tilde q),
+      \quad \tilde p_v = \frac{p_v}{\sum_K p}, \ \tilde q_v = \frac{q_v}{\sum_K q},
+      \ v \in K \\
       \text{zero:}\quad & \sum_{v \in K} p_v \log \frac{p_v}{q_v} \\
-      \text{bucket:}\quad & \sum_{v \in K} p_v \log \frac{p_v}{q_v}
-      + p_r \log \frac{p_r}{q_r}, \quad p_r = 1 - \sum_K p, \ q_r = 1 - \sum_K q
+      \text{bucket:}\quad & D\big((p_K, p_r), (q_K, q_r)\big),
+      \quad p_r = 1 - \sum_K p, \ q_r = 1 - \sum_K q
 
   each optionally times :math:`T^2`, then masked and reduced over tokens as in
-  :func:`kdjax.distill_loss`. With ``k`` equal to the vocabulary size all three are
-  :func:`kdjax.forward_kl`. ``"zero"`` is not a divergence (it can be negative when the student
-  puts more mass than the teacher on the ``k`` ids); ``"renormalize"`` and ``"bucket"`` are KLs
-  between distributions over ``k`` and ``k + 1`` categories, so they are ``>= 0``.
+  :func:`kdjax.distill_loss`. With ``k`` equal to the vocabulary size every policy is the dense
+  divergence. ``"zero"`` is not a divergence (it can be negative when the student puts more
+  mass than the teacher on the ``k`` ids) and is offered for forward KL only;
+  ``"renormalize"`` and ``"bucket"`` compare distributions over ``k`` and ``k + 1`` categories,
+  so they are ``>= 0``.
 
   Args:
     logits: student logits ``[..., vocab]``, any float dtype; computed in float32, gradient
@@ -311,6 +325,8 @@ def sparse_distill_loss(
       excluded (the values are not used otherwise).
     tail: what to do with the teacher's mass outside the top ``k``: ``"renormalize"``,
       ``"zero"`` or ``"bucket"`` (see above and the module docstring).
+    divergence, beta, alpha: the divergence and its hyperparameters, as in
+      :func:`kdjax.distill_loss` (``"zero"`` takes ``"forward_kl"`` only).
     temperature: ``T > 0`` for the student's softmax; must be the temperature the teacher's
       log-probabilities were computed at. A scalar array may be scheduled without retracing.
     temperature_squared: multiply per-token values by ``T**2``.
@@ -341,7 +357,8 @@ def sparse_distill_loss(
     2025 (bias of truncated top-k teachers).
   """
   return _call(
-      logits, teacher_ids, teacher_logprobs, labels, tail=tail, temperature=temperature,
+      logits, teacher_ids, teacher_logprobs, labels, tail=tail, divergence=divergence,
+      beta=beta, alpha=alpha, temperature=temperature,
       temperature_squared=temperature_squared, ignore_index=ignore_index, where=where,
       token_weights=token_weights,
       reduction=reduction, normalizer=normalizer, token_block=token_block,
@@ -355,6 +372,9 @@ def sparse_distill_loss_sum_and_count(
     labels: ArrayLike | None = None,
     *,
     tail: str = "renormalize",
+    divergence: str = "forward_kl",
+    beta: float | ArrayLike = 0.5,
+    alpha: float | ArrayLike = 0.1,
     temperature: float | ArrayLike = 1.0,
     temperature_squared: bool = False,
     ignore_index: int = -100,
@@ -381,7 +401,8 @@ def sparse_distill_loss_sum_and_count(
     (0.0, 1.0)
   """
   return _call(
-      logits, teacher_ids, teacher_logprobs, labels, tail=tail, temperature=temperature,
+      logits, teacher_ids, teacher_logprobs, labels, tail=tail, divergence=divergence,
+      beta=beta, alpha=alpha, temperature=temperature,
       temperature_squared=temperature_squared, ignore_index=ignore_index, where=where,
       token_weights=token_weights,
       reduction="sum", normalizer=None, token_block=token_block,
