@@ -220,7 +220,7 @@ def main(argv=None):
   add("--merges", type=int, default=256, help="merged tokens of the student's vocabulary")
   add("--uld-weights", type=_weights, default=(0.1, 1.0),
       help="weights of the ULD term, one student each (plus one with cross entropy only)")
-  add("--teacher-steps", type=int, default=500)
+  add("--teacher-steps", type=int, default=400)
   add("--student-steps", type=int, default=150)
   add("--batch-size", type=int, default=16)
   add("--seed", type=int, default=0)
