@@ -2,7 +2,8 @@
 
 Everything here is deterministic given a seed: the corpus is a sorted list of files from the
 running interpreter's standard library, training batch ``k`` is drawn from a NumPy generator
-seeded with ``(seed, k)``, and the model has no dropout. A run resumed from a checkpoint (which
+seeded with ``(seed, k)``, the student's own samples (on-policy batches) are drawn with a JAX key
+derived from ``(seed, k)``, and the model has no dropout. A run resumed from a checkpoint (which
 holds the parameters, the optimizer state -- including its step count, which drives the
 learning-rate schedule -- and the step) therefore replays exactly the batches and updates of an
 uninterrupted run.
@@ -265,6 +266,139 @@ def make_evaluate(graphdef, batches: list[np.ndarray]) -> Callable[[Any], float]
 
 
 # ----------------------------------------------------------------------------------------------
+# On-policy distillation (GKD): the student's own continuations, scored by the teacher.
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="length")
+def sample_continuation(graphdef, params, prompts, key, *, length: int, temperature):
+  """``[batch, prompt_len + length]`` int32: the prompts followed by ``length`` tokens sampled
+  one at a time from the model at ``temperature``.
+
+  A ``lax.scan`` over the generated positions; each step runs the causal model on the whole
+  (fixed-size) window and samples from the logits at the last filled position. The positions
+  not yet filled hold 0 and cannot affect those logits (causal attention). Without a key-value
+  cache this costs ``length`` full forward passes, which is cheap at the demo's sizes and keeps
+  the model code unchanged. A pure function of ``(params, prompts, key)``.
+  """
+  batch, prompt_len = prompts.shape
+  if prompt_len < 1:
+    raise ValueError(f"prompts must hold at least one token per sequence, got shape "
+                     f"{prompts.shape}")
+  tokens = jnp.concatenate(
+      [jnp.asarray(prompts, jnp.int32), jnp.zeros((batch, length), jnp.int32)], axis=1)
+
+  def generate(tokens, position_and_key):
+    position, step_key = position_and_key
+    logits = apply(graphdef, params, tokens)
+    last = jax.lax.dynamic_index_in_dim(logits, position - 1, axis=1, keepdims=False)
+    token = jax.random.categorical(step_key, last.astype(jnp.float32) / temperature)
+    return jax.lax.dynamic_update_index_in_dim(tokens, token.astype(jnp.int32), position,
+                                               axis=1), None
+
+  positions = prompt_len + jnp.arange(length)
+  tokens, _ = jax.lax.scan(generate, tokens, (positions, jax.random.split(key, length)))
+  return tokens
+
+
+def continuation_mask(total_len: int, prompt_len: int) -> np.ndarray:
+  """``[total_len]`` bool: the logits positions that predict a generated token.
+
+  The logits at position ``t`` predict token ``t + 1``, so the tokens generated at positions
+  ``prompt_len .. total_len - 1`` are predicted at ``prompt_len - 1 .. total_len - 2``: exactly
+  the positions at which the student sampled them.
+  """
+  positions = np.arange(total_len)
+  return (positions >= prompt_len - 1) & (positions < total_len - 1)
+
+
+def on_policy_objective(logits, teacher_logits, prompt_len: int, *, divergence, beta,
+                        temperature):
+  """Divergence between the teacher and the student on the generated positions only: no
+  hard-label cross entropy, since the labels there are the student's own samples."""
+  mask = jnp.broadcast_to(continuation_mask(logits.shape[-2], prompt_len), logits.shape[:-1])
+  return kdjax.distill_loss(logits, teacher_logits, divergence=divergence, beta=beta,
+                            temperature=temperature, where=mask)
+
+
+def is_on_policy_step(step: int, fraction: float) -> bool:
+  """Whether training batch ``step`` is sampled from the student: evenly spaced, a fraction
+  ``fraction`` of all steps, and a pure function of the step (nothing to checkpoint)."""
+  return math.floor((step + 1) * fraction) > math.floor(step * fraction)
+
+
+def sampling_key(seed: int, step: int, *, stream: str = "train"):
+  """The JAX key of training batch ``step`` (``stream="train"``) or of held-out batch ``step``
+  (``stream="eval"``); both derive from ``seed`` alone, so a resumed run redraws the same
+  samples."""
+  train_root, eval_root = jax.random.split(jax.random.key(seed))
+  return jax.random.fold_in({"train": train_root, "eval": eval_root}[stream], step)
+
+
+def make_on_policy_step(graphdef, optimizer, teacher, *, sample_length, sample_temperature,
+                        divergence, beta, temperature):
+  """A jitted ``(params, opt_state, tokens, key) -> (params, opt_state, loss, ce)`` step on the
+  student's own samples: the first ``seq_len - sample_length`` tokens of each training window are
+  the prompt, the student continues it, the teacher scores the continuation, and the student
+  is trained with :func:`on_policy_objective`. ``ce`` is the student's cross entropy on the
+  training window itself (for logging; no gradient)."""
+  teacher_graphdef, teacher_params = teacher
+
+  @jax.jit
+  def on_policy_step(params, opt_state, tokens, key):
+    prompt_len = tokens.shape[1] - sample_length
+    samples = sample_continuation(graphdef, params, tokens[:, :prompt_len], key,
+                                  length=sample_length, temperature=sample_temperature)
+    teacher_logits = apply(teacher_graphdef, teacher_params, samples)
+
+    def loss_fn(params):
+      return on_policy_objective(apply(graphdef, params, samples), teacher_logits, prompt_len,
+                                 divergence=divergence, beta=beta, temperature=temperature)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    ce = cross_entropy(apply(graphdef, params, tokens), tokens)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, ce
+
+  return on_policy_step
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2), static_argnames="length")
+def _sample_log_likelihood(graphdef, params, teacher_graphdef, teacher_params, prompts, key, *,
+                           length, temperature):
+  """``[batch]``: the teacher's mean log-likelihood of each sequence's generated tokens."""
+  samples = sample_continuation(graphdef, params, prompts, key, length=length,
+                                temperature=temperature)
+  teacher_logits = apply(teacher_graphdef, teacher_params, samples).astype(jnp.float32)
+  mask = jnp.broadcast_to(continuation_mask(samples.shape[1], prompts.shape[1]),
+                          samples.shape)
+  labels = jnp.where(mask, kdjax.shift_labels(samples, ignore_index=IGNORE_INDEX), 0)
+  log_likelihood = -optax.softmax_cross_entropy_with_integer_labels(teacher_logits, labels)
+  return jnp.sum(jnp.where(mask, log_likelihood, 0.0), axis=1) / length
+
+
+def make_sample_score(teacher, batches: list[np.ndarray], *, sample_length: int,
+                      temperature: float, seed: int) -> Callable[[Any, Any], tuple[float, float]]:
+  """``score(graphdef, params) -> (mean, standard_error)``: the teacher's mean log-likelihood
+  (nats per byte, at temperature 1) of a model's continuations of the held-out prompts (the
+  first ``seq_len - sample_length`` bytes of each held-out window), sampled at ``temperature``,
+  and the standard error of that mean over the prompts. Every model gets the same prompts and
+  the same keys."""
+  teacher_graphdef, teacher_params = teacher
+
+  def score(graphdef, params) -> tuple[float, float]:
+    per_sequence = np.concatenate([np.asarray(_sample_log_likelihood(
+        graphdef, params, teacher_graphdef, teacher_params,
+        batch[:, :batch.shape[1] - sample_length], sampling_key(seed, index, stream="eval"),
+        length=sample_length, temperature=temperature)) for index, batch in enumerate(batches)])
+    standard_error = (float(np.std(per_sequence, ddof=1) / math.sqrt(len(per_sequence)))
+                      if len(per_sequence) > 1 else float("nan"))
+    return float(np.mean(per_sequence)), standard_error
+
+  return score
+
+
+# ----------------------------------------------------------------------------------------------
 # Train loop with orbax checkpoints.
 # ----------------------------------------------------------------------------------------------
 
@@ -337,6 +471,9 @@ class Phase:
   keep_checkpoints: int = 3
   teacher: tuple | None = None  # (graphdef, params) for a distilled student.
   kd: dict = dataclasses.field(default_factory=dict)  # kd_coef, divergence, temperature.
+  # For an on-policy student: fraction, sample_length, sample_temperature, divergence, beta,
+  # temperature (see make_on_policy_step). Its other batches use the objective of ``kd``.
+  on_policy: dict = dataclasses.field(default_factory=dict)
 
 
 def _history_entry(history, step, tokens_seen, heldout_loss, train_loss):
@@ -420,6 +557,10 @@ def train(phase: Phase, train_tokens: np.ndarray, heldout: list[np.ndarray], *,
     print(f"{phase.name}: resuming from the checkpoint at step {start}")
 
   train_step = make_train_step(graphdef, optimizer, phase.teacher, **phase.kd)
+  fraction = phase.on_policy.get("fraction", 0.0)
+  if fraction:
+    on_policy = {k: v for k, v in phase.on_policy.items() if k != "fraction"}
+    on_policy_step = make_on_policy_step(graphdef, optimizer, phase.teacher, **on_policy)
   evaluate = make_evaluate(graphdef, heldout)
 
   def save(step):
@@ -442,7 +583,11 @@ def train(phase: Phase, train_tokens: np.ndarray, heldout: list[np.ndarray], *,
   for step in bar:
     batch = train_batch(train_tokens, step, seed=phase.seed, batch_size=phase.batch_size,
                         seq_len=phase.seq_len)
-    params, opt_state, loss, ce = train_step(params, opt_state, batch)
+    if fraction and is_on_policy_step(step, fraction):
+      params, opt_state, loss, ce = on_policy_step(params, opt_state, batch,
+                                                   sampling_key(phase.seed, step))
+    else:
+      params, opt_state, loss, ce = train_step(params, opt_state, batch)
     done = step + 1
     if step_sleep:
       time.sleep(step_sleep)  # Test hook: widens the window in which a test kills the run.

@@ -7,7 +7,12 @@ from kdjax._src.cache import (
     write_teacher_cache,
 )
 from kdjax._src.divergences import DIVERGENCES as _DIVERGENCE_SPECS
-from kdjax._src.fused import fused_linear_distill_loss
+from kdjax._src.fused import (
+    fused_linear_distill_loss,
+    fused_linear_distill_loss_sum_and_count,
+    fused_linear_distill_with_cross_entropy,
+    fused_linear_distill_with_cross_entropy_sum_and_count,
+)
 from kdjax._src.implementations import IMPLEMENTATIONS
 from kdjax._src.losses import (
     distill_loss,
@@ -53,6 +58,9 @@ __all__ = (
     "distill_with_cross_entropy",
     "forward_kl",
     "fused_linear_distill_loss",
+    "fused_linear_distill_loss_sum_and_count",
+    "fused_linear_distill_with_cross_entropy",
+    "fused_linear_distill_with_cross_entropy_sum_and_count",
     "generalized_jsd",
     "kd_loss",
     "open_teacher_cache",

@@ -11,14 +11,18 @@ and the gathered gradients of the GSPMD path and of the shard_map path to OUTPUT
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-os.environ["JAX_PLATFORMS"] = "cpu"
+if __name__ == "__main__":
+  # Only as a process of its own: the test imports this module for make_data and KWARGS, and
+  # must not change the environment its later subprocesses inherit.
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 
-# gloo is the CPU cross-process collective implementation; it is the default in recent jax but
-# set it explicitly so older versions do not fall back to no collectives.
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
+if __name__ == "__main__":
+  # gloo is the CPU cross-process collective implementation; it is the default in recent jax
+  # but set it explicitly so older versions do not fall back to no collectives.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402

@@ -1,5 +1,5 @@
-"""The end-to-end demo ``examples/distill_lm.py``: its objective, data, model, outputs,
-checkpoint resumption after a kill, and its answers to bad flags."""
+"""The end-to-end demo ``examples/distill_lm.py``: its objective, data, model, outputs (with the
+on-policy student), checkpoint resumption after a kill, and its answers to bad flags."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,9 +32,9 @@ TINY = [
     "--teacher-layers", "1", "--teacher-dim", "32", "--student-layers", "1",
     "--student-dim", "16", "--head-dim", "16", "--eval-every", "4", "--eval-windows", "8",
     "--checkpoint-every", "3", "--divergence", "generalized_jsd", "--temperature", "2.0",
-    "--kd-coef", "0.7", "--no-progress",
+    "--kd-coef", "0.7", "--on-policy-fraction", "0.5", "--sample-length", "8", "--no-progress",
 ]
-PHASES = ("teacher", "student-CE", "student-KD")
+PHASES = ("teacher", "student-CE", "student-KD", "student-GKD")
 # One compilation per architecture instead of one per eager operation.
 apply = jax.jit(_lm.apply, static_argnums=0)
 
@@ -226,6 +227,12 @@ def _expect_usage_error(argv, capsys, *needles):
     (["--out", ""], ["--out", "missing"]),
     (["--out"], ["--out", "expected one argument"]),
     (["--seed", "-1"], ["--seed"]),
+    (["--on-policy-fraction", "1.5"], ["--on-policy-fraction", "[0, 1]"]),
+    (["--on-policy-beta", "-1"], ["--on-policy-beta", "[0, 1]"]),
+    (["--on-policy-divergence", "jsd"], ["--on-policy-divergence", "generalized_jsd"]),
+    (["--sample-temperature", "0"], ["--sample-temperature", "> 0"]),
+    (["--sample-length", "0"], ["--sample-length", "positive integer"]),
+    (["--sample-length", "128"], ["--sample-length", "less than --seq-len"]),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, needles, capsys):
   _expect_usage_error(argv, capsys, *needles)
@@ -275,7 +282,8 @@ def test_bad_flags_as_a_process_exit_2_without_traceback(tmp_path):
                           text=True, timeout=60, cwd=tmp_path)
   assert result.returncode == 0
   for flag in ("--teacher-steps", "--student-steps", "--teacher-dim", "--student-layers",
-               "--divergence", "--temperature", "--kd-coef", "--out"):
+               "--divergence", "--temperature", "--kd-coef", "--out", "--on-policy-fraction",
+               "--on-policy-divergence", "--sample-length", "--sample-temperature"):
     assert flag in result.stdout
 
 
@@ -349,7 +357,9 @@ def test_demo_writes_table_plot_and_histories(reference_run):
   assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   results = json.loads((out / "results.json").read_text())
   rows = {row["model"]: row for row in results["rows"]}
-  assert rows["student-CE"]["tokens"] == rows["student-KD"]["tokens"] == 12 * 4 * 32
+  # The same token budget for every student, on-policy batches included.
+  assert (rows["student-CE"]["tokens"] == rows["student-KD"]["tokens"]
+          == rows["student-GKD"]["tokens"] == 12 * 4 * 32)
   assert rows["teacher"]["tokens"] == 8 * 4 * 32
   for name in PHASES:
     history = results["histories"][name]
@@ -359,18 +369,46 @@ def test_demo_writes_table_plot_and_histories(reference_run):
     assert history["heldout_loss"][-1] == rows[name]["loss"]
     assert history["heldout_loss"][-1] < history["heldout_loss"][0] - 0.3  # it learns
     assert f"{rows[name]['loss']:.4f} | {math.exp(rows[name]['loss']):.3f}" in table
-  # Same student seed: both students start from the same parameters.
-  assert (results["histories"]["student-CE"]["heldout_loss"][0]
-          == results["histories"]["student-KD"]["heldout_loss"][0])
+    # The teacher's mean log-likelihood of the model's 8-byte continuations of held-out
+    # prompts: a log-probability per byte, at most 0 and above an untrained model's ~ -log 256.
+    assert -math.log(256) - 1.5 < rows[name]["sample_log_likelihood"] < 0
+    assert 0 < rows[name]["sample_log_likelihood_se"] < 1
+    assert (f"| {rows[name]['sample_log_likelihood']:.4f} "
+            f"± {rows[name]['sample_log_likelihood_se']:.3f} |") in table
+  assert "teacher log-likelihood of samples (nats/byte, ± s.e.)" in table.splitlines()[0]
+  # Same student seed: the three students start from the same parameters.
+  assert len({results["histories"][name]["heldout_loss"][0] for name in PHASES[1:]}) == 1
+  # The on-policy student differs from the off-policy one only by its sampled batches.
+  assert (results["histories"]["student-GKD"]["heldout_loss"][1:]
+          != results["histories"]["student-KD"]["heldout_loss"][1:])
   assert "generalized_jsd" in table or "generalized_jsd" in results["setting"]
+  assert "student-GKD: 0.5 of its batches are its own 8-byte continuations" in results["setting"]
+  config = json.loads((_phase_folder(out, "student-GKD") / "config.json").read_text())
+  assert config["on_policy"] == dict(fraction=0.5, sample_length=8, sample_temperature=1.0,
+                                     divergence="generalized_jsd", beta=0.5, temperature=2.0)
+
+
+def test_no_on_policy_fraction_reuses_the_other_phases_and_drops_the_on_policy_row(
+    reference_run, run_env, tmp_path):
+  reference_out, _ = reference_run
+  out = tmp_path / "copy"
+  shutil.copytree(reference_out, out)
+  result = _run(out, run_env, "--on-policy-fraction", "0")
+  for name in PHASES[:-1]:
+    # The on-policy flags are not part of the other phases' settings.
+    assert f"{name}: loaded the finished checkpoint" in result.stdout
+  table = (out / "results.md").read_text()
+  assert "| student-KD |" in table and "student-GKD" not in table
+  reference_rows = (reference_out / "results.md").read_text().splitlines()[:5]
+  assert table.splitlines()[:5] == reference_rows
 
 
 def test_killed_run_resumes_to_the_same_parameters(reference_run, run_env, tmp_path):
   reference_out, _ = reference_run
   out = tmp_path / "interrupted"
-  # Slow student-KD steps widen the window: the kill lands after its checkpoint at step 6 (and
-  # that checkpoint's digest) and before its last step (12), possibly in the middle of writing a
-  # later checkpoint.
+  # Slow steps of the last student (the on-policy one) widen the window: the kill lands after
+  # its checkpoint at step 6 (and that checkpoint's digest) and before its last step (12),
+  # possibly in the middle of writing a later checkpoint.
   process = subprocess.Popen(
       [sys.executable, str(SCRIPT), "--out", str(out), *TINY, "--step-sleep", "0.3"],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=run_env)
@@ -378,8 +416,8 @@ def test_killed_run_resumes_to_the_same_parameters(reference_run, run_env, tmp_p
   try:
     while True:
       assert process.poll() is None, "the run ended before it could be killed"
-      assert time.monotonic() < deadline, "no student-KD checkpoint (and digest) at step 6 in time"
-      if list(out.glob("student-KD-*/checkpoint_digests/6.json")):
+      assert time.monotonic() < deadline, "no student-GKD checkpoint (and digest) at step 6 in time"
+      if list(out.glob("student-GKD-*/checkpoint_digests/6.json")):
         break
       time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
@@ -387,13 +425,16 @@ def test_killed_run_resumes_to_the_same_parameters(reference_run, run_env, tmp_p
     process.kill()
     process.wait()
   assert not (out / "results.md").exists()
-  killed_step, _, _ = _final_state(out, "student-KD")
+  killed_step, _, _ = _final_state(out, "student-GKD")
   assert 6 <= killed_step < 12
 
   resumed = _run(out, run_env)
-  assert "student-KD: resuming from the checkpoint at step" in resumed.stdout
+  # The on-policy schedule and its sampling keys are functions of the step: nothing else to
+  # restore for the resumed phase to draw the same samples.
+  assert "student-GKD: resuming from the checkpoint at step" in resumed.stdout
   assert "teacher: loaded the finished checkpoint at step 8" in resumed.stdout
   assert "student-CE: loaded the finished checkpoint at step 12" in resumed.stdout
+  assert "student-KD: loaded the finished checkpoint at step 12" in resumed.stdout
   for name in PHASES:
     step, state, history = _final_state(out, name)
     want_step, want_state, want_history = _final_state(reference_out, name)

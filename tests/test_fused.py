@@ -465,14 +465,14 @@ def test_vocab_parallel_per_token_in_shard_map():
   def loss(axis_name, weights, *args):
     config, traced = config_lib.build(dict(hp, beta=0.3), divergence="generalized_jsd",
                                       token_block=3, axis_name=axis_name)
-    _, total = fused.per_token(config, traced, inputs(*args), weights)
+    _, total = fused.per_token(config, traced, inputs(*args), None, weights)
     return total
 
   def per_token_weighted(axis_name, weights, *args):
     config, traced = config_lib.build(hp, divergence="reverse_kl", token_block=3,
                                       vocab_block=3, axis_name=axis_name)
-    values, _ = fused.per_token(config, traced, inputs(*args))
-    return jnp.sum(values * weights)
+    rows, _ = fused.per_token(config, traced, inputs(*args))
+    return jnp.sum(rows.value * weights)
 
   args = (data["student_hidden"], data["student_kernel"], data["student_bias"],
           data["teacher_hidden"], data["teacher_kernel"], data["teacher_bias"])
@@ -531,3 +531,186 @@ def _error_args(**overrides):
 def test_errors_name_the_argument(overrides, kwargs, error, match):
   with pytest.raises(error, match=match):
     fused_linear_distill_loss(**_error_args(**overrides), **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused hard + soft objective, and the (sum, count) forms.
+# ----------------------------------------------------------------------------------------------
+
+
+def _dense_combined(student_hidden, student_kernel, student_bias, teacher_hidden, teacher_kernel,
+                    teacher_bias, labels, *, logit_scale=None, softcap=None, **kwargs):
+  """distill_with_cross_entropy on logits materialised with plain jnp."""
+  (s_scale, t_scale), (s_cap, t_cap) = _pair(logit_scale), _pair(softcap)
+  s = student_hidden @ student_kernel + student_bias
+  t = teacher_hidden @ teacher_kernel + teacher_bias
+  kwargs = {k: v for k, v in kwargs.items() if k not in ("token_block", "vocab_block")}
+  return kdjax.distill_with_cross_entropy(
+      _transform(s, s_scale, s_cap), jax.lax.stop_gradient(_transform(t, t_scale, t_cap)),
+      labels, **kwargs)
+
+
+def _fused_combined(student_hidden, student_kernel, student_bias, teacher_hidden,
+                    teacher_kernel, teacher_bias, labels, **kwargs):
+  return kdjax.fused_linear_distill_with_cross_entropy(
+      student_hidden, student_kernel, teacher_hidden, teacher_kernel, labels,
+      student_bias=student_bias, teacher_bias=teacher_bias, **kwargs)
+
+
+@pytest.mark.parametrize("divergence", ALL_DIVERGENCES)
+@pytest.mark.parametrize("vocab_block", [None, VOCAB_BLOCK])
+def test_combined_matches_materialised(divergence, vocab_block):
+  data, labels = _make(30)
+  kwargs = dict(divergence=divergence, kd_coef=0.3, temperature=2.0, softcap=(5.0, None),
+                logit_scale=(None, 0.9), token_block=TOKEN_BLOCK, vocab_block=vocab_block,
+                temperature_squared=divergence == "forward_kl")
+  value, grads = _value_and_grads(_fused_combined, data, labels, **kwargs)
+  want, want_grads = _value_and_grads(_dense_combined, data, labels, **kwargs)
+  np.testing.assert_allclose(value, want, rtol=2e-5)
+  for g, w in zip(grads, want_grads, strict=True):
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "sequence_mean"])
+def test_combined_reductions_components_and_traced_hyperparameters(reduction):
+  data, labels = _make(31)
+  args = (data["student_hidden"], data["student_kernel"], data["teacher_hidden"],
+          data["teacher_kernel"], labels)
+
+  @jax.jit
+  def both(temperature, kd_coef):
+    common = dict(kd_coef=kd_coef, temperature=temperature, reduction=reduction,
+                  divergence="reverse_kl", return_components=True)
+    fused_out = kdjax.fused_linear_distill_with_cross_entropy(
+        *args, vocab_block=VOCAB_BLOCK, token_block=TOKEN_BLOCK, **common)
+    dense_out = kdjax.distill_with_cross_entropy(
+        args[0] @ args[1], args[2] @ args[3], labels, **common)
+    return fused_out, dense_out
+
+  (loss, (ce, kd)), (want, (want_ce, want_kd)) = both(jnp.float32(1.5), jnp.float32(0.7))
+  for got, ref in ((loss, want), (ce, want_ce), (kd, want_kd)):
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-6)
+
+
+def test_combined_against_float64_numpy():
+  data, labels = _make(32)
+  h_s, w_s, b_s = (np.asarray(data[k], np.float64) for k in
+                   ("student_hidden", "student_kernel", "student_bias"))
+  h_t, w_t = np.asarray(data["teacher_hidden"], np.float64), np.asarray(data["teacher_kernel"],
+                                                                        np.float64)
+  labels_np = np.asarray(labels)
+  s, t = h_s @ w_s + b_s, h_t @ w_t
+  log_q, log_p = _np_log_softmax(s / 2.0), _np_log_softmax(t / 2.0)
+  kl = np.sum(np.exp(log_p) * (log_p - log_q), -1)
+  ce = -np.take_along_axis(_np_log_softmax(s), np.maximum(labels_np, 0)[..., None], -1)[..., 0]
+  mask = labels_np != -100
+  want = np.sum(np.where(mask, 0.6 * ce + 0.4 * kl, 0.0)) / mask.sum()
+  got = kdjax.fused_linear_distill_with_cross_entropy(
+      data["student_hidden"], data["student_kernel"], data["teacher_hidden"],
+      data["teacher_kernel"], labels, student_bias=data["student_bias"], kd_coef=0.4,
+      temperature=2.0, token_block=TOKEN_BLOCK)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def _np_log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _liger_combined_formula(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                            labels, *, weight_hard_loss, weight_soft_loss, beta, temperature):
+  """Liger-Kernel's LigerFusedLinearJSDLoss objective in plain PyTorch: cross entropy at
+  temperature 1 and the generalized JSD (its beta convention) at the temperature, both averaged
+  over the tokens whose label is not -100. Weights are nn.Linear-style [vocab, d]."""
+  import torch
+  import torch.nn.functional as F  # noqa: N812
+
+  student = student_hidden @ student_weight.T
+  teacher = teacher_hidden @ teacher_weight.T
+  mask = labels != -100
+  hard = F.cross_entropy(student, labels, ignore_index=-100, reduction="sum") / mask.sum()
+  log_q = F.log_softmax(student / temperature, dim=-1)
+  log_p = F.log_softmax(teacher / temperature, dim=-1)
+  log_m = torch.logsumexp(torch.stack([log_q + np.log(1 - beta), log_p + np.log(beta)]), dim=0)
+  jsd = (beta * F.kl_div(log_m, log_p, reduction="none", log_target=True)
+         + (1 - beta) * F.kl_div(log_m, log_q, reduction="none", log_target=True)).sum(-1)
+  soft = jsd.masked_fill(~mask, 0.0).sum() / mask.sum()
+  return weight_hard_loss * hard + weight_soft_loss * soft
+
+
+def test_combined_against_liger_formula_in_pytorch():
+  import torch
+
+  data, labels = _make(33, shape=(13,))
+  h_s, w_s = np.asarray(data["student_hidden"]), np.asarray(data["student_kernel"])
+  h_t, w_t = np.asarray(data["teacher_hidden"]), np.asarray(data["teacher_kernel"])
+  torch_inputs = [torch.tensor(x, requires_grad=i < 2) for i, x in enumerate(
+      (h_s, w_s.T.copy(), h_t, w_t.T.copy()))]
+  want = _liger_combined_formula(*torch_inputs, torch.tensor(np.asarray(labels), dtype=torch.long),
+                                 weight_hard_loss=0.25, weight_soft_loss=0.75, beta=0.3,
+                                 temperature=1.7)
+  want.backward()
+  value, (g_h, g_w) = jax.value_and_grad(
+      lambda h, w: kdjax.fused_linear_distill_with_cross_entropy(
+          h, w, h_t, w_t, labels, kd_coef=0.75, divergence="generalized_jsd", beta=0.3,
+          temperature=1.7, token_block=4), argnums=(0, 1))(h_s, w_s)
+  np.testing.assert_allclose(value, want.item(), rtol=1e-5)
+  np.testing.assert_allclose(g_h, torch_inputs[0].grad.numpy(), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(g_w, torch_inputs[1].grad.numpy().T, rtol=1e-4, atol=1e-6)
+
+
+def test_sum_and_count_forms():
+  data, labels = _make(34)
+  args = (data["student_hidden"], data["student_kernel"], data["teacher_hidden"],
+          data["teacher_kernel"], labels)
+  count = np.sum(np.asarray(labels) != -100)
+  for sum_and_count, mean, kwargs in (
+      (kdjax.fused_linear_distill_loss_sum_and_count, kdjax.fused_linear_distill_loss, {}),
+      (kdjax.fused_linear_distill_with_cross_entropy_sum_and_count,
+       kdjax.fused_linear_distill_with_cross_entropy, dict(kd_coef=0.5))):
+    total, got_count = sum_and_count(*args, token_block=TOKEN_BLOCK, **kwargs)
+    assert float(got_count) == count
+    np.testing.assert_allclose(total / got_count, mean(*args, **kwargs), rtol=2e-5)
+    grad = jax.grad(lambda h, f=sum_and_count, k=kwargs: f(h, *args[1:], **k)[0])(args[0])
+    want = jax.grad(lambda h, f=mean, k=kwargs: f(h, *args[1:], reduction="sum", **k))(args[0])
+    np.testing.assert_allclose(grad, want, rtol=2e-5, atol=1e-6)
+
+
+def test_combined_bf16_labels_and_ignored_tokens():
+  data, labels = _make(35, dtype=jnp.bfloat16)
+  args = (data["student_hidden"], data["student_kernel"], data["teacher_hidden"],
+          data["teacher_kernel"])
+  grads = jax.grad(lambda h, w: kdjax.fused_linear_distill_with_cross_entropy(
+      h, w, *args[2:], labels, vocab_block=VOCAB_BLOCK), argnums=(0, 1))(*args[:2])
+  assert all(g.dtype == jnp.bfloat16 for g in grads)
+  want = jax.grad(lambda h, w: kdjax.distill_with_cross_entropy(
+      (h @ w).astype(jnp.float32), (args[2] @ args[3]).astype(jnp.float32), labels),
+      argnums=(0, 1))(*(x.astype(jnp.float32) for x in args[:2]))
+  for g, w in zip(grads, want, strict=True):
+    np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=3e-2, atol=3e-3)
+  # A counted label outside the vocabulary is NaN; an ignored one with NaN hidden states is 0.
+  bad = labels.at[0, 0].set(VOCAB)
+  assert np.isnan(kdjax.fused_linear_distill_with_cross_entropy(*args, bad))
+  hidden = args[0].astype(jnp.float32).at[0, 1].set(jnp.nan)  # token (0, 1) is ignored
+  grads = jax.grad(lambda h: kdjax.fused_linear_distill_with_cross_entropy(
+      h, *(x.astype(jnp.float32) for x in args[1:]), labels))(hidden)
+  assert np.all(np.isfinite(grads)) and np.all(grads[0, 1] == 0)
+  with pytest.raises(ValueError, match="labels is required"):
+    kdjax.fused_linear_distill_with_cross_entropy(*args, None)
+
+
+def test_combined_compiled_temporaries_are_blockwise():
+  # As test_compiled_temporaries_are_blockwise: 16 of 256 tokens per block.
+  data, labels = _make(36, vocab=2048, shape=(256,), d_student=16, d_teacher=16)
+  args = (data["student_hidden"], data["student_kernel"], data["teacher_hidden"],
+          data["teacher_kernel"], labels)
+
+  def temporaries(fn):
+    grad = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+    return grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  fused_bytes = temporaries(lambda h, w, ht, wt, y: kdjax.fused_linear_distill_with_cross_entropy(
+      h, w, ht, wt, y, token_block=16))
+  materialised = temporaries(lambda h, w, ht, wt, y: kdjax.distill_with_cross_entropy(
+      h @ w, ht @ wt, y))
+  assert fused_bytes <= 0.1 * materialised, (fused_bytes, materialised)

@@ -10,13 +10,14 @@ sums (a kernel gradient, say). :func:`token_block` picks the block size for an e
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 Array = jax.Array
+T = TypeVar("T")
 
 
 class BlockPolicy(NamedTuple):
@@ -44,6 +45,19 @@ DENSE = BlockPolicy(elements=1 << 18)
 # 96 at vocab 262144.
 FUSED = BlockPolicy(elements=192 * 131072, max_rows=192, multiple=8, prefer_divisor=False)
 
+# GPUs and TPUs run each block's operations as a few kernels over the whole block, so a block
+# must hold enough data to fill the device: 64 MiB per [block, vocab] float32 array (128 rows at
+# vocab 128256; at 8 rows a block's kernels would each touch 4 MiB and launch overhead would
+# dominate). The block's float32 temporaries then take a few hundred MiB.
+ACCELERATOR = BlockPolicy(elements=1 << 24)
+
+# The fused head on GPUs and TPUs: each block re-reads both kernels and reads and writes the
+# float32 kernel-gradient accumulator ([d, vocab]), which costs about as much as the block's
+# gradient matmul when the block has about 1000 tokens, so blocks hold 512 MiB per [block,
+# vocab] float32 array (1024 tokens at vocab 128256), a multiple of 128 tokens for the matrix
+# units. The five [block, vocab] float32 temporaries then take about 2.5 GiB.
+FUSED_ACCELERATOR = BlockPolicy(elements=1 << 27, multiple=128, prefer_divisor=False)
+
 
 def token_block(num_tokens: int, vocab_size: int, policy: BlockPolicy = DENSE) -> int:
   """The default number of rows per block of ``num_tokens`` rows of ``vocab_size`` entries."""
@@ -58,6 +72,24 @@ def token_block(num_tokens: int, vocab_size: int, policy: BlockPolicy = DENSE) -
       if num_tokens % block == 0:
         return block
   return target
+
+
+def per_platform(run: Callable[[int], T], num_tokens: int, vocab_size: int, *, cpu: BlockPolicy,
+                 accelerator: BlockPolicy, block: int | None = None) -> T:
+  """``run(rows per block)`` with the token block of the platform the program is lowered for.
+
+  ``block`` when given; else ``cpu``'s block on CPU and ``accelerator``'s elsewhere, chosen with
+  ``lax.platform_dependent``: lowering for a platform compiles only its branch. When both
+  policies give the same block, ``run`` is traced once.
+  """
+  if block is not None:
+    return run(block)
+  cpu_block = token_block(num_tokens, vocab_size, cpu)
+  accelerator_block = token_block(num_tokens, vocab_size, accelerator)
+  if cpu_block == accelerator_block:
+    return run(cpu_block)
+  return lax.platform_dependent(cpu=lambda: run(cpu_block),
+                                default=lambda: run(accelerator_block))
 
 
 def map_token_blocks(
@@ -144,17 +176,23 @@ def scale_rows(x: Array, row_scale: Array) -> Array:
   """``x * row_scale[:, None]`` in ``x``'s dtype, written over ``x`` when it is dead afterwards.
 
   A row whose scale is 0 becomes exactly 0, even where ``x`` is not finite (an ignored token).
-  A plain elementwise multiply gets a fresh output buffer when ``x`` comes out of a blocked
-  loop (XLA sees a reshaped operand and does not reuse it); going through the same blocks does.
+  On CPU a plain elementwise multiply gets a fresh output buffer when ``x`` comes out of a
+  blocked loop (XLA sees a reshaped operand and does not reuse it); going through the same
+  blocks does. On GPUs and TPUs it is one elementwise operation over the whole array.
   """
   def scale(rows, factor):
     scaled = rows.astype(jnp.float32) * factor[:, None]
     return (jnp.where(factor[:, None] != 0, scaled, 0.0).astype(rows.dtype),)
 
-  (scaled,) = map_token_blocks(
-      scale, (x, row_scale.astype(jnp.float32)), (x,), overwrite={0: 0},
-      block=token_block(x.shape[0], x.shape[-1]))
-  return scaled
+  def run(block):
+    (scaled,) = map_token_blocks(
+        scale, (x, row_scale.astype(jnp.float32)), (x,), overwrite={0: 0}, block=block)
+    return scaled
+
+  cpu_block = token_block(x.shape[0], x.shape[-1])
+  if cpu_block >= x.shape[0]:
+    return run(cpu_block)
+  return lax.platform_dependent(cpu=lambda: run(cpu_block), default=lambda: run(x.shape[0]))
 
 
 _SIXTEEN_BIT_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -213,16 +213,29 @@ def ignore_index(x: Any) -> int:
 _reduction, _ignore_index = reduction, ignore_index
 
 
+class TokenArguments(NamedTuple):
+  """The per-token arguments every loss shares, checked."""
+
+  labels: Array | None
+  where: Array | None  # bool
+  normalizer: Array | None  # float32 scalar
+  token_block: int | None
+  token_weights: Array | None  # float
+
+
 def token_arguments(token_shape, *, labels: Any, where: Any, reduction: Any, normalizer: Any,
-                    ignore_index: Any, token_block: Any, labels_required: str | None = None):
-  """The per-token arguments every loss shares, checked:
-  ``(labels, where, normalizer, token_block)``."""
+                    ignore_index: Any, token_block: Any, token_weights: Any = None,
+                    labels_required: str | None = None) -> TokenArguments:
+  """Checks the per-token arguments every loss shares."""
   checked_labels = _labels(labels, token_shape, required=labels_required is not None,
                            why=labels_required or "")
   _, normalizer = _reduction(reduction, normalizer)
   _ignore_index(ignore_index)
-  return (checked_labels, _where(where, token_shape), normalizer,
-          positive_int("token_block", token_block, optional=True))
+  if token_weights is not None:
+    token_weights = float_array("token_weights", token_weights, min_rank=0)
+    _token_shape("token_weights", token_weights, token_shape)
+  return TokenArguments(checked_labels, _where(where, token_shape), normalizer,
+                        positive_int("token_block", token_block, optional=True), token_weights)
 
 
 def sparse_teacher(logits_: Any, teacher_ids: Any,

@@ -14,8 +14,13 @@ respect to the student logits -- :func:`teacher_logits_block` here, the sparse o
   by block: in a train step, where the logits are dead after the loss, their buffer becomes the
   gradient's. A call that is not differentiated runs only the value loop.
 
+What walks the rows is pluggable: a :data:`Loop` returns the per-token rows and, asked for it,
+the gradient. :func:`blocked` makes the loop of a block function (token blocks sized by a
+``blocking.BlockPolicy``); the Pallas kernels (``pallas.py``) are loops too, and share this
+module's ``custom_vjp``.
+
 Two entry points. :func:`weighted_sum` returns ``sum_i w_i value_i`` for token weights known in
-the forward pass (the mask and the mean's divisor, ``reductions.token_weights``): the stored
+the forward pass (the mask and the mean's divisor, ``reductions.reduction_weights``): the stored
 gradient already is the final one, and under ``jax.grad`` its backward multiplies by the constant
 1, which XLA removes. :func:`per_token` returns the per-token values and scales the stored
 gradient by their cotangent in its backward (one more rounding of a 16-bit gradient unless that
@@ -40,6 +45,12 @@ Array = jax.Array
 #   -> (recipe.Rows, float32 gradient with respect to logits_block, or None)
 BlockFn = Callable[..., tuple[recipe.Rows, Array | None]]
 
+# loop(config, traced, logits, weights, others, *, with_grad)
+#   -> (value, divergence, cross_entropy[, gradient]): per-token float32 [tokens] rows of
+#   [tokens, vocab] logits and, with_grad, the gradient of sum(weights * value) (weights None:
+#   of sum(value)) with respect to the logits, in their dtype.
+Loop = Callable[..., tuple[Array, ...]]
+
 
 def teacher_logits_block(config: Config, hp: Mapping, logits: Array, teacher_logits: Array,
                          labels: Array | None = None, *, weights: Array | None,
@@ -49,12 +60,27 @@ def teacher_logits_block(config: Config, hp: Mapping, logits: Array, teacher_log
                       reduce=recipe.VocabReduce(config.axis_name), with_grad=with_grad)
 
 
-def _loop(block_fn: BlockFn, config: Config, traced, logits, weights, others, *,
-          with_grad: bool):
-  """Runs ``block_fn`` over token blocks: ``(value, divergence, cross_entropy[, grad])``."""
-  hp = config.hyperparameters_with(traced)
+@functools.cache
+def blocked(block_fn: BlockFn) -> Loop:
+  """The loop that runs ``block_fn`` over token blocks: ``config.token_block`` rows, or as many
+  as ``blocking.DENSE`` gives on CPU and ``blocking.ACCELERATOR`` on GPUs and TPUs."""
+  return functools.partial(_blocked_loop, block_fn)
+
+
+def _blocked_loop(block_fn: BlockFn, config: Config, traced, logits, weights, others, *,
+                  with_grad: bool):
   num_tokens, vocab = logits.shape
-  block = config.token_block or blocking.token_block(num_tokens, vocab)
+  return blocking.per_platform(
+      lambda block: _map_blocks(block_fn, config, traced, logits, weights, others, block=block,
+                                with_grad=with_grad),
+      num_tokens, vocab, cpu=blocking.DENSE, accelerator=blocking.ACCELERATOR,
+      block=config.token_block)
+
+
+def _map_blocks(block_fn: BlockFn, config: Config, traced, logits, weights, others, *,
+                block: int, with_grad: bool):
+  hp = config.hyperparameters_with(traced)
+  num_tokens = logits.shape[0]
 
   def fn(logits, *rest):
     block_weights, *block_others = rest if weights is not None else (None, *rest)
@@ -71,18 +97,43 @@ def _loop(block_fn: BlockFn, config: Config, traced, logits, weights, others, *,
   return blocking.map_token_blocks(fn, inputs, outputs, block=block, overwrite=overwrite)
 
 
+def per_platform(*, default: Loop, **platforms: Loop) -> Loop:
+  """The loop of the platform the program is lowered for: ``platforms[name]`` (names as in
+  ``lax.platform_dependent``: ``cpu``, ``cuda``, ``rocm``, ``tpu``), else ``default``.
+
+  Every loop is traced; lowering for a platform compiles only its own.
+  """
+  others = tuple(sorted((name, loop) for name, loop in platforms.items() if loop is not default))
+  return default if not others else _platform_loop(default, others)
+
+
+@functools.cache
+def _platform_loop(default: Loop, platforms: tuple[tuple[str, Loop], ...]) -> Loop:
+  return functools.partial(_run_per_platform, default, platforms)
+
+
+def _run_per_platform(default, platforms, config, traced, logits, weights, others, *,
+                      with_grad):
+  branches = {}  # One callable per loop: platform_dependent joins the platforms that share one.
+  for loop in (default, *(loop for _, loop in platforms)):
+    branches.setdefault(loop, lambda loop=loop: loop(config, traced, logits, weights, others,
+                                                     with_grad=with_grad))
+  return lax.platform_dependent(
+      default=branches[default], **{name: branches[loop] for name, loop in platforms})
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _per_token(block_fn, config, traced, logits, *others):
-  return recipe.Rows(*_loop(block_fn, config, traced, logits, None, others, with_grad=False))
+def _per_token(loop, config, traced, logits, *others):
+  return recipe.Rows(*loop(config, traced, logits, None, others, with_grad=False))
 
 
-def _per_token_fwd(block_fn, config, traced, logits, *others):
-  *rows, grad = _loop(block_fn, config, traced, logits, None, others, with_grad=True)
+def _per_token_fwd(loop, config, traced, logits, *others):
+  *rows, grad = loop(config, traced, logits, None, others, with_grad=True)
   return recipe.Rows(*rows), (grad, traced, len(others))
 
 
-def _per_token_bwd(block_fn, config, residuals, cotangents):
-  del block_fn, config
+def _per_token_bwd(loop, config, residuals, cotangents):
+  del loop, config
   grad, traced, num_others = residuals
   # Only the value is differentiated: the other outputs are returned under stop_gradient.
   return (zero_cotangents(traced), blocking.scale_rows(grad, cotangents.value),
@@ -93,20 +144,20 @@ _per_token.defvjp(_per_token_fwd, _per_token_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _weighted_sum(block_fn, config, traced, logits, weights, *others):
-  rows = recipe.Rows(*_loop(block_fn, config, traced, logits, weights, others, with_grad=False))
+def _weighted_sum(loop, config, traced, logits, weights, *others):
+  rows = recipe.Rows(*loop(config, traced, logits, weights, others, with_grad=False))
   return reductions.weighted_total(rows.value, weights), rows
 
 
-def _weighted_sum_fwd(block_fn, config, traced, logits, weights, *others):
-  *rows, grad = _loop(block_fn, config, traced, logits, weights, others, with_grad=True)
+def _weighted_sum_fwd(loop, config, traced, logits, weights, *others):
+  *rows, grad = loop(config, traced, logits, weights, others, with_grad=True)
   rows = recipe.Rows(*rows)
   return ((reductions.weighted_total(rows.value, weights), rows),
           (grad, traced, len(others)))
 
 
-def _weighted_sum_bwd(block_fn, config, residuals, cotangents):
-  del block_fn, config
+def _weighted_sum_bwd(loop, config, residuals, cotangents):
+  del loop, config
   grad, traced, num_others = residuals
   total_ct = cotangents[0]  # The per-token rows are returned under stop_gradient.
   return (zero_cotangents(traced), grad * total_ct.astype(grad.dtype), None,
@@ -127,31 +178,32 @@ def _unflat(rows: recipe.Rows, token_shape) -> recipe.Rows:
   return recipe.Rows(*(x.reshape(token_shape) for x in rows))
 
 
-def per_token(block_fn: BlockFn, config: Config, traced: Mapping[str, Array], logits: Array,
+def per_token(loop: Loop, config: Config, traced: Mapping[str, Array], logits: Array,
               *others: Array) -> recipe.Rows:
   """Per-token :class:`recipe.Rows` of ``logits`` ``[..., vocab]`` (shape ``[...]``).
 
-  ``others`` are the block function's other per-token inputs (``[..., ...]``: teacher logits,
+  ``loop`` computes them (:func:`blocked`, or a kernel). ``others`` are its other per-token
+  inputs (``[..., ...]``: teacher logits,
   labels, top-k ids and log-probabilities); no gradient flows to them. Only ``value`` is
   differentiable; the other rows are for logging.
   """
   flat_logits, flat_others = _flat(logits, others)
-  rows = _per_token(block_fn, config, traced, flat_logits, *flat_others)
+  rows = _per_token(loop, config, traced, flat_logits, *flat_others)
   rows = _unflat(rows, logits.shape[:-1])
   return rows._replace(divergence=lax.stop_gradient(rows.divergence),
                        cross_entropy=lax.stop_gradient(rows.cross_entropy))
 
 
-def weighted_sum(block_fn: BlockFn, config: Config, traced: Mapping[str, Array], logits: Array,
+def weighted_sum(loop: Loop, config: Config, traced: Mapping[str, Array], logits: Array,
                  weights: Array, *others: Array) -> tuple[Array, recipe.Rows]:
   """``(sum_i weights[i] * value[i], rows)``: the fastest way to a reduced loss.
 
-  ``weights`` (``logits.shape[:-1]``, float32; ``reductions.token_weights``) are constants of the
-  loss and get no gradient; a token whose weight is 0 contributes exactly 0 to the total and its
-  gradient, whatever its inputs hold. The gradient is complete after the forward pass; the rows
-  are under ``stop_gradient``.
+  ``weights`` (``logits.shape[:-1]``, float32; ``reductions.reduction_weights``) are constants
+  of the loss and get no gradient; a token whose weight is 0 contributes exactly 0 to the total
+  and its gradient, whatever its inputs hold. The gradient is complete after the forward pass;
+  the rows are under ``stop_gradient``.
   """
   flat_logits, flat_others = _flat(logits, others)
   flat_weights = lax.stop_gradient(jnp.asarray(weights, jnp.float32)).reshape(-1)
-  total, rows = _weighted_sum(block_fn, config, traced, flat_logits, flat_weights, *flat_others)
+  total, rows = _weighted_sum(loop, config, traced, flat_logits, flat_weights, *flat_others)
   return total, jax.tree.map(lax.stop_gradient, _unflat(rows, logits.shape[:-1]))

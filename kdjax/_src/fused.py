@@ -14,7 +14,7 @@ blocks. The teacher is a constant: no gradient flows to its hidden states, kerne
 gradient strategies, chosen by the reduction:
 
 * ``mean``/``sum``/``sequence_mean``: the reduced loss is a weighted sum of per-token values
-  with weights that depend only on the mask (``reductions.token_weights``). The forward pass
+  with weights that depend only on the mask (``reductions.reduction_weights``). The forward pass
   computes each block's gradient right after its value, while the block's logits are at hand,
   and the backward pass only scales the result by the scalar cotangent: four matmuls in all, as
   many as the materialised computation.
@@ -53,9 +53,9 @@ Array = jax.Array
 
 
 def _whole_vocab(config: Config, hp, params: Params, with_grad: bool, student_hidden,
-                 teacher_hidden, weights):
+                 teacher_hidden, labels, weights):
   student, teacher = head.both_logits(hp, student_hidden, teacher_hidden, params)
-  rows, grad = recipe.block(config, hp, student.raw, teacher.raw, weights=weights,
+  rows, grad = recipe.block(config, hp, student.raw, teacher.raw, labels, weights,
                             reduce=recipe.VocabReduce(config.axis_name), with_grad=with_grad)
   if not with_grad:
     return rows, None
@@ -65,76 +65,52 @@ def _whole_vocab(config: Config, hp, params: Params, with_grad: bool, student_hi
 
 
 def _vocab_tiles(config: Config, hp, params: Params, with_grad: bool, student_hidden,
-                 teacher_hidden, weights):
-  """The recipe over vocabulary tiles of ``config.vocab_block`` columns, in three passes.
+                 teacher_hidden, labels, weights):
+  """The recipe over vocabulary tiles of ``config.vocab_block`` columns (``recipe.tiled``).
 
-  Pass 1 folds the tiles' row statistics (the online log-sum-exp); pass 2 sums the divergence's
-  terms and their derivatives; pass 3 (gradients only) recomputes each tile and accumulates its
+  Each tile's logits are computed from the hidden states and the kernels' columns; its
+  gradient goes through the head's chain rule into the hidden-state, kernel and bias
   gradients. The ``vocab % vocab_block`` columns left over form one last, smaller tile.
   """
-  reduce = recipe.VocabReduce(config.axis_name)
-  inv_temperature = recipe.inverse_temperature(hp)
   vocab = params.student_kernel.shape[1]
   width = min(config.vocab_block, vocab)
   num_full, remainder = divmod(vocab, width)
-
-  def over_tiles(step, carry):
-    """``carry = step(start, tile_width, carry)`` for every tile."""
-    carry = lax.fori_loop(0, num_full, lambda j, c: step(j * width, width, c), carry)
-    return step(num_full * width, remainder, carry) if remainder else carry
-
-  def tile_logits(start, tile_width):
-    sliced = head.vocab_slice(params, start, tile_width)
-    return (sliced, *head.both_logits(hp, student_hidden, teacher_hidden, sliced))
-
-  def stats_step(start, tile_width, carry):
-    _, student, teacher = tile_logits(start, tile_width)
-    return tuple(recipe.combine(acc, recipe.statistics(side.raw, inv_temperature)[0],
-                                inv_temperature)
-                 for acc, side in zip(carry, (student, teacher), strict=True))
-
-  like = (student_hidden, teacher_hidden, *params, weights)
-  empty = recipe.Stats(blocking.varying_zeros(student_hidden.shape[:1], *like) - jnp.inf,
-                       blocking.varying_zeros(student_hidden.shape[:1], *like))
-  student_stats, teacher_stats = (recipe.combine_over(s, reduce, inv_temperature)
-                                  for s in over_tiles(stats_step, (empty, empty)))
-
-  def tile_terms(start, tile_width):
-    sliced, student, teacher = tile_logits(start, tile_width)
-    q = recipe.distribution(student.raw, student_stats, inv_temperature)
-    p = recipe.distribution(teacher.raw, teacher_stats, inv_temperature)
-    return sliced, student, q, recipe.terms(config, hp, p, q)
-
-  def sums_step(start, tile_width, carry):
-    *_, terms = tile_terms(start, tile_width)
-    return carry[0] + jnp.sum(terms.value, axis=-1), carry[1] + jnp.sum(terms.dlog_q, axis=-1)
-
-  zeros = blocking.varying_zeros(student_hidden.shape[:1], *like)
-  value_sum, dlog_q_sum = over_tiles(sums_step, (zeros, zeros))
-  sums = recipe.Sums(reduce.sum(value_sum[:, None]), reduce.sum(dlog_q_sum[:, None]))
-  rows, scale = recipe.finish(config, hp, student_stats, teacher_stats, sums, weights=weights)
-  if not with_grad:
-    return rows, None
   with_bias = params.student_bias is not None
 
-  def grad_step(start, tile_width, grads: Grads):
-    sliced, student, q, terms = tile_terms(start, tile_width)
-    grad = recipe.student_grad(scale, terms.dlog_q, q.prob, sums.dlog_q)
-    tile = head.param_grads(student_hidden, sliced.student_kernel, with_bias,
+  def walk(body, carry):
+    carry = lax.fori_loop(0, num_full, lambda j, c: body(recipe.Tile(j * width, width), c),
+                          carry)
+    return body(recipe.Tile(num_full * width, remainder), carry) if remainder else carry
+
+  def read(tile):
+    sliced = head.vocab_slice(params, tile.start, tile.width)
+    student, teacher = head.both_logits(hp, student_hidden, teacher_hidden, sliced)
+    return student.raw, teacher.raw, (sliced, student)
+
+  def accumulate(tile, context, grad, grads: Grads) -> Grads:
+    sliced, student = context
+    part = head.param_grads(student_hidden, sliced.student_kernel, with_bias,
                             head.logit_grad(hp, student, grad), weights)
 
-    def add(total, part, axis):
+    def add(total, increment, axis):
       return lax.dynamic_update_slice_in_dim(
-          total, lax.dynamic_slice_in_dim(total, start, tile_width, axis=axis) + part, start,
-          axis=axis)
+          total, lax.dynamic_slice_in_dim(total, tile.start, tile.width, axis=axis)
+          + increment, tile.start, axis=axis)
 
-    return Grads(grads.hidden + tile.hidden, add(grads.kernel, tile.kernel, 1),
-                 add(grads.bias, tile.bias, 0) if with_bias else None)
+    return Grads(grads.hidden + part.hidden, add(grads.kernel, part.kernel, 1),
+                 add(grads.bias, part.bias, 0) if with_bias else None)
 
-  return rows, over_tiles(grad_step, Grads(
-      blocking.varying_zeros(student_hidden.shape[:1] + student_hidden.shape[1:], *like),
-      blocking.varying_zeros(params.student_kernel.shape, *like),
-      blocking.varying_zeros((vocab,), *like) if with_bias else None))
+  like = (student_hidden, teacher_hidden, *params, weights)
+  init = None
+  if with_grad:
+    init = Grads(blocking.varying_zeros(student_hidden.shape, *like),
+                 blocking.varying_zeros(params.student_kernel.shape, *like),
+                 blocking.varying_zeros((vocab,), *like) if with_bias else None)
+  return recipe.tiled(
+      config, hp, walk, read, zeros=blocking.varying_zeros(student_hidden.shape[:1], *like),
+      vocab_width=vocab, labels=labels, weights=weights,
+      reduce=recipe.VocabReduce(config.axis_name), emit=accumulate if with_grad else None,
+      emit_init=init)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +118,8 @@ def _vocab_tiles(config: Config, hp, params: Params, with_grad: bool, student_hi
 # ----------------------------------------------------------------------------------------------
 
 
-def _loop(config: Config, traced, inputs: Inputs, weights: Array | None):
+def _loop(config: Config, traced, inputs: Inputs, labels: Array | None,
+          weights: Array | None):
   """Per-token rows and, when ``weights`` is given, the gradients of ``sum(weights * value)``
   with respect to the student's hidden states, kernel and bias (in their dtypes)."""
   hp = config.hyperparameters_with(traced)
@@ -151,10 +128,19 @@ def _loop(config: Config, traced, inputs: Inputs, weights: Array | None):
   params = inputs.params
   num_tokens = inputs.student_hidden.shape[0]
   with_bias = params.student_bias is not None
+  per_token_inputs = [inputs.student_hidden, inputs.teacher_hidden]
+  if config.cross_entropy:
+    per_token_inputs.append(labels)
+  weights_index = None
+  if with_grad:
+    weights_index = len(per_token_inputs)
+    per_token_inputs.append(weights)
 
-  def fn(student_hidden, teacher_hidden, *block_weights):
+  def fn(student_hidden, teacher_hidden, *rest):
+    block_labels = rest[0] if config.cross_entropy else None
+    block_weights = rest[-1] if with_grad else None
     rows, grads = block_fn(config, hp, params, with_grad, student_hidden, teacher_hidden,
-                           *(block_weights or (None,)))
+                           block_labels, block_weights)
     if not with_grad:
       return tuple(rows)
     return (*rows, grads.hidden, grads.kernel, *((grads.bias,) if with_bias else ()))
@@ -168,11 +154,12 @@ def _loop(config: Config, traced, inputs: Inputs, weights: Array | None):
     outputs += (jnp.zeros(inputs.student_hidden.shape, d_hidden_dtype),)
     sums = (jnp.zeros(params.student_kernel.shape, jnp.float32),
             *((jnp.zeros(params.student_bias.shape, jnp.float32),) if with_bias else ()))
-  block = config.token_block or blocking.token_block(
-      num_tokens, params.student_kernel.shape[1], blocking.FUSED)
-  results = blocking.map_token_blocks(
-      fn, (inputs.student_hidden, inputs.teacher_hidden, *(() if weights is None else (weights,))),
-      outputs, sums=sums, block=block, strided=False, weights=2)
+  results = blocking.per_platform(
+      lambda block: blocking.map_token_blocks(
+          fn, per_token_inputs, outputs, sums=sums, block=block, strided=False,
+          weights=weights_index),
+      num_tokens, params.student_kernel.shape[1], cpu=blocking.FUSED,
+      accelerator=blocking.FUSED_ACCELERATOR, block=config.token_block)
   rows = recipe.Rows(*results[:3])
   if not with_grad:
     return rows, None
@@ -204,22 +191,22 @@ def _scale_grads(grads: Grads, scale: Array) -> Grads:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _weighted(config: Config, traced, weights, inputs: Inputs):
-  rows, _ = _loop(config, traced, inputs, None)
+def _weighted(config: Config, traced, weights, inputs: Inputs, labels):
+  rows, _ = _loop(config, traced, inputs, labels, None)
   return reductions.weighted_total(rows.value, weights), rows
 
 
-def _weighted_fwd(config: Config, traced, weights, inputs: Inputs):
-  rows, grads = _loop(config, traced, inputs, weights)
+def _weighted_fwd(config: Config, traced, weights, inputs: Inputs, labels):
+  rows, grads = _loop(config, traced, inputs, labels, weights)
   return (reductions.weighted_total(rows.value, weights), rows), (grads, weights, inputs, traced)
 
 
 def _weighted_bwd(config: Config, residuals, cotangents):
   grads, weights, inputs, traced = residuals
   # The per-token rows are returned under stop_gradient; only the weighted sum is
-  # differentiated. Weights (mask-derived) and hyperparameters get no gradient.
+  # differentiated. Weights (mask-derived), labels and hyperparameters get no gradient.
   return (zero_cotangents(traced), jnp.zeros_like(weights),
-          _student_cotangents(inputs, _scale_grads(grads, cotangents[0])))
+          _student_cotangents(inputs, _scale_grads(grads, cotangents[0])), None)
 
 
 _weighted.defvjp(_weighted_fwd, _weighted_bwd)
@@ -229,41 +216,45 @@ _weighted.defvjp(_weighted_fwd, _weighted_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _per_token(config: Config, traced, inputs: Inputs):
-  return _loop(config, traced, inputs, None)[0].value
+def _per_token(config: Config, traced, inputs: Inputs, labels):
+  return _loop(config, traced, inputs, labels, None)[0]
 
 
-def _per_token_fwd(config: Config, traced, inputs: Inputs):
-  return _loop(config, traced, inputs, None)[0].value, (inputs, traced)
+def _per_token_fwd(config: Config, traced, inputs: Inputs, labels):
+  return _loop(config, traced, inputs, labels, None)[0], (inputs, labels, traced)
 
 
-def _per_token_bwd(config: Config, residuals, values_ct):
-  inputs, traced = residuals
-  _, grads = _loop(config, traced, inputs, values_ct.astype(jnp.float32))
-  return zero_cotangents(traced), _student_cotangents(inputs, grads)
+def _per_token_bwd(config: Config, residuals, cotangents):
+  inputs, labels, traced = residuals
+  # Only the value is differentiated: the other rows are returned under stop_gradient.
+  _, grads = _loop(config, traced, inputs, labels, cotangents.value.astype(jnp.float32))
+  return zero_cotangents(traced), _student_cotangents(inputs, grads), None
 
 
 _per_token.defvjp(_per_token_fwd, _per_token_bwd)
 
 
-def _reference_values(config: Config, traced, inputs: Inputs, counted: Array | None):
+def _reference_rows(config: Config, traced, inputs: Inputs, labels, counted: Array | None):
   hp = config.hyperparameters_with(traced)
   hidden = (inputs.student_hidden, inputs.teacher_hidden)
   if counted is not None:  # Whatever an uncounted token holds never reaches a gradient.
     hidden = (jnp.where(counted[:, None], h, jnp.zeros((), h.dtype)) for h in hidden)
   student, teacher = head.both_logits(hp, *hidden, inputs.params)
-  return reference.per_token(config, traced, student.raw, teacher.raw, counted=counted).value
+  return reference.per_token(config, traced, student.raw, teacher.raw,
+                             labels if config.cross_entropy else None, counted=counted)
 
 
-def per_token(config: Config, traced, inputs: Inputs, weights: Array | None = None, *,
-              counted: Array | None = None) -> tuple[Array, Array | None]:
-  """Fused per-token values of hidden states ``[tokens, d]`` (validated, flattened).
+def per_token(config: Config, traced, inputs: Inputs, labels: Array | None = None,
+              weights: Array | None = None, *,
+              counted: Array | None = None) -> tuple[recipe.Rows, Array | None]:
+  """Fused per-token rows of hidden states ``[tokens, d]`` (validated, flattened).
 
-  Returns ``(values, total)``. ``weights is None``: ``total`` is None and the float32 values
-  ``[tokens]`` are differentiable (the blocked backward recomputes the logits block by block);
-  ``counted`` (bool ``[tokens]``, optional) marks the tokens whose value is used. Otherwise
-  ``total = sum(weights * values)`` is differentiable, with gradients computed in the forward
-  pass, and the values are under ``stop_gradient``. The teacher gets no gradient.
+  ``labels`` ``[tokens]`` are read for the cross entropy only. Returns ``(rows, total)``.
+  ``weights is None``: ``total`` is None and the rows' value is differentiable (the blocked
+  backward recomputes the logits block by block); ``counted`` (bool ``[tokens]``, optional)
+  marks the tokens whose value is used. Otherwise ``total = sum(weights * value)`` is
+  differentiable, with gradients computed in the forward pass. The other rows are under
+  ``stop_gradient``; the teacher gets no gradient.
   """
   inputs = inputs._replace(
       teacher_hidden=lax.stop_gradient(inputs.teacher_hidden),
@@ -271,16 +262,22 @@ def per_token(config: Config, traced, inputs: Inputs, weights: Array | None = No
           teacher_kernel=lax.stop_gradient(inputs.params.teacher_kernel),
           teacher_bias=None if inputs.params.teacher_bias is None
           else lax.stop_gradient(inputs.params.teacher_bias)))
+  if labels is None or not config.cross_entropy:
+    labels = jnp.zeros(inputs.student_hidden.shape[:1], jnp.int32)
   num_logits = inputs.student_hidden.shape[0] * inputs.params.student_kernel.shape[1]
   if implementations.choose(config, num_logits) == "reference":
+    rows = _reference_rows(config, traced, inputs, labels,
+                           counted if weights is None else weights != 0)
     if weights is None:
-      return _reference_values(config, traced, inputs, counted), None
-    values = _reference_values(config, traced, inputs, weights != 0)
-    return lax.stop_gradient(values), reductions.weighted_total(values, weights)
+      return rows, None
+    total = reductions.weighted_total(rows.value, weights)
+    return jax.tree.map(lax.stop_gradient, rows), total
   if weights is None:
-    return _per_token(config, traced, inputs), None
-  total, rows = _weighted(config, traced, lax.stop_gradient(weights), inputs)
-  return lax.stop_gradient(rows.value), total
+    rows = _per_token(config, traced, inputs, labels)
+    return rows._replace(divergence=lax.stop_gradient(rows.divergence),
+                         cross_entropy=lax.stop_gradient(rows.cross_entropy)), None
+  total, rows = _weighted(config, traced, lax.stop_gradient(weights), inputs, labels)
+  return jax.tree.map(lax.stop_gradient, rows), total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,21 +294,26 @@ class Prepared(NamedTuple):
   labels: Array | None
   where: Array | None
   normalizer: Array | None
+  token_weights: Array | None
 
 
 def prepare(student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
-            teacher_bias, *, labels, where, reduction, normalizer, ignore_index, divergence,
-            temperature, beta, alpha, temperature_squared, logit_scale, softcap, token_block,
-            vocab_block, implementation, vocab_mismatch_hint, axis_name=None,
-            data_axis_name=None) -> Prepared:
-  """Checks every argument of a fused loss and builds its config."""
+            teacher_bias, *, labels, where, token_weights, reduction, normalizer, ignore_index,
+            divergence, temperature, beta, alpha, temperature_squared, logit_scale, softcap,
+            token_block, vocab_block, implementation, vocab_mismatch_hint, kd_coef=None,
+            axis_name=None, data_axis_name=None) -> Prepared:
+  """Checks every argument of a fused loss and builds its config (``kd_coef``: the hard-label
+  cross entropy's weight is ``1 - kd_coef``; None: no cross entropy)."""
   inputs = checks.linear_heads(
       student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
       teacher_bias, vocab_mismatch_hint=vocab_mismatch_hint)
-  labels, where, normalizer, token_block = checks.token_arguments(
+  tokens = checks.token_arguments(
       inputs[0].shape[:-1], labels=labels, where=where, reduction=reduction,
-      normalizer=normalizer, ignore_index=ignore_index, token_block=token_block)
-  hp = checks.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
+      normalizer=normalizer, ignore_index=ignore_index, token_block=token_block,
+      token_weights=token_weights,
+      labels_required=None if kd_coef is None else ": it holds the cross-entropy targets")
+  hp = checks.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha,
+                              kd_coef=kd_coef)
   for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
     for side, side_value in zip(head.SIDES, checks.per_model(name, value), strict=True):
       hp[f"{side}_{name}"] = checks.positive(name, side_value)
@@ -322,44 +324,47 @@ def prepare(student_hidden, student_kernel, teacher_hidden, teacher_kernel, stud
         "axis_name use 'blocked' or None.")
   config, traced = config_lib.build(
       hp, divergence=divergence, temperature_squared=bool(temperature_squared),
-      reduction=reduction, ignore_index=ignore_index, implementation=implementation,
-      token_block=token_block,
+      cross_entropy=kd_coef is not None, reduction=reduction, ignore_index=ignore_index,
+      implementation=implementation, token_block=tokens.token_block,
       vocab_block=checks.positive_int("vocab_block", vocab_block, optional=True),
       axis_name=axis_name, data_axis_name=data_axis_name)
   student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias, teacher_bias = (
       inputs)
   return Prepared(config, traced, Inputs(student_hidden, teacher_hidden, Params(
-      student_kernel, student_bias, teacher_kernel, teacher_bias)), labels, where, normalizer)
+      student_kernel, student_bias, teacher_kernel, teacher_bias)), tokens.labels, tokens.where,
+      tokens.normalizer, tokens.token_weights)
 
 
-def loss(config: Config, traced, inputs: Inputs, labels, where, normalizer) -> Array:
-  """The reduced fused loss of hidden states ``[..., d]`` (the token shape is ``[...]``)."""
+def loss(config: Config, traced, inputs: Inputs, labels, where, normalizer, token_weights, *,
+         output: str = "loss"):
+  """The reduced fused loss of hidden states ``[..., d]`` (the token shape is ``[...]``):
+  ``reductions.outputs(output, ...)``."""
   token_shape = inputs.student_hidden.shape[:-1]
   mask = reductions.token_mask(token_shape, labels, where, config.ignore_index)
   vocab_size = inputs.params.student_kernel.shape[1]
   if config.axis_name is not None:
     vocab_size *= lax.axis_size(config.axis_name)
+  invalid = reductions.invalid_labels(labels, mask, vocab_size)
+  reduction = "sum" if output == "sum_count" else config.reduction
   flat = inputs._replace(
       student_hidden=inputs.student_hidden.reshape(-1, inputs.student_hidden.shape[-1]),
       teacher_hidden=inputs.teacher_hidden.reshape(-1, inputs.teacher_hidden.shape[-1]))
+  flat_labels = None if labels is None else labels.reshape(-1)
 
   def compute(weights):
-    values, total = per_token(config, traced, flat, None if weights is None
-                              else weights.reshape(-1), counted=mask.reshape(-1))
-    return _Values(values.reshape(token_shape)), total
+    rows, total = per_token(config, traced, flat, flat_labels,
+                            None if weights is None else weights.reshape(-1),
+                            counted=mask.reshape(-1))
+    return jax.tree.map(lambda x: x.reshape(token_shape), rows), total
 
-  loss, _ = reductions.reduced_loss(
-      compute, mask, reduction=config.reduction, normalizer=normalizer,
-      data_axis_name=config.data_axis_name,
-      invalid=reductions.invalid_labels(labels, mask, vocab_size))
-  return loss
-
-
-class _Values(NamedTuple):
-  value: Array  # per-token values [...]
+  loss, rows = reductions.reduced_loss(
+      compute, mask, reduction=reduction, normalizer=normalizer,
+      data_axis_name=config.data_axis_name, invalid=invalid, token_weights=token_weights)
+  return reductions.outputs(output, loss, rows, mask, reduction=reduction,
+                            normalizer=normalizer, invalid=invalid, token_weights=token_weights)
 
 
-_loss = jax.jit(loss, static_argnames=("config",))
+_loss = jax.jit(loss, static_argnames=("config", "output"))
 
 
 def fused_linear_distill_loss(
@@ -380,6 +385,7 @@ def fused_linear_distill_loss(
     softcap: Any = None,
     ignore_index: int = -100,
     where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
     reduction: str = "mean",
     normalizer: ArrayLike | None = None,
     token_block: int | None = None,
@@ -420,9 +426,12 @@ def fused_linear_distill_loss(
       be None. Applied before the softcap.
     softcap: optional Gemma-style cap ``c > 0``: logits become ``c * tanh(logits / c)``. Shared
       or a ``(student, teacher)`` pair, like ``logit_scale``. Applied before the temperature.
-    ignore_index, where, reduction, normalizer: as in :func:`kdjax.distill_loss`.
-    token_block: tokens per block (default 192, fewer for vocabularies above 131072 entries:
-      96 at 262144). Temporaries are about ``5 * token_block * vocab * 4`` bytes.
+    ignore_index, where, token_weights, reduction, normalizer: as in
+      :func:`kdjax.distill_loss`.
+    token_block: tokens per block (default on CPU 192, fewer for vocabularies above 131072
+      entries: 96 at 262144; on GPUs and TPUs about 512 MiB per ``[block, vocab]`` float32
+      array, 1024 tokens at 128256). Temporaries are about ``5 * token_block * vocab * 4``
+      bytes.
     vocab_block: optional vocabulary columns per block. When set, each token block walks the
       vocabulary with an online log-sum-exp, so temporaries are
       ``O(token_block * vocab_block)``; it costs two extra logit matmuls per step.
@@ -449,13 +458,206 @@ def fused_linear_distill_loss(
     >>> bool(jnp.allclose(loss, dense, rtol=1e-5)), grads[1].shape
     (True, (16, 100))
   """
+  return _call(
+      student_hidden, student_kernel, teacher_hidden, teacher_kernel, labels,
+      divergence=divergence, beta=beta, alpha=alpha, temperature=temperature,
+      temperature_squared=temperature_squared, student_bias=student_bias,
+      teacher_bias=teacher_bias, logit_scale=logit_scale, softcap=softcap,
+      ignore_index=ignore_index, where=where, token_weights=token_weights, reduction=reduction,
+      normalizer=normalizer, token_block=token_block, vocab_block=vocab_block,
+      implementation=implementation, output="loss")
+
+
+def _call(student_hidden, student_kernel, teacher_hidden, teacher_kernel, labels, *,
+          student_bias, teacher_bias, output, **options):
+  """Validates the arguments of a public fused loss (at trace time) and runs ``_loss``."""
   prepared = prepare(
       student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
-      teacher_bias, labels=labels, where=where, reduction=reduction, normalizer=normalizer,
-      ignore_index=ignore_index, divergence=divergence, temperature=temperature, beta=beta,
-      alpha=alpha, temperature_squared=temperature_squared, logit_scale=logit_scale,
-      softcap=softcap, token_block=token_block, vocab_block=vocab_block,
-      implementation=implementation,
+      teacher_bias, labels=labels,
       vocab_mismatch_hint="If the larger vocabulary only adds padding columns, slice the "
-      "kernel (and bias) to the shared vocabulary first.")
-  return _loss(*prepared)
+      "kernel (and bias) to the shared vocabulary first.", **options)
+  return _loss(*prepared, output=output)
+
+
+def fused_linear_distill_loss_sum_and_count(
+    student_hidden: ArrayLike,
+    student_kernel: ArrayLike,
+    teacher_hidden: ArrayLike,
+    teacher_kernel: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float | ArrayLike = 0.5,
+    alpha: float | ArrayLike = 0.1,
+    temperature: float | ArrayLike = 1.0,
+    temperature_squared: bool = False,
+    student_bias: ArrayLike | None = None,
+    teacher_bias: ArrayLike | None = None,
+    logit_scale: Any = None,
+    softcap: Any = None,
+    ignore_index: int = -100,
+    where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    token_block: int | None = None,
+    vocab_block: int | None = None,
+    implementation: str | None = None,
+) -> tuple[Array, Array]:
+  """``(sum over counted tokens, number of counted tokens)`` of
+  :func:`fused_linear_distill_loss`.
+
+  Sum both over hosts, devices or gradient-accumulation steps, then divide once. Arguments as
+  in :func:`fused_linear_distill_loss`.
+
+  Returns:
+    Two float32 scalars ``(sum, count)``.
+
+  Example:
+    >>> import jax.numpy as jnp, kdjax
+    >>> hidden, kernel = jnp.ones((3, 4)), jnp.ones((4, 10))
+    >>> total, count = kdjax.fused_linear_distill_loss_sum_and_count(
+    ...     hidden, kernel, hidden, kernel, jnp.array([1, 2, -100]))
+    >>> float(total), float(count)
+    (0.0, 2.0)
+  """
+  return _call(
+      student_hidden, student_kernel, teacher_hidden, teacher_kernel, labels,
+      divergence=divergence, beta=beta, alpha=alpha, temperature=temperature,
+      temperature_squared=temperature_squared, student_bias=student_bias,
+      teacher_bias=teacher_bias, logit_scale=logit_scale, softcap=softcap,
+      ignore_index=ignore_index, where=where, token_weights=token_weights, reduction="sum",
+      normalizer=None, token_block=token_block, vocab_block=vocab_block,
+      implementation=implementation, output="sum_count")
+
+
+def fused_linear_distill_with_cross_entropy(
+    student_hidden: ArrayLike,
+    student_kernel: ArrayLike,
+    teacher_hidden: ArrayLike,
+    teacher_kernel: ArrayLike,
+    labels: ArrayLike,
+    *,
+    kd_coef: float | ArrayLike = 0.5,
+    divergence: str = "forward_kl",
+    beta: float | ArrayLike = 0.5,
+    alpha: float | ArrayLike = 0.1,
+    temperature: float | ArrayLike = 1.0,
+    temperature_squared: bool = False,
+    student_bias: ArrayLike | None = None,
+    teacher_bias: ArrayLike | None = None,
+    logit_scale: Any = None,
+    softcap: Any = None,
+    ignore_index: int = -100,
+    where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    reduction: str = "mean",
+    normalizer: ArrayLike | None = None,
+    token_block: int | None = None,
+    vocab_block: int | None = None,
+    implementation: str | None = None,
+    return_components: bool = False,
+):
+  r"""``(1 - kd_coef) * cross_entropy + kd_coef * distill`` from hidden states, fused.
+
+  The most common distillation objective (OpenRLHF's KD trainer, Liger-Kernel's
+  ``LigerFusedLinearJSDLoss(weight_hard_loss, weight_soft_loss)``), with the value and gradients
+  of :func:`kdjax.distill_with_cross_entropy` on the materialised logits
+
+  .. math::
+
+      z = \text{softcap} \cdot \tanh\!\Big(\frac{\text{logit\_scale} \cdot
+      (h W + b)}{\text{softcap}}\Big)
+
+  of each model, computed one block of tokens (and optionally of the vocabulary) at a time as
+  :func:`fused_linear_distill_loss` does: the cross entropy of the student's logits ``z`` with
+  ``labels`` at temperature 1, the divergence at ``temperature``, both from one pass over each
+  block of logits, both masked and reduced alike.
+
+  Args:
+    student_hidden, student_kernel, teacher_hidden, teacher_kernel: as in
+      :func:`fused_linear_distill_loss`.
+    labels: integer ids ``student_hidden.shape[:-1]``: the cross-entropy targets, already
+      aligned (see :func:`kdjax.shift_labels`); ``ignore_index`` marks ignored tokens. A
+      counted label outside ``[0, vocab)`` makes the loss NaN.
+    kd_coef: weight of the distillation term in ``[0, 1]``; a scalar array may be scheduled.
+    return_components: also return ``(cross_entropy, distill)``, each reduced.
+    Others: as in :func:`fused_linear_distill_loss`.
+
+  Returns:
+    The float32 loss (or per-token values for ``reduction="none"``); with
+    ``return_components=True``, ``(loss, (cross_entropy, distill))``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, kdjax
+    >>> keys = jax.random.split(jax.random.key(0), 4)
+    >>> h_s, h_t = jax.random.normal(keys[0], (6, 16)), jax.random.normal(keys[1], (6, 32))
+    >>> w_s = jax.random.normal(keys[2], (16, 50)) / 4
+    >>> w_t = jax.random.normal(keys[3], (32, 50)) / 4
+    >>> labels = jnp.array([3, 1, 4, 1, 5, -100])
+    >>> loss = kdjax.fused_linear_distill_with_cross_entropy(
+    ...     h_s, w_s, h_t, w_t, labels, kd_coef=0.5, temperature=2.0)
+    >>> dense = kdjax.distill_with_cross_entropy(
+    ...     h_s @ w_s, h_t @ w_t, labels, kd_coef=0.5, temperature=2.0)
+    >>> bool(jnp.allclose(loss, dense, rtol=1e-5))
+    True
+  """
+  loss, cross_entropy, distill = _call(
+      student_hidden, student_kernel, teacher_hidden, teacher_kernel, labels, kd_coef=kd_coef,
+      divergence=divergence, beta=beta, alpha=alpha, temperature=temperature,
+      temperature_squared=temperature_squared, student_bias=student_bias,
+      teacher_bias=teacher_bias, logit_scale=logit_scale, softcap=softcap,
+      ignore_index=ignore_index, where=where, token_weights=token_weights, reduction=reduction,
+      normalizer=normalizer, token_block=token_block, vocab_block=vocab_block,
+      implementation=implementation, output="combined")
+  if return_components:
+    return loss, (cross_entropy, distill)
+  return loss
+
+
+def fused_linear_distill_with_cross_entropy_sum_and_count(
+    student_hidden: ArrayLike,
+    student_kernel: ArrayLike,
+    teacher_hidden: ArrayLike,
+    teacher_kernel: ArrayLike,
+    labels: ArrayLike,
+    *,
+    kd_coef: float | ArrayLike = 0.5,
+    divergence: str = "forward_kl",
+    beta: float | ArrayLike = 0.5,
+    alpha: float | ArrayLike = 0.1,
+    temperature: float | ArrayLike = 1.0,
+    temperature_squared: bool = False,
+    student_bias: ArrayLike | None = None,
+    teacher_bias: ArrayLike | None = None,
+    logit_scale: Any = None,
+    softcap: Any = None,
+    ignore_index: int = -100,
+    where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    token_block: int | None = None,
+    vocab_block: int | None = None,
+    implementation: str | None = None,
+) -> tuple[Array, Array]:
+  """``(sum over counted tokens, number of counted tokens)`` of
+  :func:`fused_linear_distill_with_cross_entropy`.
+
+  Arguments as in :func:`fused_linear_distill_with_cross_entropy`.
+
+  Returns:
+    Two float32 scalars ``(sum, count)``.
+
+  Example:
+    >>> import jax.numpy as jnp, kdjax
+    >>> hidden, kernel = jnp.zeros((3, 4)), jnp.zeros((4, 10))
+    >>> total, count = kdjax.fused_linear_distill_with_cross_entropy_sum_and_count(
+    ...     hidden, kernel, hidden, kernel, jnp.array([1, 2, -100]), kd_coef=0.0)
+    >>> round(float(total / count), 4)  # a uniform student: log(10)
+    2.3026
+  """
+  return _call(
+      student_hidden, student_kernel, teacher_hidden, teacher_kernel, labels, kd_coef=kd_coef,
+      divergence=divergence, beta=beta, alpha=alpha, temperature=temperature,
+      temperature_squared=temperature_squared, student_bias=student_bias,
+      teacher_bias=teacher_bias, logit_scale=logit_scale, softcap=softcap,
+      ignore_index=ignore_index, where=where, token_weights=token_weights, reduction="sum",
+      normalizer=None, token_block=token_block, vocab_block=vocab_block,
+      implementation=implementation, output="sum_count")

@@ -22,7 +22,8 @@ Array = jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("config", "output"))
-def _distill(config, traced, logits, teacher_logits, labels, where, normalizer, *, output):
+def _distill(config, traced, logits, teacher_logits, labels, where, normalizer, token_weights, *,
+             output):
   """The one jitted body behind every public loss in this module.
 
   ``output`` selects what is returned: ``"loss"`` (the reduced loss), ``"sum_count"``
@@ -35,35 +36,32 @@ def _distill(config, traced, logits, teacher_logits, labels, where, normalizer, 
   loss, rows = reductions.reduced_loss(
       lambda weights: implementations.materialised(
           config, traced, logits, others, weights, mask=mask,
-          block_fn=dense.teacher_logits_block, reference_fn=reference.per_token),
-      mask, reduction=reduction, normalizer=normalizer, invalid=invalid)
-  if output == "sum_count":
-    return loss, jnp.sum(mask).astype(jnp.float32)
-  if output == "loss":
-    return loss
-  cross_entropy, distill = (
-      reductions.reduce(x, mask, reduction=reduction, normalizer=normalizer, invalid=invalid)
-      for x in (rows.cross_entropy, rows.divergence))
-  return loss, cross_entropy, distill
+          block_fn=dense.teacher_logits_block, reference_fn=reference.per_token, kernels=True),
+      mask, reduction=reduction, normalizer=normalizer, invalid=invalid,
+      token_weights=token_weights)
+  return reductions.outputs(output, loss, rows, mask, reduction=reduction,
+                            normalizer=normalizer, invalid=invalid, token_weights=token_weights)
 
 
 def _call(logits, teacher_logits, labels, *, divergence, beta, alpha, temperature,
           temperature_squared, ignore_index, where, reduction, normalizer, token_block,
-          implementation, output, kd_coef=None):
+          implementation, output, kd_coef=None, token_weights=None):
   """Validates every argument, builds the config once and runs ``_distill``."""
   logits, teacher_logits = checks.logits_pair(logits, teacher_logits)
-  labels, where, normalizer, token_block = checks.token_arguments(
+  tokens = checks.token_arguments(
       logits.shape[:-1], labels=labels, where=where, reduction=reduction,
       normalizer=normalizer, ignore_index=ignore_index, token_block=token_block,
+      token_weights=token_weights,
       labels_required=None if kd_coef is None else ": it holds the cross-entropy targets")
   hp = checks.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha,
                               kd_coef=kd_coef)
   config, traced = config_lib.build(
       hp, divergence=divergence, temperature_squared=bool(temperature_squared),
       cross_entropy=kd_coef is not None, reduction=reduction, ignore_index=ignore_index,
-      implementation=implementations.check(implementation), token_block=token_block)
-  return _distill(config, traced, logits, teacher_logits, labels, where, normalizer,
-                  output=output)
+      implementation=implementations.check(implementation, kernels=True),
+      token_block=tokens.token_block)
+  return _distill(config, traced, logits, teacher_logits, tokens.labels, tokens.where,
+                  tokens.normalizer, tokens.token_weights, output=output)
 
 
 def distill_loss(
@@ -78,6 +76,7 @@ def distill_loss(
     temperature_squared: bool = False,
     ignore_index: int = -100,
     where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
     reduction: str = "mean",
     normalizer: ArrayLike | None = None,
     token_block: int | None = None,
@@ -92,8 +91,10 @@ def distill_loss(
 
   .. math::
 
-      \text{loss} = \frac{1}{N} \sum_{i:\ \text{valid}} T^{2[\text{temperature\_squared}]}
+      \text{loss} = \frac{1}{N} \sum_{i:\ \text{valid}} w_i\, T^{2[\text{temperature\_squared}]}
       D(p_i, q_i), \qquad N = \text{normalizer or the number of valid tokens}
+
+  with :math:`w_i` the optional ``token_weights`` (1 by default).
 
   Args:
     logits: student logits ``[..., vocab]`` (for example ``[batch, seq, vocab]``), any float
@@ -113,18 +114,25 @@ def distill_loss(
     temperature_squared: multiply per-token values by ``T**2`` (Hinton et al., 2015), which
       keeps gradient magnitudes comparable across temperatures.
     ignore_index: label value that marks a token to ignore.
-    where: optional boolean mask ``logits.shape[:-1]``; combined with ``labels`` by AND.
+    where: optional mask ``logits.shape[:-1]``, boolean or integer (nonzero = counted, as a
+      tokenizer's attention mask); combined with ``labels`` by AND.
+    token_weights: optional float weights ``logits.shape[:-1]`` that multiply each counted
+      token's value: importance weights (clipped or not), per-sequence rewards. No gradient flows
+      to them, and they do not change the mean's divisor (the number of counted tokens, or
+      ``normalizer``). A token of weight 0 contributes exactly 0.
     reduction: ``"mean"`` (over valid tokens; 0 when there are none), ``"sum"``, ``"none"``
       (per-token, invalid tokens set to 0) or ``"sequence_mean"`` (mean per sequence along the
       last token axis, then over sequences with any valid token).
     normalizer: optional scalar that replaces the valid-token count of ``"mean"``, for example a
       global count across hosts or gradient-accumulation steps.
     token_block: rows per block of the blocked computation (default: about 1 MiB of float32
-      per block).
+      per block on CPU, 64 MiB on GPUs and TPUs).
     implementation: ``"blocked"`` (token blocks, analytic gradient, temporaries
-      ``O(block * vocab)``), ``"reference"`` (the readable whole-array definition with JAX
-      autodiff, the oracle of the tests; ``O(tokens * vocab)`` float32 temporaries) or None
-      (the default: the best for the problem's size).
+      ``O(block * vocab)``), ``"pallas"`` (GPU and TPU kernels: one pass over the logits; on
+      CPU the kernel in Pallas interpret mode, a slow testing aid), ``"reference"`` (the
+      readable whole-array definition with JAX autodiff, the oracle of the tests;
+      ``O(tokens * vocab)`` float32 temporaries) or None (the default: per platform, the
+      blocked engine on CPU and the kernels on GPUs and TPUs; see ``docs/accelerators.md``).
 
   Returns:
     A float32 scalar, or ``logits.shape[:-1]`` for ``reduction="none"``. A NaN or ``+inf`` in
@@ -147,7 +155,8 @@ def distill_loss(
   return _call(
       logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
       temperature=temperature, temperature_squared=temperature_squared,
-      ignore_index=ignore_index, where=where, reduction=reduction, normalizer=normalizer,
+      ignore_index=ignore_index, where=where, token_weights=token_weights, reduction=reduction,
+      normalizer=normalizer,
       token_block=token_block, implementation=implementation, output="loss")
 
 
@@ -163,6 +172,7 @@ def distill_loss_sum_and_count(
     temperature_squared: bool = False,
     ignore_index: int = -100,
     where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
     token_block: int | None = None,
     implementation: str | None = None,
 ) -> tuple[Array, Array]:
@@ -185,7 +195,8 @@ def distill_loss_sum_and_count(
   return _call(
       logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
       temperature=temperature, temperature_squared=temperature_squared,
-      ignore_index=ignore_index, where=where, reduction="sum", normalizer=None,
+      ignore_index=ignore_index, where=where, token_weights=token_weights, reduction="sum",
+      normalizer=None,
       token_block=token_block, implementation=implementation, output="sum_count")
 
 
@@ -195,6 +206,7 @@ def kd_loss(
     labels: ArrayLike,
     *,
     ignore_index: int = -100,
+    token_weights: ArrayLike | None = None,
     implementation: str | None = None,
 ) -> Array:
   r"""OpenRLHF's ``KDLoss``: teacher-weighted student cross entropy, mean over valid tokens.
@@ -216,7 +228,8 @@ def kd_loss(
     teacher_logits: teacher logits ``[..., vocab]``.
     labels: integer token ids ``logits.shape[:-1]``; ``ignore_index`` marks ignored tokens.
     ignore_index: the ignored label value (default -100).
-    implementation: as in :func:`distill_loss`.
+    token_weights, implementation: as in :func:`distill_loss` (without ``token_weights``, the
+      OpenRLHF loss exactly).
 
   Returns:
     A float32 scalar.
@@ -230,8 +243,8 @@ def kd_loss(
   return _call(
       logits, teacher_logits, labels, divergence="soft_cross_entropy", beta=0.5, alpha=0.1,
       temperature=1.0, temperature_squared=False, ignore_index=ignore_index, where=None,
-      reduction="mean", normalizer=None, token_block=None, implementation=implementation,
-      output="loss")
+      token_weights=token_weights, reduction="mean", normalizer=None, token_block=None,
+      implementation=implementation, output="loss")
 
 
 def distill_with_cross_entropy(
@@ -247,6 +260,7 @@ def distill_with_cross_entropy(
     temperature_squared: bool = False,
     ignore_index: int = -100,
     where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
     reduction: str = "mean",
     normalizer: ArrayLike | None = None,
     token_block: int | None = None,
@@ -282,7 +296,8 @@ def distill_with_cross_entropy(
   loss, ce, distill = _call(
       logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
       temperature=temperature, temperature_squared=temperature_squared,
-      ignore_index=ignore_index, where=where, reduction=reduction, normalizer=normalizer,
+      ignore_index=ignore_index, where=where, token_weights=token_weights, reduction=reduction,
+      normalizer=normalizer,
       token_block=token_block, implementation=implementation, output="combined",
       kd_coef=kd_coef)
   if return_components:
@@ -341,7 +356,8 @@ _PER_TOKEN_ARGS = """
     teacher_logits: teacher logits, same shape; no gradient flows to them.
     temperature: ``T > 0``; both logits are divided by it before the softmax.
     token_block: rows per block of the blocked computation (default: automatic).
-    implementation: ``"blocked"``, ``"reference"`` or None, as in :func:`kdjax.distill_loss`.
+    implementation: ``"blocked"``, ``"pallas"``, ``"reference"`` or None, as in
+      :func:`kdjax.distill_loss`.
 
   Returns:
     float32 ``logits.shape[:-1]``: one value per token. ``-inf`` logits follow the conventions

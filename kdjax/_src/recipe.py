@@ -10,7 +10,9 @@ differ only in how they obtain a block of logits and how they reduce a row over 
 * tile by tile, folding partial statistics with :func:`combine` (an online log-sum-exp) and
   summing the tiles' terms.
 
-The recipe, for one block of rows (``x`` raw float32 logits, ``T`` the temperature):
+The recipe, for one block of rows (``x`` raw float32 logits, ``T`` the temperature), is written
+out twice, once per way of walking a row: :func:`block` for rows held whole, :func:`tiled` for
+rows walked tile by tile (the fused head's vocabulary blocks, the Pallas kernels):
 
 1. **Row statistics** (:func:`statistics`): ``m = max_v x_v`` and ``S = sum_v exp((x_v - m) / T)``.
 2. **Distributions** (:func:`distribution`): ``log q = (x - m) / T - log S``, exactly 0 at a
@@ -86,7 +88,10 @@ def inverse_temperature(hp: Mapping[str, Any]):
 
 def value_scale(config: Config, hp: Mapping[str, Any]):
   """``T**2`` with ``temperature_squared``, else 1."""
-  return jnp.square(hp["temperature"]) if config.temperature_squared else 1.0
+  # A product rather than jnp.square (the same operation): Pallas' Triton lowering cannot
+  # square a Python number.
+  temperature = hp["temperature"]
+  return jnp.multiply(temperature, temperature) if config.temperature_squared else 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,14 +183,20 @@ def terms(config: Config, hp: Mapping[str, Any], teacher: div.Dist,
   return div.DIVERGENCES[config.divergence].terms(teacher, student, hp)
 
 
-def label_entry(x: Array, labels: Array, start, row_max: Array) -> Array:
+def label_entry(x: Array, labels: Array, start, row_max: Array, *,
+                gather: bool = True) -> Array:
   """``x[label] - max`` per row where the label's entry is in ``x`` (ids ``start + j``), else 0.
 
   Summed over the tiles or shards of a row, it is exact: one of them holds the entry.
+  ``gather=False`` picks the entry by comparing every id with the label, for kernels, where a
+  gather along the vocabulary does not lower; the result is the same.
   """
   local = labels - start
   inside = (local >= 0) & (local < x.shape[-1])
-  picked = jnp.take_along_axis(x, jnp.clip(local, 0, x.shape[-1] - 1)[:, None], axis=-1)[:, 0]
+  if gather:
+    picked = jnp.take_along_axis(x, jnp.clip(local, 0, x.shape[-1] - 1)[:, None], axis=-1)[:, 0]
+  else:
+    picked = jnp.sum(jnp.where(one_hot(labels, start, x.shape[-1]), x, 0.0), axis=-1)
   return jnp.where(inside, picked - _finite(row_max), 0.0)
 
 
@@ -332,3 +343,103 @@ def block(config: Config, hp: Mapping[str, Any], logits: Array, teacher_logits: 
   if config.cross_entropy:
     ce_grad = (ce_exps * _safe_reciprocal(ce_sum_exp)[:, None], one_hot(labels, start, width))
   return rows, student_grad(scale, entry_terms.dlog_q, q.prob, sums.dlog_q, ce_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole recipe for rows walked tile by tile (an online log-sum-exp).
+# ----------------------------------------------------------------------------------------------
+
+
+class Tile(NamedTuple):
+  """A tile of vocabulary entries: ids ``start .. start + width - 1`` of the rows' array."""
+
+  start: Array | int
+  width: int
+
+
+def tiled(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array,
+          vocab_width: int, labels: Array | None = None, weights: Array | None = None,
+          reduce: VocabReduce = WHOLE_ROW, emit=None, emit_init: Any = None
+          ) -> tuple[Rows, Any]:
+  """The recipe over a block of rows whose vocabulary is walked tile by tile, in three walks.
+
+  The first folds the tiles' row statistics with :func:`combine`; the second sums the terms
+  (and the label's entry for the cross entropy); then :func:`finish`; with ``emit``, the third
+  recomputes each tile and hands its gradient over. Only per-row statistics are kept between
+  tiles, so no row needs to fit anywhere whole.
+
+  Args:
+    config, hp: the static config and the hyperparameters.
+    walk: ``walk(body, carry)`` returns ``carry`` after ``carry = body(tile, carry)`` for every
+      :class:`Tile` (anything with ``start`` and ``width``) of the rows' vocabulary, in order.
+    read: ``read(tile)`` returns ``(x_student, x_teacher, context)``: the raw float32 logits
+      ``[rows, width]`` of the tile's entries (``-inf`` past the vocabulary) and anything
+      ``emit`` needs of the tile.
+    zeros: float32 zeros ``[rows]``, the initial per-row carries (inside ``shard_map``, varying
+      like the inputs).
+    vocab_width: the number of vocabulary entries of this array (of this device's slice with a
+      mesh ``reduce``).
+    labels, weights, reduce: as in :func:`block`.
+    emit: ``emit(tile, context, grad, carry)`` returns the next ``carry`` given the tile's
+      float32 gradient ``[rows, width]`` with respect to the raw student logits; None: no
+      gradient.
+    emit_init: the first ``carry`` of ``emit``.
+
+  Returns:
+    ``(rows, carry)``: the per-token :class:`Rows` and ``emit``'s last carry (None without it).
+  """
+  inv_temperature = inverse_temperature(hp)
+  # The cross entropy's softmax is at temperature 1: the student's own unless T may differ.
+  separate = config.cross_entropy and not config.is_static("temperature", 1.0)
+  temperatures = (inv_temperature, inv_temperature, 1.0)[:3 if separate else 2]
+
+  def stats_step(tile, folded):
+    x_student, x_teacher, _ = read(tile)
+    return tuple(combine(part, statistics(x, inv)[0], inv) for part, x, inv in zip(
+        folded, (x_student, x_teacher, x_student), temperatures, strict=False))
+
+  empty = Stats(zeros - jnp.inf, zeros)
+  stats = tuple(combine_over(s, reduce, inv) for s, inv in zip(
+      walk(stats_step, (empty,) * len(temperatures)), temperatures, strict=True))
+  student, teacher = stats[:2]
+  ce_stats = stats[2] if separate else student
+  start = reduce.start(vocab_width)
+
+  def tile_terms(tile):
+    x_student, x_teacher, context = read(tile)
+    q = distribution(x_student, student, inv_temperature)
+    p = distribution(x_teacher, teacher, inv_temperature)
+    return x_student, context, q, terms(config, hp, p, q)
+
+  def sums_step(tile, partial):
+    x_student, _, _, entry_terms = tile_terms(tile)
+    value, dlog_q, label = partial
+    value = value + jnp.sum(entry_terms.value, axis=-1)
+    if emit is not None:
+      dlog_q = dlog_q + jnp.sum(entry_terms.dlog_q, axis=-1)
+    if config.cross_entropy:
+      label = label + label_entry(x_student, labels, start + tile.start, student.max,
+                                  gather=False)
+    return value, dlog_q, label
+
+  value, dlog_q, label = walk(sums_step, (zeros, zeros, zeros))
+  sums = Sums(reduce.sum(value[:, None]), reduce.sum(dlog_q[:, None]) if emit else None,
+              reduce.sum(label[:, None]) if config.cross_entropy else None)
+  ce = {}
+  if config.cross_entropy:
+    ce = dict(labels=labels, vocab_size=reduce.size(vocab_width),
+              cross_entropy_sum_exp=ce_stats.sum_exp)
+  rows, scale = finish(config, hp, student, teacher, sums, weights=weights, **ce)
+  if emit is None:
+    return rows, None
+
+  def grad_step(tile, carry):
+    x_student, context, q, entry_terms = tile_terms(tile)
+    ce_grad = None
+    if config.cross_entropy:
+      softmax = distribution(x_student, ce_stats, 1.0).prob if separate else q.prob
+      ce_grad = (softmax, one_hot(labels, start + tile.start, tile.width))
+    return emit(tile, context, student_grad(scale, entry_terms.dlog_q, q.prob, sums.dlog_q,
+                                            ce_grad), carry)
+
+  return rows, walk(grad_step, emit_init)

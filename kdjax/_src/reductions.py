@@ -2,7 +2,8 @@
 
 Masking: a token counts when ``labels != ignore_index`` (if ``labels`` is given) and ``where``
 is nonzero (if ``where`` is given). Every scalar reduction is a weighted sum of the per-token
-values, ``sum_i w_i v_i``, with weights that depend only on the mask (:func:`token_weights`):
+values, ``sum_i w_i v_i``, with weights that depend only on the mask and the user's optional
+per-token weights (:func:`reduction_weights`):
 
 * ``"mean"``: ``w = mask / N``, ``N`` the number of counted tokens (over every device of the
   data axes, when given) or ``normalizer``. 0 when ``N`` is 0, so an all-ignored batch gives a
@@ -68,17 +69,19 @@ def global_sum(x: Array, data_axis_name: Hashable | None = None) -> Array:
   return total if data_axis_name is None else lax.psum(total, data_axis_name)
 
 
-def token_weights(mask: Array, *, reduction: str, normalizer: Array | None = None,
-                  data_axis_name: Hashable | None = None,
-                  invalid: Array | None = None) -> Array:
+def reduction_weights(mask: Array, *, reduction: str, normalizer: Array | None = None,
+                      data_axis_name: Hashable | None = None, invalid: Array | None = None,
+                      token_weights: Array | None = None) -> Array:
   """float32 weights ``w`` (``mask.shape``) with ``reduced loss = sum(w * values)``.
 
   ``reduction="none"`` gives the mask (the per-token values are then multiplied, not summed).
   With ``data_axis_name`` (inside ``shard_map``) the mean's divisor and the number of sequences
   count the tokens of every device along it; each sequence must live on one device.
-  ``normalizer`` is used as given. ``invalid`` tokens (:func:`invalid_labels`) get a NaN
-  weight, so the loss and their gradient are NaN. The weights are constants of the loss (no
-  gradient flows through them, nor to ``normalizer``).
+  ``normalizer`` is used as given. ``token_weights`` (float ``mask.shape``, optional) multiply
+  each counted token's weight; they do not change the mean's divisor (the number of counted
+  tokens). ``invalid`` tokens (:func:`invalid_labels`) get a NaN weight, so the loss and their
+  gradient are NaN. The weights are constants of the loss (no gradient flows through them, nor
+  to ``normalizer`` or ``token_weights``).
   """
   weights = mask.astype(jnp.float32)
   if reduction == "mean":
@@ -93,6 +96,8 @@ def token_weights(mask: Array, *, reduction: str, normalizer: Array | None = Non
     weights = weights.reshape(mask.shape)
   elif reduction not in ("sum", "none"):
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+  if token_weights is not None:
+    weights = jnp.where(mask, weights * token_weights.astype(jnp.float32), 0.0)
   if invalid is not None:
     weights = jnp.where(invalid, jnp.nan, weights)
   return lax.stop_gradient(weights)
@@ -131,10 +136,12 @@ def weighted_total(values: Array, weights: Array) -> Array:
 
 
 def reduce(values: Array, mask: Array, *, reduction: str, normalizer: Array | None = None,
-           data_axis_name: Hashable | None = None, invalid: Array | None = None) -> Array:
-  """``values`` (float32 ``mask.shape``) reduced over tokens: a scalar, or masked values."""
-  weights = token_weights(mask, reduction=reduction, normalizer=normalizer,
-                          data_axis_name=data_axis_name, invalid=invalid)
+           data_axis_name: Hashable | None = None, invalid: Array | None = None,
+           token_weights: Array | None = None) -> Array:
+  """``values`` (float32 ``mask.shape``) reduced over tokens: a scalar, or weighted values."""
+  weights = reduction_weights(mask, reduction=reduction, normalizer=normalizer,
+                              data_axis_name=data_axis_name, invalid=invalid,
+                              token_weights=token_weights)
   if reduction == "none":
     return jnp.where(weights != 0, weights * values, 0.0)
   return weighted_total(values, weights)
@@ -142,24 +149,45 @@ def reduce(values: Array, mask: Array, *, reduction: str, normalizer: Array | No
 
 def reduced_loss(compute: Callable[[Array | None], tuple[Any, Array | None]], mask: Array, *,
                  reduction: str, normalizer: Array | None = None,
-                 data_axis_name: Hashable | None = None,
-                 invalid: Array | None = None) -> tuple[Array, Any]:
+                 data_axis_name: Hashable | None = None, invalid: Array | None = None,
+                 token_weights: Array | None = None) -> tuple[Array, Any]:
   """The loss every public function returns: ``(loss, rows)``.
 
   ``compute(weights)`` runs an engine: per-token ``rows`` (with a ``value`` field) and, when
   ``weights`` is not None, ``sum(weights * value)`` with its gradient. ``reduction="none"``
-  gives the per-token values (uncounted tokens 0); the others the weighted total, summed over
-  ``data_axis_name`` when given.
+  gives the per-token values (times ``token_weights``; uncounted tokens 0); the others the
+  weighted total, summed over ``data_axis_name`` when given.
   """
   if reduction == "none":
     rows, _ = compute(None)
-    return reduce(rows.value, mask, reduction="none", invalid=invalid), rows
-  weights = token_weights(mask, reduction=reduction, normalizer=normalizer,
-                          data_axis_name=data_axis_name, invalid=invalid)
+    return reduce(rows.value, mask, reduction="none", invalid=invalid,
+                  token_weights=token_weights), rows
+  weights = reduction_weights(mask, reduction=reduction, normalizer=normalizer,
+                              data_axis_name=data_axis_name, invalid=invalid,
+                              token_weights=token_weights)
   rows, total = compute(weights)
   if data_axis_name is not None:
     total = sum_over_data(total, data_axis_name)
   return total, rows
+
+
+OUTPUTS = ("loss", "sum_count", "combined")
+
+
+def outputs(output: str, loss: Array, rows: Any, mask: Array, **reduce_kwargs):
+  """What a public loss returns, from :func:`reduced_loss`'s ``(loss, rows)``.
+
+  ``"loss"``: the loss; ``"sum_count"``: ``(sum, number of counted tokens)`` (the loss must be
+  the ``"sum"`` reduction); ``"combined"``: ``(loss, cross_entropy, divergence)``, the rows'
+  two terms reduced like the loss (``reduce_kwargs`` as in :func:`reduce`).
+  """
+  if output == "sum_count":
+    return loss, jnp.sum(mask).astype(jnp.float32)
+  if output == "loss":
+    return loss
+  cross_entropy, divergence = (reduce(x, mask, **reduce_kwargs)
+                               for x in (rows.cross_entropy, rows.divergence))
+  return loss, cross_entropy, divergence
 
 
 def sum_and_count(values: Array, mask: Array) -> tuple[Array, Array]:

@@ -54,6 +54,7 @@ def vocab_parallel_distill_loss(
     temperature_squared: bool = False,
     ignore_index: int = -100,
     where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
     reduction: str = "mean",
     normalizer: ArrayLike | None = None,
     token_block: int | None = None,
@@ -96,8 +97,8 @@ def vocab_parallel_distill_loss(
       ``"mean"``, ``"sum"`` and ``"sequence_mean"`` reduce over the tokens of every device
       (``"sequence_mean"`` needs each sequence on one device); ``"none"`` returns this device's
       per-token values.
-    divergence, beta, alpha, temperature, temperature_squared, ignore_index, where: as in
-      :func:`kdjax.distill_loss`.
+    divergence, beta, alpha, temperature, temperature_squared, ignore_index, where,
+      token_weights: as in :func:`kdjax.distill_loss`.
     reduction: ``"mean"``, ``"sum"``, ``"none"`` or ``"sequence_mean"``, as in
       :func:`kdjax.distill_loss`.
     normalizer: optional scalar divisor for ``"mean"``, used as given (not ``psum``-ed): pass
@@ -130,24 +131,26 @@ def vocab_parallel_distill_loss(
     0.0
   """
   logits, teacher_logits = checks.logits_pair(logits, teacher_logits)
-  labels, where, normalizer, token_block = checks.token_arguments(
+  tokens = checks.token_arguments(
       logits.shape[:-1], labels=labels, where=where, reduction=reduction,
-      normalizer=normalizer, ignore_index=ignore_index, token_block=token_block)
+      normalizer=normalizer, ignore_index=ignore_index, token_block=token_block,
+      token_weights=token_weights)
   hp = checks.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
   checks.mesh_axes(axis_name, data_axis_name)
   config, traced = config_lib.build(
       hp, divergence=divergence, temperature_squared=bool(temperature_squared),
       reduction=reduction, ignore_index=ignore_index,
-      implementation=_blocked_only(implementation), token_block=token_block,
+      implementation=_blocked_only(implementation), token_block=tokens.token_block,
       axis_name=axis_name, data_axis_name=data_axis_name)
-  mask = reductions.token_mask(logits.shape[:-1], labels, where, ignore_index)
+  mask = reductions.token_mask(logits.shape[:-1], tokens.labels, tokens.where, ignore_index)
   vocab_size = logits.shape[-1] * (1 if axis_name is None else lax.axis_size(axis_name))
   loss, _ = reductions.reduced_loss(
       lambda weights: implementations.materialised(
           config, traced, logits, (teacher_logits,), weights, mask=mask,
           block_fn=dense.teacher_logits_block, reference_fn=reference.per_token),
-      mask, reduction=reduction, normalizer=normalizer, data_axis_name=data_axis_name,
-      invalid=reductions.invalid_labels(labels, mask, vocab_size))
+      mask, reduction=reduction, normalizer=tokens.normalizer, data_axis_name=data_axis_name,
+      invalid=reductions.invalid_labels(tokens.labels, mask, vocab_size),
+      token_weights=tokens.token_weights)
   return loss
 
 
@@ -196,6 +199,7 @@ def vocab_parallel_fused_linear_distill_loss(
     softcap=None,
     ignore_index: int = -100,
     where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
     reduction: str = "mean",
     normalizer: ArrayLike | None = None,
     token_block: int | None = None,
@@ -255,7 +259,8 @@ def vocab_parallel_fused_linear_distill_loss(
   checks.mesh_axes(axis_name, data_axis_name)
   prepared = fused.prepare(
       student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
-      teacher_bias, labels=labels, where=where, reduction=reduction, normalizer=normalizer,
+      teacher_bias, labels=labels, where=where, token_weights=token_weights,
+      reduction=reduction, normalizer=normalizer,
       ignore_index=ignore_index, divergence=divergence, temperature=temperature, beta=beta,
       alpha=alpha, temperature_squared=temperature_squared, logit_scale=logit_scale,
       softcap=softcap, token_block=token_block, vocab_block=vocab_block,
@@ -267,5 +272,4 @@ def vocab_parallel_fused_linear_distill_loss(
   inputs = inputs._replace(params=inputs.params._replace(
       student_kernel=_vary_like(inputs.params.student_kernel, hidden),
       student_bias=_vary_like(inputs.params.student_bias, hidden)))
-  return fused.loss(prepared.config, prepared.traced, inputs, prepared.labels, prepared.where,
-                    prepared.normalizer)
+  return fused.loss(*prepared._replace(inputs=inputs))

@@ -231,35 +231,35 @@ def _block(config: config_lib.Config, hp, logits, ids, teacher_logprobs, *, weig
 
 @functools.partial(jax.jit, static_argnames=("config", "output"))
 def _sparse(config, traced, logits, teacher_ids, teacher_logprobs, labels, where, normalizer,
-            *, output):
+            token_weights, *, output):
   mask = reductions.token_mask(logits.shape[:-1], labels, where, config.ignore_index)
-  loss, _ = reductions.reduced_loss(
+  loss, rows = reductions.reduced_loss(
       lambda weights: implementations.materialised(
           config, traced, logits, (teacher_ids.astype(jnp.int32), teacher_logprobs), weights,
           mask=mask, block_fn=_block, reference_fn=reference.sparse_per_token),
       mask, reduction="sum" if output == "sum_count" else config.reduction,
-      normalizer=normalizer, invalid=reductions.invalid_labels(labels, mask, logits.shape[-1]))
-  if output == "sum_count":
-    return loss, jnp.sum(mask).astype(jnp.float32)
-  return loss
+      normalizer=normalizer, invalid=reductions.invalid_labels(labels, mask, logits.shape[-1]),
+      token_weights=token_weights)
+  return reductions.outputs(output, loss, rows, mask)
 
 
 def _call(logits, teacher_ids, teacher_logprobs, labels, *, tail, temperature,
-          temperature_squared, ignore_index, where, reduction, normalizer, token_block,
-          implementation, output):
+          temperature_squared, ignore_index, where, token_weights, reduction, normalizer,
+          token_block, implementation, output):
   """Validates the inputs of the public losses (at trace time) and runs ``_sparse``."""
   logits, teacher_ids, teacher_logprobs = checks.sparse_teacher(
       logits, teacher_ids, teacher_logprobs)
-  labels, where, normalizer, token_block = checks.token_arguments(
+  tokens = checks.token_arguments(
       logits.shape[:-1], labels=labels, where=where, reduction=reduction,
-      normalizer=normalizer, ignore_index=ignore_index, token_block=token_block)
+      normalizer=normalizer, ignore_index=ignore_index, token_block=token_block,
+      token_weights=token_weights)
   config, traced = config_lib.build(
       checks.hyperparameters("forward_kl", temperature=temperature), divergence="forward_kl",
       tail=checks.one_of("tail", tail, TAILS), temperature_squared=bool(temperature_squared),
       reduction=reduction, ignore_index=ignore_index,
-      implementation=implementations.check(implementation), token_block=token_block)
-  return _sparse(config, traced, logits, teacher_ids, teacher_logprobs, labels, where,
-                 normalizer, output=output)
+      implementation=implementations.check(implementation), token_block=tokens.token_block)
+  return _sparse(config, traced, logits, teacher_ids, teacher_logprobs, tokens.labels,
+                 tokens.where, tokens.normalizer, tokens.token_weights, output=output)
 
 
 def sparse_distill_loss(
@@ -273,6 +273,7 @@ def sparse_distill_loss(
     temperature_squared: bool = False,
     ignore_index: int = -100,
     where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
     reduction: str = "mean",
     normalizer: ArrayLike | None = None,
     token_block: int | None = None,
@@ -314,7 +315,9 @@ def sparse_distill_loss(
       log-probabilities were computed at. A scalar array may be scheduled without retracing.
     temperature_squared: multiply per-token values by ``T**2``.
     ignore_index: label value that marks a token to ignore.
-    where: optional boolean mask ``logits.shape[:-1]``, combined with ``labels`` by AND.
+    where: optional boolean or integer mask ``logits.shape[:-1]``, combined with ``labels``
+      by AND.
+    token_weights: optional float per-token weights, as in :func:`kdjax.distill_loss`.
     reduction: ``"mean"``, ``"sum"``, ``"none"`` or ``"sequence_mean"`` (as in
       :func:`kdjax.distill_loss`; an all-ignored batch gives 0 with zero gradients).
     normalizer: optional scalar replacing the valid-token count of ``"mean"``.
@@ -340,6 +343,7 @@ def sparse_distill_loss(
   return _call(
       logits, teacher_ids, teacher_logprobs, labels, tail=tail, temperature=temperature,
       temperature_squared=temperature_squared, ignore_index=ignore_index, where=where,
+      token_weights=token_weights,
       reduction=reduction, normalizer=normalizer, token_block=token_block,
       implementation=implementation, output="loss")
 
@@ -355,6 +359,7 @@ def sparse_distill_loss_sum_and_count(
     temperature_squared: bool = False,
     ignore_index: int = -100,
     where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
     token_block: int | None = None,
     implementation: str | None = None,
 ) -> tuple[Array, Array]:
@@ -378,5 +383,6 @@ def sparse_distill_loss_sum_and_count(
   return _call(
       logits, teacher_ids, teacher_logprobs, labels, tail=tail, temperature=temperature,
       temperature_squared=temperature_squared, ignore_index=ignore_index, where=where,
+      token_weights=token_weights,
       reduction="sum", normalizer=None, token_block=token_block,
       implementation=implementation, output="sum_count")

@@ -1,0 +1,357 @@
+"""Pallas kernels for the dense divergences (``implementation="pallas"``).
+
+A kernel computes what the blocked engine's block function ``dense.teacher_logits_block``
+computes -- per-token values and the gradient of ``sum(weights * value)`` with respect to the
+student logits -- for every row of materialised student and teacher logits, in one call. Each
+program of its grid takes a block of rows and walks their vocabulary tile by tile, so a row never
+has to fit in registers or VMEM at once:
+
+1. the row statistics of both logits, folded tile by tile with :func:`recipe.combine` (an
+   online log-sum-exp; a third fold at temperature 1 for the cross entropy when ``T`` may
+   differ from 1);
+2. the sums over the vocabulary of the divergence's terms (:func:`recipe.terms`) and, for the
+   cross entropy, of the label's entry (:func:`recipe.label_entry`);
+3. :func:`recipe.finish`: the per-token values and the gradient's row coefficients;
+4. with the gradient, a third walk writes it tile by tile (:func:`recipe.student_grad`), rounded
+   once to the logits' dtype, over the logits' buffer (``input_output_aliases``: in a train
+   step, where the logits are dead after the loss, no second ``[tokens, vocab]`` buffer).
+
+Every step is a function of the block recipe called on a tile, so the kernels follow the
+conventions of every other path. The engine around them -- the ``custom_vjp`` and its two entry
+points -- is ``dense.py``'s: a kernel is a ``dense.Loop`` (:func:`loop`).
+
+Variants (:class:`Variant`):
+
+* :data:`TRITON` (GPU, Pallas' Triton backend): one row per program, tiles of :data:`GPU_TILE`
+  entries (Triton's arrays have power-of-two sizes). The last, ragged tile is read with a mask
+  -- entries past the vocabulary read as ``-inf``, which every term counts as 0 -- and written
+  with one. The three walks read the row three times; the second and third reads cost HBM
+  bandwidth unless the row is still in L2.
+* :data:`MOSAIC` (TPU): blocks of 8 rows or more (16 for 16-bit logits, a packed vreg), whole
+  rows in VMEM (about :data:`TPU_BLOCK_BYTES` per array), read once from HBM by the pipeline;
+  tiles ``ref[:, pl.ds(start, width)]`` of :data:`TPU_TILE` lanes and a static remainder tile.
+  A vocabulary whose double-buffered blocks exceed :data:`TPU_VMEM_FRACTION` of the core's VMEM
+  is not supported (the blocked engine runs instead).
+* :data:`INTERPRET`: the Triton variant in Pallas interpret mode, plain XLA operations on any
+  backend: what ``implementation="pallas"`` runs on CPU. A testing aid -- as exact as the
+  kernel, much slower than the blocked engine. Either variant runs interpreted with
+  ``Variant(..., interpret=True)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plt
+
+from kdjax._src import blocking, recipe
+from kdjax._src.config import Config
+
+Array = jax.Array
+
+# GPU: vocabulary entries per tile (a power of two) and Triton's launch parameters: 2048
+# entries are 8 per thread with 8 warps, enough loads in flight per thread while the
+# divergences' float32 temporaries still fit in registers. To be tuned on the device
+# (benchmarks/bench_accelerator.py).
+GPU_TILE = 2048
+GPU_WARPS = 8
+GPU_STAGES = 2
+
+# TPU: about this many bytes of each logits array per block (at least 8 rows, 16 for 16-bit
+# logits: a packed vreg), tiles of this many lanes (a [8, tile] float32 temporary is 4 of the 64
+# vector registers), and at most this fraction of the core's VMEM for the double-buffered blocks
+# of the three [rows, vocab] arrays (two logits, the gradient): 24 MiB on a 64 MiB v5p or v7x,
+# 48 MiB on a 128 MiB v5e or v6e, 6 MiB on a 16 MiB v4.
+TPU_BLOCK_BYTES = 2 << 20
+TPU_TILE = 512
+TPU_VMEM_FRACTION = 3 / 8
+# VMEM per core assumed when the program is traced without a TPU to ask (lowering elsewhere).
+TPU_DEFAULT_VMEM = 64 << 20
+
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+class Variant(NamedTuple):
+  """How a kernel runs (hashable)."""
+
+  backend: str  # "triton" (GPU) or "mosaic" (TPU).
+  tile: int  # vocabulary entries per tile (a power of two for "triton").
+  interpret: bool = False  # Pallas interpret mode: XLA operations on any backend.
+  rows: int | None = None  # "mosaic": rows per block (None: sized by bytes).
+
+
+TRITON = Variant("triton", GPU_TILE)
+MOSAIC = Variant("mosaic", TPU_TILE)
+INTERPRET = TRITON._replace(interpret=True)
+
+
+def _tpu_vmem_capacity() -> int:
+  try:
+    return pltpu.get_tpu_info().vmem_capacity_bytes
+  except ValueError:  # Not traced for a TPU (or an abstract one): no chip to ask.
+    return TPU_DEFAULT_VMEM
+
+
+def _tpu_rows(vocab: int, dtypes) -> int | None:
+  """Rows per TPU block: a multiple of the packed sublanes, about TPU_BLOCK_BYTES per array,
+  double-buffered blocks within the VMEM budget; None when not even the fewest rows fit."""
+  itemsizes = [jnp.dtype(d).itemsize for d in dtypes]
+  multiple = 8 * (4 // min(itemsizes))
+  row_bytes = 2 * vocab * (sum(itemsizes) + itemsizes[0])  # Two logits and the gradient.
+  budget = int(TPU_VMEM_FRACTION * _tpu_vmem_capacity())
+  rows = min(TPU_BLOCK_BYTES // (vocab * max(itemsizes)), 512, budget // row_bytes)
+  rows = max(multiple, rows // multiple * multiple)
+  return rows if rows * row_bytes <= budget else None
+
+
+def _partitioned() -> bool:
+  """Whether the program is traced under a mesh whose devices XLA partitions it over (GSPMD):
+  XLA cannot split a Pallas call. Inside ``shard_map`` the manual axes are this device's own."""
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = set(getattr(mesh, "manual_axes", ()))
+  return any(size > 1 and name not in manual for name, size in mesh.shape.items())
+
+
+def supports(variant: Variant, config: Config, logits: Array, teacher_logits: Array) -> bool:
+  """Whether ``variant`` computes the loss of ``config`` on these ``[tokens, vocab]`` logits.
+
+  The kernels need a whole row's vocabulary on one device (no vocabulary mesh axis, no mesh
+  that XLA partitions the program over) and 32- or 16-bit floats; on TPU the blocks must fit
+  VMEM.
+  """
+  num_tokens, vocab = logits.shape
+  if (config.axis_name is not None or vocab == 0 or num_tokens == 0 or _partitioned()
+      or logits.dtype not in _DTYPES or teacher_logits.dtype not in _DTYPES):
+    return False
+  if variant.backend == "mosaic" and not variant.interpret and variant.rows is None:
+    return _tpu_rows(vocab, (logits.dtype, teacher_logits.dtype)) is not None
+  return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiles: how a program walks its rows' vocabulary.
+# ----------------------------------------------------------------------------------------------
+
+
+class _Tile(NamedTuple):
+  start: Array | int  # the vocabulary id of the tile's first entry.
+  width: int  # entries read.
+  valid: Array | None  # bool [rows, width]: entries inside the vocabulary (None: all of them).
+
+
+class _Tiles(NamedTuple):
+  """The vocabulary walk of one program: full tiles in a loop, then a static remainder."""
+
+  rows: int
+  vocab: int
+  tile: int
+  masked: bool  # the remainder is a full-width tile read and written with a mask (Triton).
+
+  def fold(self, body: Callable[[_Tile, Any], Any], carry):
+    """``carry = body(tile, carry)`` over the tiles of the vocabulary, in order."""
+    num_full = self.vocab // self.tile
+    if num_full:
+      def step(k, carry):
+        return body(_Tile(pl.multiple_of(k * self.tile, self.tile), self.tile, None), carry)
+      carry = lax.fori_loop(0, num_full, step, carry)
+    start = num_full * self.tile
+    remainder = self.vocab - start
+    if not remainder:
+      return carry
+    if not self.masked:
+      return body(_Tile(start, remainder, None), carry)
+    width = pl.next_power_of_2(remainder)
+    valid = start + lax.broadcasted_iota(jnp.int32, (self.rows, width), 1) < self.vocab
+    # A traced start: the tile reaches past the vocabulary, which a static slice rejects.
+    return body(_Tile(jnp.int32(start), width, valid), carry)
+
+  def read(self, ref, tile: _Tile) -> Array:
+    """float32 ``[rows, width]``; entries past the vocabulary are ``-inf``."""
+    view = ref.at[:, pl.ds(tile.start, tile.width)]
+    if tile.valid is None:
+      return view[...].astype(jnp.float32)
+    return plt.load(view, mask=tile.valid,
+                    other=jnp.array(-jnp.inf, ref.dtype)).astype(jnp.float32)
+
+  def write(self, ref, tile: _Tile, x: Array) -> None:
+    view = ref.at[:, pl.ds(tile.start, tile.width)]
+    if tile.valid is None:
+      view[...] = x.astype(ref.dtype)
+    else:
+      plt.store(view, x.astype(ref.dtype), mask=tile.valid)
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel body: the block recipe on tiles.
+# ----------------------------------------------------------------------------------------------
+
+
+class _Layout(NamedTuple):
+  """How a backend lays out one program's rows."""
+
+  rows: int  # rows per program.
+  column: bool  # per-row arrays are [tokens, 1] (Mosaic: a block's last two dimensions).
+  tiles: _Tiles
+
+  def row_array(self, x: Array) -> Array:
+    return x.reshape(-1, 1) if self.column else x
+
+  def row_spec(self) -> pl.BlockSpec:
+    if self.column:
+      return pl.BlockSpec((self.rows, 1), lambda i: (i, 0))
+    return pl.BlockSpec((self.rows,), lambda i: (i,))
+
+  def read_rows(self, ref) -> Array:
+    return ref[...][:, 0] if self.column else ref[...]
+
+  def write_rows(self, ref, x: Array) -> None:
+    ref[...] = x[:, None] if self.column else x
+
+
+class _Refs(NamedTuple):
+  logits: Any
+  teacher: Any
+  labels: Any  # [rows] int32 (cross entropy only), else None.
+  weights: Any  # [rows] float32 (weighted sums only), else None.
+  hyperparameters: Any  # [k] float32: the traced hyperparameters by sorted name, else None.
+  rows: tuple  # value, divergence, cross_entropy: [rows] float32.
+  grad: Any  # [rows, vocab] in the logits' dtype (with the gradient only), else None.
+
+
+def _body(config: Config, names: tuple[str, ...], layout: _Layout, refs: _Refs) -> None:
+  """One program: :func:`recipe.tiled` on its rows, the gradient written tile by tile."""
+  tiles = layout.tiles
+  traced = {name: refs.hyperparameters[j] for j, name in enumerate(names)}
+
+  def read(tile):
+    return tiles.read(refs.logits, tile), tiles.read(refs.teacher, tile), None
+
+  def write_grad(tile, context, grad, carry):
+    del context
+    tiles.write(refs.grad, tile, grad)
+    return carry
+
+  rows, _ = recipe.tiled(
+      config, config.hyperparameters_with(traced), tiles.fold, read,
+      zeros=jnp.zeros((tiles.rows,), jnp.float32), vocab_width=tiles.vocab,
+      labels=layout.read_rows(refs.labels) if config.cross_entropy else None,
+      weights=None if refs.weights is None else layout.read_rows(refs.weights),
+      emit=None if refs.grad is None else write_grad, emit_init=0)
+  for ref, row in zip(refs.rows, rows, strict=True):
+    layout.write_rows(ref, row)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pallas_call, and the kernel as the engine's loop.
+# ----------------------------------------------------------------------------------------------
+
+
+def _layout_and_params(variant: Variant, num_tokens: int, vocab: int, dtypes):
+  if variant.backend == "triton":
+    params = plt.CompilerParams(num_warps=GPU_WARPS, num_stages=GPU_STAGES)
+    return _Layout(1, False, _Tiles(1, vocab, variant.tile, masked=True)), pl.BlockSpec(), params
+  if variant.backend != "mosaic":
+    raise ValueError(f"unknown kernel backend {variant.backend!r}.")
+  rows = variant.rows or _tpu_rows(vocab, dtypes) or 8
+  itemsizes = [jnp.dtype(d).itemsize for d in dtypes]
+  blocks = 2 * rows * vocab * (sum(itemsizes) + itemsizes[0])
+  # The blocks, and room for the tiles' temporaries.
+  vmem_limit = min(_tpu_vmem_capacity(), blocks + (8 << 20))
+  rows = min(rows, num_tokens)
+  params = pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=vmem_limit)
+  return (_Layout(rows, True, _Tiles(rows, vocab, variant.tile, masked=False)),
+          pl.BlockSpec(memory_space=pltpu.SMEM), params)
+
+
+def _vary_alike(inputs: list[Array]):
+  """Inside ``shard_map``: the inputs marked as varying over the same mesh axes (``pcast``
+  changes only the type), and the outputs' manual axis type. Elsewhere: unchanged, None."""
+  varying = frozenset().union(*(blocking.varying_axes(jax.typeof(x)) for x in inputs))
+  if not varying:
+    return inputs, None
+  inputs = [
+      lax.pcast(x, tuple(sorted(missing, key=str)), to="varying")
+      if (missing := varying - blocking.varying_axes(jax.typeof(x))) else x for x in inputs]
+  return inputs, jax.sharding.ManualAxisType(varying=varying)
+
+
+def _call(variant: Variant, config: Config, traced: Mapping[str, Array], logits: Array,
+          teacher_logits: Array, labels: Array | None, weights: Array | None, *,
+          with_grad: bool) -> tuple[Array, ...]:
+  """``(value, divergence, cross_entropy[, grad])`` of ``[tokens, vocab]`` logits."""
+  num_tokens, vocab = logits.shape
+  layout, scalar_spec, params = _layout_and_params(
+      variant, num_tokens, vocab, (logits.dtype, teacher_logits.dtype))
+  block_spec = pl.BlockSpec((layout.rows, vocab), lambda i: (i, 0))
+  names = tuple(sorted(traced))
+  inputs, in_specs = [logits, teacher_logits], [block_spec, block_spec]
+  if config.cross_entropy:
+    # Every id outside [0, vocab) means "not a vocabulary id": clip before narrowing to int32.
+    inputs.append(layout.row_array(jnp.clip(labels, -1, vocab).astype(jnp.int32)))
+    in_specs.append(layout.row_spec())
+  if weights is not None:
+    inputs.append(layout.row_array(weights.astype(jnp.float32)))
+    in_specs.append(layout.row_spec())
+  if names:
+    inputs.append(jnp.stack([jnp.asarray(traced[name], jnp.float32) for name in names]))
+    in_specs.append(scalar_spec)
+  inputs, manual = _vary_alike(inputs)
+  num_rows = len(recipe.Rows._fields)
+  row_shape = (num_tokens, 1) if layout.column else (num_tokens,)
+  out_shape = [jax.ShapeDtypeStruct(row_shape, jnp.float32, manual_axis_type=manual)] * num_rows
+  out_specs = [layout.row_spec()] * num_rows
+  aliases = {}
+  if with_grad:  # Written over the logits.
+    out_shape.append(
+        jax.ShapeDtypeStruct(logits.shape, logits.dtype, manual_axis_type=manual))
+    out_specs.append(block_spec)
+    aliases = {0: num_rows}
+
+  def kernel(*all_refs):
+    ins, outs = list(all_refs[:len(inputs)]), all_refs[len(inputs):]
+    logits_ref, teacher_ref = ins.pop(0), ins.pop(0)
+    labels_ref = ins.pop(0) if config.cross_entropy else None
+    weights_ref = ins.pop(0) if weights is not None else None
+    hp_ref = ins.pop(0) if names else None
+    refs = _Refs(logits_ref, teacher_ref, labels_ref, weights_ref, hp_ref, tuple(outs[:num_rows]),
+                 outs[num_rows] if with_grad else None)
+    _body(config, names, layout, refs)
+
+  results = pl.pallas_call(
+      kernel, out_shape=tuple(out_shape), grid=(pl.cdiv(num_tokens, layout.rows),),
+      in_specs=in_specs, out_specs=tuple(out_specs), input_output_aliases=aliases,
+      compiler_params=params, interpret=variant.interpret,
+      name=f"kdjax_{config.divergence}")(*inputs)
+  return (*(r.reshape(num_tokens) for r in results[:num_rows]), *results[num_rows:])
+
+
+def loop(variant: Variant, fallback: Callable[..., tuple[Array, ...]]):
+  """The kernel ``variant`` as a ``dense.Loop`` of dense teachers; ``fallback`` (a loop) runs
+  where the kernel does not apply (:func:`supports`).
+
+  The loop's ``others`` are ``(teacher_logits[, labels])`` as ``dense.teacher_logits_block``
+  takes them; it returns ``(value, divergence, cross_entropy[, grad])``. One object per
+  arguments, so ``lax.platform_dependent`` joins the platforms that run the same loop.
+  """
+  return _loop(variant, fallback)
+
+
+@functools.cache
+def _loop(variant: Variant, fallback):
+  return functools.partial(_run, variant, fallback)
+
+
+def _run(variant: Variant, fallback, config: Config, traced: Mapping[str, Array], logits: Array,
+         weights: Array | None, others, *, with_grad: bool) -> tuple[Array, ...]:
+  teacher_logits, *labels = others
+  if not supports(variant, config, logits, teacher_logits):
+    return fallback(config, traced, logits, weights, others, with_grad=with_grad)
+  return _call(variant, config, traced, logits, teacher_logits, labels[0] if labels else None,
+               weights, with_grad=with_grad)

@@ -1,0 +1,167 @@
+"""Reductions over tokens, and per-token weights (token_weights=) on every loss."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kdjax
+from kdjax._src import reductions
+from tests import reference
+
+IMPLEMENTATIONS = ("blocked", "reference")
+
+
+def _data(seed=0, shape=(3, 6, 11)):
+  rng = np.random.default_rng(seed)
+  logits = reference.random_logits(rng, shape, neg_inf_fraction=0.1)
+  teacher = reference.random_logits(rng, shape, neg_inf_fraction=0.1)
+  labels = rng.integers(0, shape[-1], shape[:-1]).astype(np.int32)
+  labels = np.where(rng.random(shape[:-1]) < 0.3, -100, labels)
+  labels.reshape(-1)[:2] = 1  # some counted tokens
+  # Importance weights, a clipped ratio, a reward of either sign, and zeros.
+  weights = rng.choice([0.0, 0.5, 1.0, 2.5, -1.5], shape[:-1]).astype(np.float32)
+  return logits, teacher, labels, weights
+
+
+def _want(per_token, mask, weights, reduction, normalizer=None):
+  """float64: the reductions of the README, with each counted value times its weight."""
+  weighted = np.where(mask, per_token * weights, 0.0)
+  if reduction == "none":
+    return weighted
+  if reduction == "sum":
+    return weighted.sum()
+  if reduction == "mean":
+    count = mask.sum() if normalizer is None else normalizer
+    return weighted.sum() / count
+  means = [w[m].sum() / m.sum() for w, m in zip(weighted.reshape(-1, mask.shape[-1]),
+                                                mask.reshape(-1, mask.shape[-1]), strict=True)
+           if m.any()]
+  return np.mean(means)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "sequence_mean", "none"])
+def test_distill_loss_token_weights_against_float64(implementation, reduction):
+  logits, teacher, labels, weights = _data()
+  mask = labels != -100
+  per_token = reference.per_token("reverse_kl", logits, teacher, temperature=1.5)
+
+  def loss(x):
+    return kdjax.distill_loss(x, teacher, labels, divergence="reverse_kl", temperature=1.5,
+                              reduction=reduction, token_weights=weights,
+                              implementation=implementation)
+
+  np.testing.assert_allclose(loss(logits), _want(per_token, mask, weights, reduction),
+                             rtol=2e-5, atol=1e-6)
+  grad = jax.grad(lambda x: jnp.sum(loss(x)))(logits)
+  want_grad = reference.numerical_grad(lambda x: np.sum(_want(
+      reference.per_token("reverse_kl", x, teacher, temperature=1.5), mask, weights,
+      reduction)), logits)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-5)
+  # A token of weight 0 (or not counted) contributes exactly nothing to the gradient.
+  assert np.all(np.asarray(grad)[(weights == 0) | ~mask] == 0)
+
+
+def test_normalizer_and_token_weights():
+  logits, teacher, labels, weights = _data(1)
+  mask = labels != -100
+  per_token = reference.per_token("forward_kl", logits, teacher)
+  np.testing.assert_allclose(
+      kdjax.distill_loss(logits, teacher, labels, token_weights=weights, normalizer=40.0),
+      _want(per_token, mask, weights, "mean", normalizer=40.0), rtol=2e-5)
+
+
+def test_no_gradient_flows_to_token_weights():
+  logits, teacher, labels, weights = _data(2)
+  for implementation in IMPLEMENTATIONS:
+    grad = jax.grad(lambda w, i=implementation: kdjax.distill_loss(
+        logits, teacher, labels, token_weights=w, implementation=i))(weights)
+    assert np.all(np.asarray(grad) == 0)
+
+
+def test_every_loss_takes_token_weights():
+  logits, teacher, labels, weights = _data(3)
+  mask = labels != -100
+  ones = np.ones_like(weights)
+  # kd_loss and the combined objective: weighted like distill_loss.
+  kd = reference.per_token("soft_cross_entropy", logits, teacher)
+  np.testing.assert_allclose(kdjax.kd_loss(logits, teacher, labels, token_weights=weights),
+                             _want(kd, mask, weights, "mean"), rtol=2e-5)
+  safe_labels = np.where(
+      np.isneginf(np.take_along_axis(logits, np.maximum(labels, 0)[..., None], -1)[..., 0]),
+      -100, labels)
+  safe_mask = safe_labels != -100
+  ce = reference.cross_entropy(logits, safe_labels)
+  forward = reference.per_token("forward_kl", logits, teacher)
+  loss, (got_ce, got_kd) = kdjax.distill_with_cross_entropy(
+      logits, teacher, safe_labels, kd_coef=0.25, token_weights=weights, return_components=True)
+  np.testing.assert_allclose(
+      loss, _want(0.75 * ce + 0.25 * forward, safe_mask, weights, "mean"), rtol=2e-5)
+  np.testing.assert_allclose(got_ce, _want(ce, safe_mask, weights, "mean"), rtol=2e-5)
+  np.testing.assert_allclose(got_kd, _want(forward, safe_mask, weights, "mean"), rtol=2e-5)
+  # (sum, count): the sum is weighted, the count is not.
+  total, count = kdjax.distill_loss_sum_and_count(logits, teacher, labels, token_weights=weights)
+  np.testing.assert_allclose(total, _want(forward, mask, weights, "sum"), rtol=2e-5, atol=1e-6)
+  assert float(count) == mask.sum()
+  # A sparse teacher with every id is the dense forward KL.
+  ids, logprobs = kdjax.topk_teacher(teacher, teacher.shape[-1])
+  np.testing.assert_allclose(
+      kdjax.sparse_distill_loss(logits, ids, logprobs, labels, tail="bucket",
+                                token_weights=weights),
+      _want(forward, mask, weights, "mean"), rtol=2e-5, atol=1e-6)
+  # The fused head equals distill_loss on the logits it computes.
+  rng = np.random.default_rng(4)
+  h_s, h_t = rng.standard_normal((3, 6, 5)), rng.standard_normal((3, 6, 7))
+  w_s, w_t = rng.standard_normal((5, 11)), rng.standard_normal((7, 11))
+  for vocab_block in (None, 4):
+    np.testing.assert_allclose(
+        kdjax.fused_linear_distill_loss(h_s, w_s, h_t, w_t, labels, token_weights=weights,
+                                        vocab_block=vocab_block),
+        _want(reference.per_token("forward_kl", h_s @ w_s, h_t @ w_t), mask, weights, "mean"),
+        rtol=2e-5, atol=1e-6)
+  # Weights of one are no weights.
+  np.testing.assert_array_equal(kdjax.distill_loss(logits, teacher, labels, token_weights=ones),
+                                kdjax.distill_loss(logits, teacher, labels))
+
+
+def test_vocab_parallel_token_weights():
+  logits, teacher, labels, weights = _data(5, shape=(4, 8))
+  mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  fn = jax.jit(jax.shard_map(
+      lambda s, t, y, w: kdjax.vocab_parallel_distill_loss(
+          s, t, y, token_weights=w, axis_name="model", data_axis_name="data"),
+      mesh=mesh, in_specs=(jax.P("data", "model"),) * 2 + (jax.P("data"),) * 2,
+      out_specs=jax.P()))
+  want = _want(reference.per_token("forward_kl", logits, teacher), labels != -100, weights,
+               "mean")
+  np.testing.assert_allclose(fn(logits, teacher, labels, weights), want, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (np.ones((3, 5), np.float32), ValueError, "token_weights must have shape"),
+    (np.ones((3, 6), np.int32), TypeError, "token_weights must be a floating-point array"),
+])
+def test_bad_token_weights(bad, error, match):
+  logits, teacher, _, _ = _data(6)
+  with pytest.raises(error, match=match):
+    kdjax.distill_loss(logits, teacher, token_weights=bad)
+
+
+def test_pairwise_sum_is_accurate_and_exact_on_small_sizes():
+  rng = np.random.default_rng(7)
+  for n in (0, 1, 2, 3, 7, 960, 1000, 1024, 4097):
+    x = rng.random(n).astype(np.float32) * 3 + 1
+    want = x.astype(np.float64).sum()
+    got = float(jax.jit(reductions.pairwise_sum)(x))
+    assert abs(got - want) <= 8 * np.finfo(np.float32).eps * max(want, 1), (n, got, want)
+
+
+def test_weighted_total_ignores_anything_at_zero_weight():
+  values = jnp.array([1.0, jnp.nan, jnp.inf, 2.0])
+  weights = jnp.array([0.5, 0.0, 0.0, 2.0])
+  assert float(reductions.weighted_total(values, weights)) == 4.5
+  fn = functools.partial(reductions.weighted_total, weights=weights)
+  np.testing.assert_array_equal(jax.grad(fn)(values), [0.5, 0.0, 0.0, 2.0])
