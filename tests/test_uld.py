@@ -199,6 +199,19 @@ def test_ignored_labels_where_and_reductions():
   assert value == 0 and np.all(np.asarray(grad) == 0)
 
 
+def test_token_weights_multiply_each_counted_token():
+  logits, teacher = _data(11, (2, 4), 9, 6)
+  token_weights = np.array([[0.5, 2.0, 0.0, 1.0], [1.0, 1.0, 3.0, 0.25]], np.float32)
+  labels = np.array([[1, 2, 3, IGNORE], [4, 5, 6, 7]], np.int32)
+  mask = labels != IGNORE
+  want = np.sum(np.where(mask, token_weights * np_uld(logits, teacher), 0.0)) / mask.sum()
+  for implementation in ("blocked", "reference"):
+    value, grad = jax.value_and_grad(lambda x, i=implementation: kdjax.uld_loss(
+        x, teacher, labels, token_weights=token_weights, implementation=i))(logits)
+    np.testing.assert_allclose(value, want, rtol=1e-5)  # the divisor is still the count
+    assert np.all(np.asarray(grad)[(token_weights == 0) | ~mask] == 0)
+
+
 def test_nan_and_bad_labels_give_nan():
   logits, teacher = _data(7, (3,), 6, 9)
   bad_logits = logits.copy()
@@ -335,6 +348,10 @@ def test_gradient_memory_is_blocked():
      "reduction must be one of", ValueError),
     (lambda: kdjax.uld_loss(np.zeros((2, 5)), np.zeros((2, 7)), implementation="fast"),
      "implementation must be one of", ValueError),
+    (lambda: kdjax.uld_loss(np.zeros((2, 5)), np.zeros((2, 7)), implementation="pallas"),
+     "use 'blocked', 'reference' or None", ValueError),
+    (lambda: kdjax.uld_loss(np.zeros((2, 5)), np.zeros((2, 7)), token_weights=np.ones(3)),
+     r"token_weights must have shape logits.shape\[:-1\]", ValueError),
 ])
 def test_errors_name_the_argument(call, match, error):
   with pytest.raises(error, match=match):

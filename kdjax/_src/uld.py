@@ -169,14 +169,15 @@ def _block(config: config_lib.Config, hp, logits: Array, teacher_logits: Array, 
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _uld(config, traced, logits, teacher_logits, labels, where, normalizer):
+def _uld(config, traced, logits, teacher_logits, labels, where, normalizer, token_weights):
   mask = reductions.token_mask(logits.shape[:-1], labels, where, config.ignore_index)
   loss, _ = reductions.reduced_loss(
       lambda weights: implementations.materialised(
           config, traced, logits, (teacher_logits,), weights, mask=mask, block_fn=_block,
           reference_fn=reference.uld_per_token),
       mask, reduction=config.reduction, normalizer=normalizer,
-      invalid=reductions.invalid_labels(labels, mask, logits.shape[-1]))
+      invalid=reductions.invalid_labels(labels, mask, logits.shape[-1]),
+      token_weights=token_weights)
   return loss
 
 
@@ -190,6 +191,7 @@ def uld_loss(
     top_k: int | None = None,
     ignore_index: int = -100,
     where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
     reduction: str = "mean",
     normalizer: ArrayLike | None = None,
     token_block: int | None = None,
@@ -234,7 +236,8 @@ def uld_loss(
       it underestimates the loss by at most the mass both tails hold,
       ``(1 - sum of the student's top k) + (1 - sum of the teacher's top k)``, and only the
       student's top ``k`` entries get the gradient of the distance (all get the softmax's).
-    ignore_index, where, reduction, normalizer, token_block: as in :func:`kdjax.distill_loss`.
+    ignore_index, where, token_weights, reduction, normalizer, token_block: as in
+      :func:`kdjax.distill_loss`.
     implementation: ``"blocked"``, ``"reference"`` or None (the default), as in
       :func:`kdjax.distill_loss`. They agree to float32 rounding, except for the gradient at
       tied student probabilities: the value is not differentiable there; ``"blocked"`` shares
@@ -261,9 +264,10 @@ def uld_loss(
     Loss for LLMs*, 2024.
   """
   logits, teacher_logits = checks.cross_vocabulary_logits(logits, teacher_logits)
-  labels, where, normalizer, token_block = checks.token_arguments(
+  tokens = checks.token_arguments(
       logits.shape[:-1], labels=labels, where=where, reduction=reduction,
-      normalizer=normalizer, ignore_index=ignore_index, token_block=token_block)
+      normalizer=normalizer, ignore_index=ignore_index, token_block=token_block,
+      token_weights=token_weights)
   temperature = checks.temperature(temperature)
   teacher_temperature = (temperature if teacher_temperature is None
                          else checks.temperature(teacher_temperature, "teacher_temperature"))
@@ -271,8 +275,9 @@ def uld_loss(
       {"temperature": temperature, "teacher_temperature": teacher_temperature},
       divergence="uld", top_k=checks.top_k(top_k), reduction=reduction,
       ignore_index=ignore_index, implementation=implementations.check(implementation),
-      token_block=token_block)
-  return _uld(config, traced, logits, teacher_logits, labels, where, normalizer)
+      token_block=tokens.token_block)
+  return _uld(config, traced, logits, teacher_logits, tokens.labels, tokens.where,
+              tokens.normalizer, tokens.token_weights)
 
 
 # ----------------------------------------------------------------------------------------------
