@@ -38,6 +38,7 @@ from kdjax._src.sparse import (
     sparse_distill_loss_sum_and_count,
     topk_teacher,
 )
+from kdjax._src.uld import align_tokenizations, uld_loss
 from kdjax._src.vocab import align_vocab
 
 __version__ = "0.1.0"
@@ -50,6 +51,7 @@ __all__ = (
     "IMPLEMENTATIONS",
     "TAILS",
     "TeacherCacheError",
+    "align_tokenizations",
     "align_vocab",
     "distill_loss",
     "distill_loss_sum_and_count",
@@ -72,6 +74,7 @@ __all__ = (
     "sparse_distill_loss_sum_and_count",
     "topk_teacher",
     "total_variation",
+    "uld_loss",
     "vocab_parallel_distill_loss",
     "vocab_parallel_fused_linear_distill_loss",
     "write_teacher_cache",

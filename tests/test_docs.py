@@ -10,7 +10,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODULES = [
     "kdjax._src.losses", "kdjax._src.sharded", "kdjax._src.sparse", "kdjax._src.vocab",
-    "kdjax._src.cache", "kdjax._src.fused"]
+    "kdjax._src.cache", "kdjax._src.fused", "kdjax._src.uld"]
 
 
 @pytest.mark.parametrize("module_name", MODULES)

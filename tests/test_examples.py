@@ -29,3 +29,16 @@ def test_sharded_train_step_matches_shard_map_and_falls():
   assert abs(via_shard_map - gspmd[0]) < 1e-5, result.stdout
   assert gspmd[-1] < gspmd[0], result.stdout
   assert "still sharded as P(None, 'model')" in result.stdout
+
+
+def test_cross_tokenizer_quick_run_prints_its_table():
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "examples" / "cross_tokenizer.py"), "--quick"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT, check=True)
+  rows = [[cell.strip() for cell in line.strip("|").split("|")]
+          for line in result.stdout.splitlines() if line.startswith("| cross entropy")]
+  assert [row[0] for row in rows] == ["cross entropy", "cross entropy + 1 x ULD"], result.stdout
+  (_, bits, uld), (_, bits_with_uld, uld_with_uld) = rows
+  assert all(0 < float(x) < 8 for x in (bits, bits_with_uld)), result.stdout
+  # The term it adds is what it lowers: the student's held-out ULD to the teacher.
+  assert float(uld_with_uld) < float(uld), result.stdout

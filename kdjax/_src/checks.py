@@ -111,19 +111,19 @@ def scalar(name: str, x: Any) -> float | Array:
   return arr
 
 
-def temperature(x: Any) -> float | Array:
+def temperature(x: Any, name: str = "temperature") -> float | Array:
   """``T > 0``; a Python ``T`` must have a reciprocal that is a finite, normal float32, since
   logits are multiplied by ``1 / T``."""
-  x = scalar("temperature", x)
+  x = scalar(name, x)
   if isinstance(x, float):
     if not (x > 0 and math.isfinite(x)):
-      raise ValueError(f"temperature must be a finite number > 0, got {x!r}.")
+      raise ValueError(f"{name} must be a finite number > 0, got {x!r}.")
     with np.errstate(over="ignore"):
       inverse = np.float32(1.0 / x)
     if not (np.isfinite(inverse) and inverse >= _FLOAT32.tiny):
       raise ValueError(
-          f"temperature={x!r} is outside the float32 range the losses compute in: 1 / "
-          f"temperature must be a finite, normal float32 (temperature in about "
+          f"{name}={x!r} is outside the float32 range the losses compute in: 1 / "
+          f"{name} must be a finite, normal float32 ({name} in about "
           f"[{1 / _FLOAT32.max:.3g}, {1 / _FLOAT32.tiny:.3g}]).")
   return x
 
@@ -262,6 +262,28 @@ def sparse_teacher(logits_: Any, teacher_ids: Any,
         f"got k={k}. If the teacher's vocabulary is larger, cut the teacher logits with "
         "kdjax.align_vocab before kdjax.topk_teacher.")
   return student, teacher_ids, teacher_logprobs
+
+
+def cross_vocabulary_logits(student: Any, teacher: Any) -> tuple[Array, Array]:
+  """Student ``[..., V_s]`` and teacher ``[..., V_t]`` logits of the same tokens, whatever the
+  two vocabularies (cross-tokenizer losses)."""
+  student, teacher = logits("logits", student), logits("teacher_logits", teacher)
+  if student.shape[:-1] != teacher.shape[:-1]:
+    raise ValueError(
+        f"logits and teacher_logits must hold the same positions (equal shapes but for the "
+        f"vocabulary axis), got logits.shape={student.shape} and "
+        f"teacher_logits.shape={teacher.shape}. Pick the positions where both tokenizations "
+        "end at the same byte with kdjax.align_tokenizations, and gather both logits there.")
+  return student, teacher
+
+
+def top_k(x: Any) -> int | None:
+  """None (every entry) or a positive Python int."""
+  if x is None:
+    return None
+  if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1:
+    raise ValueError(f"top_k must be None or a positive integer, got {x!r}.")
+  return int(x)
 
 
 def linear_head(hidden_name: str, hidden: Array, kernel_name: str, kernel: Array,

@@ -41,6 +41,7 @@ class Config(NamedTuple):
   axis_name: Hashable | None = None
   data_axis_name: Hashable | None = None
   tail: str | None = None  # sparse teachers: what to do with the mass outside the top k.
+  top_k: int | None = None  # ULD: sorted entries compared per token (None: all of them).
 
   def hyperparameters_with(self, traced: Mapping[str, Array]) -> dict[str, Any]:
     """The static and traced hyperparameters as one dict, by name."""

@@ -115,3 +115,35 @@ def sparse_per_token(config: Config, traced: Mapping[str, Array], logits: Array,
 
 def _log(x: Array) -> Array:
   return jnp.where(x > 0, jnp.log(jnp.where(x > 0, x, 1.0)), -jnp.inf)
+
+
+def _sorted_descending(prob: Array, top_k: int | None) -> Array:
+  return -jnp.sort(-prob, axis=-1)[..., :top_k]
+
+
+def _zero_padded(x: Array, width: int) -> Array:
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+
+
+def uld_per_token(config: Config, traced: Mapping[str, Array], logits: Array,
+                  teacher_logits: Array, *, counted: Array | None = None) -> Rows:
+  """Universal Logit Distillation per token: student ``[..., V_s]``, teacher ``[..., V_t]``.
+
+  Both softmaxes sorted in descending order (the first ``top_k`` entries of each), the shorter
+  padded with zeros, then the L1 distance. ``jnp.sort`` is differentiated by autodiff: tied
+  student probabilities take their ranks in the order of their ids.
+  """
+  hp = config.hyperparameters_with(traced)
+  student = _inputs(logits, counted)
+  teacher = _inputs(lax.stop_gradient(teacher_logits), counted)
+  q = jnp.exp(log_softmax(student, 1.0 / hp["temperature"]))
+  p = jnp.exp(log_softmax(teacher, 1.0 / hp["teacher_temperature"]))
+  q_sorted = _sorted_descending(q, config.top_k)
+  p_sorted = _sorted_descending(p, config.top_k)
+  width = max(q_sorted.shape[-1], p_sorted.shape[-1])
+  distance = jnp.sum(jnp.abs(_zero_padded(q_sorted, width) - _zero_padded(p_sorted, width)),
+                     axis=-1)
+  empty = jnp.all(student == -jnp.inf, axis=-1) | jnp.all(teacher == -jnp.inf, axis=-1)
+  invalid = _not_a_distribution(student) | _not_a_distribution(teacher)
+  value = _finish(config, hp, distance, empty, invalid)
+  return Rows(value, lax.stop_gradient(value), jnp.zeros_like(value))
