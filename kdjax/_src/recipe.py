@@ -200,6 +200,17 @@ def label_entry(x: Array, labels: Array, start, row_max: Array, *,
   return jnp.where(inside, picked - _finite(row_max), 0.0)
 
 
+def scatter_entries(rows: Array, ids: Array, values, *, add: bool = True) -> Array:
+  """``rows`` ``[rows, vocab]`` with ``values`` added at (or, ``add=False``, set to) each row's
+  entries ``ids`` ``[rows, k]`` (distinct within a row); ids outside the vocabulary are dropped.
+  The entries a sparse or sorted view of a row (top-k ids, ranks) hands back to the row."""
+  row = lax.broadcasted_iota(jnp.int32, ids.shape, 0)
+  ref = rows.at[row, ids]
+  if add:
+    return ref.add(values, mode="drop", unique_indices=True)
+  return ref.set(values, mode="drop", unique_indices=True)
+
+
 def one_hot(labels: Array, start, width: int) -> Array:
   """bool ``[rows, width]``: True at each row's label (vocabulary ids ``start + j``)."""
   ids = start + lax.broadcasted_iota(labels.dtype, (labels.shape[0], width), 1)

@@ -162,12 +162,6 @@ def _log(x: Array) -> Array:
   return jnp.where(x > 0, jnp.log(jnp.where(x > 0, x, 1.0)), -jnp.inf)
 
 
-def _scatter_rows(dense_rows: Array, ids: Array, values, *, add: bool = True) -> Array:
-  rows = lax.broadcasted_iota(jnp.int32, ids.shape, 0)
-  ref = dense_rows.at[rows, ids]
-  return ref.add(values, mode="drop") if add else ref.set(values, mode="drop")
-
-
 def _append(d: div.Dist, log_rest: Array, prob_rest: Array) -> div.Dist:
   """``d`` with one more category (the rest of the vocabulary) appended."""
   return div.dist(jnp.concatenate([d.log, log_rest[:, None]], axis=-1),
@@ -197,7 +191,7 @@ def _block(config: config_lib.Config, hp, logits, ids, teacher_logprobs, *, weig
     q = recipe.distribution(x_top, student, inv_temperature)
     p = div.dist(log_p)
     if config.tail == "bucket":
-      in_top = _scatter_rows(jnp.zeros(x.shape, jnp.bool_), ids, True, add=False)
+      in_top = recipe.scatter_entries(jnp.zeros(x.shape, jnp.bool_), ids, True, add=False)
       # q_r summed over the entries outside the top k: exact even when it is tiny.
       q_rest = jnp.sum(jnp.where(in_top, 0.0, q_full.prob), axis=-1)
       log_q_rest = _log(q_rest)
@@ -216,7 +210,7 @@ def _block(config: config_lib.Config, hp, logits, ids, teacher_logprobs, *, weig
   if config.tail == "renormalize":
     # The student distribution lives on the k ids only: the gradient is zero elsewhere.
     grad_top = recipe.student_grad(scale, terms.dlog_q, q.prob, sums.dlog_q)
-    return rows, _scatter_rows(jnp.zeros(x.shape, jnp.float32), ids, grad_top)
+    return rows, recipe.scatter_entries(jnp.zeros(x.shape, jnp.float32), ids, grad_top)
   k = ids.shape[-1]
   rest_dlog_q = 0.0
   if config.tail == "bucket":
@@ -228,7 +222,7 @@ def _block(config: config_lib.Config, hp, logits, ids, teacher_logprobs, *, weig
   # The recipe's gradient over the full vocabulary, with the k entries' derivatives added by a
   # scatter instead of materialising a dense dlog_q that is zero almost everywhere.
   grad = recipe.student_grad(scale, rest_dlog_q, q_full.prob, sums.dlog_q)
-  return rows, _scatter_rows(grad, ids, recipe.scale_entries(scale, terms.dlog_q[:, :k]))
+  return rows, recipe.scatter_entries(grad, ids, recipe.scale_entries(scale, terms.dlog_q[:, :k]))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "output"))

@@ -106,11 +106,6 @@ def _mean_over_ties(keys: Array, signs: Array) -> Array:
   return (_take(total, end) - before) / (end - start + 1).astype(jnp.float32)
 
 
-def _scatter_add(dense: Array, ids: Array, values: Array) -> Array:
-  rows = lax.broadcasted_iota(jnp.int32, ids.shape, 0)
-  return dense.at[rows, ids].add(values, mode="drop", unique_indices=True)
-
-
 def _teacher_sorted(config: config_lib.Config, x: Array, stats: recipe.Stats,
                     inv_temperature, exps: Array) -> Array:
   """The teacher's probabilities in descending order: all of them, or the first ``top_k``."""
@@ -160,7 +155,8 @@ def _block(config: config_lib.Config, hp, logits: Array, teacher_logits: Array, 
   # The top k's derivatives are added where they belong instead of materialising a dense
   # dlog_q that is zero almost everywhere.
   grad = recipe.student_grad(scale, 0.0, q, sum_dlog_q)
-  return rows, _scatter_add(grad, ids, recipe.scale_entries(scale, q_sorted * sign_by_rank))
+  return rows, recipe.scatter_entries(
+      grad, ids, recipe.scale_entries(scale, q_sorted * sign_by_rank))
 
 
 # ----------------------------------------------------------------------------------------------
