@@ -270,7 +270,7 @@ def sparse_distill_loss(
     teacher_logprobs: ArrayLike,
     labels: ArrayLike | None = None,
     *,
-    tail: str = "renormalize",
+    tail: str = "bucket",
     divergence: str = "forward_kl",
     beta: float | ArrayLike = 0.5,
     alpha: float | ArrayLike = 0.1,
@@ -317,8 +317,11 @@ def sparse_distill_loss(
       ``-inf`` marks an entry without teacher mass. No gradient flows to the teacher arrays.
     labels: optional integer ``logits.shape[:-1]``; tokens equal to ``ignore_index`` are
       excluded (the values are not used otherwise).
-    tail: what to do with the teacher's mass outside the top ``k``: ``"renormalize"``,
-      ``"zero"`` or ``"bucket"`` (see above and the module docstring).
+    tail: what to do with the teacher's mass outside the top ``k``: ``"bucket"`` (the
+      default: a true divergence, ``0 <= bucket <= forward_kl``, and in training within a few
+      thousandths of a nat of dense distillation at ``k = 32``), ``"zero"`` or
+      ``"renormalize"`` (matches only the shape of the top ``k`` and leaves the student's mass
+      outside it untrained: far worse from scratch). See above and the module docstring.
     divergence, beta, alpha: the divergence and its hyperparameters, as in
       :func:`kdjax.distill_loss` (``"zero"`` takes ``"forward_kl"`` only).
     temperature: ``T > 0`` for the student's softmax; must be the temperature the teacher's
@@ -365,7 +368,7 @@ def sparse_distill_loss_sum_and_count(
     teacher_logprobs: ArrayLike,
     labels: ArrayLike | None = None,
     *,
-    tail: str = "renormalize",
+    tail: str = "bucket",
     divergence: str = "forward_kl",
     beta: float | ArrayLike = 0.5,
     alpha: float | ArrayLike = 0.1,
@@ -380,7 +383,8 @@ def sparse_distill_loss_sum_and_count(
   """``(sum over valid tokens, number of valid tokens)`` of :func:`sparse_distill_loss`.
 
   Sum both over hosts, devices or gradient-accumulation steps, then divide once, so the mean
-  is unbiased however the valid tokens are spread. Arguments as in :func:`sparse_distill_loss`.
+  is unbiased however the valid tokens are spread. Arguments as in :func:`sparse_distill_loss`,
+  ``tail="bucket"`` by default.
 
   Returns:
     Two float32 scalars ``(sum, count)``.
