@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint typecheck clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ $(VENV)/.examples: pyproject.toml | $(PY)
 	touch $@
 
 $(VENV)/.test: pyproject.toml | $(PY)
-	$(PIP) install -e ".[test,examples]"
+	$(PIP) install -e ".[test]"
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(PY)
+	$(PIP) install -e ".[dev]"
 	touch $@
 
 demo: $(VENV)/.examples
@@ -33,10 +37,13 @@ bench: $(VENV)/.test
 	$(PY) benchmarks/bench_fused.py
 	$(PY) benchmarks/bench_sparse.py
 	$(PY) benchmarks/bench_sharded.py
+	$(PY) benchmarks/bench_cache.py
 
-lint: $(VENV)/.test
-	$(PY) -m pip install ruff
+lint: $(VENV)/.dev
 	$(PY) -m ruff check kdjax tests examples benchmarks
 
+typecheck: $(VENV)/.dev
+	$(PY) -m mypy
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache

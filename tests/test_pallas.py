@@ -207,8 +207,11 @@ def _mesh(platform, devices=1):
   rules read."""
   device = None
   if platform == "tpu":
-    device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
-                                         platform="tpu")
+    try:
+      device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
+                                           platform="tpu")
+    except TypeError:  # jax 0.10.0 (the declared floor): no platform; the device kind says TPU.
+      device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1)
   axis_type = jax.sharding.AxisType.Explicit if devices > 1 else jax.sharding.AxisType.Auto
   return jax.sharding.AbstractMesh((devices,), ("data",), axis_types=(axis_type,),
                                    abstract_device=device)
