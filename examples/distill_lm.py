@@ -19,8 +19,11 @@ Every phase checkpoints with orbax and resumes from its latest checkpoint when r
 whose files no longer match the SHA-256 digest recorded when it was saved is skipped with a
 warning, and the phase resumes from the one before.
 
-Run: python examples/distill_lm.py [--out runs/demo] [--student-steps 400] [--kd-coef 0.5]
-                                  [--on-policy-fraction 0.5]
+Run: python examples/distill_lm.py [--quick] [--out runs/demo] [--student-steps 400]
+                                  [--kd-coef 0.5] [--on-policy-fraction 0.5]
+
+``--quick`` trains tiny models for a few steps (under a minute on a 2-core CPU). Progress bars
+are drawn when stderr is a terminal; otherwise (a log file, CI) each phase prints plain lines.
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ import pathlib
 import sys
 import tempfile
 import textwrap
+
+# The --quick run: small models, few steps. Flags given explicitly still override these.
+QUICK = dict(
+    out="runs/quick", teacher_steps=400, student_steps=200, batch_size=8, seq_len=64,
+    teacher_layers=1, teacher_dim=64, student_layers=1, student_dim=32, head_dim=32,
+    eval_every=50, eval_windows=16, checkpoint_every=200, sample_length=16)
 
 DIVERGENCES = (  # kdjax.DIVERGENCES, listed here so that --help and bad flags need no JAX.
     "forward_kl", "generalized_jsd", "reverse_kl", "skew_forward_kl", "skew_reverse_kl",
@@ -93,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
       prog="distill_lm.py", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   add = parser.add_argument
+  add("--quick", action="store_true",
+      help="a run of under a minute on a CPU: " + ", ".join(
+          f"--{name.replace('_', '-')} {value}" for name, value in QUICK.items()))
   add("--out", default="runs/demo", help="output folder (created if missing): checkpoints, "
       "results.md, results.json, curves.png")
   add("--teacher-steps", type=_positive_int, default=500, help="teacher training steps")
@@ -100,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="training steps of each student (same batches for both)")
   add("--batch-size", type=_positive_int, default=16, help="sequences per step")
   add("--seq-len", type=_positive_int, default=128, help="bytes per sequence")
-  add("--teacher-layers", type=_positive_int, default=3)
+  add("--teacher-layers", type=_positive_int, default=3, help="teacher transformer blocks")
   add("--teacher-dim", type=_positive_int, default=128, help="teacher width")
-  add("--student-layers", type=_positive_int, default=2)
+  add("--student-layers", type=_positive_int, default=2, help="student transformer blocks")
   add("--student-dim", type=_positive_int, default=64, help="student width")
   add("--head-dim", type=_positive_int, default=32,
       help="attention head size; widths must be multiples of it")
@@ -122,13 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
       help="bytes the student generates per sequence (the rest of the window is the prompt)")
   add("--sample-temperature", type=_positive_float, default=1.0,
       help="temperature of the student's samples, in training and in the evaluation")
-  add("--teacher-learning-rate", type=_positive_float, default=2e-3)
-  add("--student-learning-rate", type=_positive_float, default=3e-3)
+  add("--teacher-learning-rate", type=_positive_float, default=2e-3,
+      help="teacher's peak learning rate (AdamW, warmup then cosine decay)")
+  add("--student-learning-rate", type=_positive_float, default=3e-3,
+      help="students' peak learning rate (AdamW, warmup then cosine decay)")
   add("--eval-every", type=_positive_int, default=50, help="steps between held-out evaluations")
   add("--eval-windows", type=_positive_int, default=64, help="held-out sequences evaluated")
   add("--checkpoint-every", type=_positive_int, default=100, help="steps between checkpoints")
-  add("--seed", type=_non_negative_int, default=0)
-  add("--no-progress", action="store_true", help="no progress bars")
+  add("--seed", type=_non_negative_int, default=0,
+      help="seed of the initial parameters, the batches and the samples")
+  add("--no-progress", action="store_true",
+      help="plain lines at each evaluation instead of progress bars (the default when stderr "
+      "is not a terminal)")
   # Test hook: seconds of sleep per step of the last student, so a test can kill it mid-way.
   add("--step-sleep", type=float, default=0.0, help=argparse.SUPPRESS)
   return parser
@@ -158,6 +175,9 @@ def check_output_folder(parser: argparse.ArgumentParser, out: str) -> pathlib.Pa
 def parse_args(argv=None) -> argparse.Namespace:
   parser = build_parser()
   args = parser.parse_args(argv)
+  if args.quick:  # Parse again with the quick defaults, so that explicit flags still win.
+    parser.set_defaults(**QUICK)
+    args = parser.parse_args(argv)
   for name in ("teacher_dim", "student_dim"):
     if getattr(args, name) % args.head_dim:
       parser.error(f"--{name.replace('_', '-')} ({getattr(args, name)}) must be a multiple of "
@@ -240,6 +260,9 @@ def main(argv=None) -> int:
   import json
 
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import _requires
+
+  _requires.require("tqdm", "matplotlib", "optax", "orbax.checkpoint", "flax")
   import _lm
 
   train_tokens, heldout_tokens, heldout_names = _lm.load_corpus()
@@ -247,7 +270,8 @@ def main(argv=None) -> int:
         f"({len(heldout_names)} whole stdlib files, e.g. {', '.join(heldout_names[:3])})")
   heldout = _lm.heldout_batches(heldout_tokens, windows=args.eval_windows,
                                 batch_size=args.batch_size, seq_len=args.seq_len)
-  progress = not args.no_progress
+  # A bar redrawn with carriage returns only on a terminal; in a log, plain periodic lines.
+  progress = not args.no_progress and sys.stderr.isatty()
 
   def model_config(layers, dim):
     return _lm.ModelConfig(layers=layers, dim=dim, heads=dim // args.head_dim,

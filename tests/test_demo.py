@@ -3,6 +3,7 @@ on-policy student), checkpoint resumption after a kill, and its answers to bad f
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -32,8 +33,8 @@ TINY = [
     "--teacher-layers", "1", "--teacher-dim", "32", "--student-layers", "1",
     "--student-dim", "16", "--head-dim", "16", "--eval-every", "4", "--eval-windows", "8",
     "--checkpoint-every", "3", "--divergence", "generalized_jsd", "--temperature", "2.0",
-    "--kd-coef", "0.7", "--on-policy-fraction", "0.5", "--sample-length", "8", "--no-progress",
-]
+    "--kd-coef", "0.7", "--on-policy-fraction", "0.5", "--sample-length", "8",
+]  # Without --no-progress: the runs' output is a pipe, where the demo prints plain lines.
 PHASES = ("teacher", "student-CE", "student-KD", "student-GKD")
 # One compilation per architecture instead of one per eager operation.
 apply = jax.jit(_lm.apply, static_argnums=0)
@@ -287,6 +288,39 @@ def test_bad_flags_as_a_process_exit_2_without_traceback(tmp_path):
     assert flag in result.stdout
 
 
+def test_help_shows_every_default():
+  parser = distill_lm.build_parser()
+  options = [action for action in parser._actions
+             if action.help != argparse.SUPPRESS and not isinstance(action, argparse._HelpAction)]
+  assert all(action.help for action in options)  # the formatter adds defaults to help texts only
+  assert parser.format_help().count("(default:") == len(options)
+
+
+def test_quick_sets_small_defaults_that_explicit_flags_override(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  args = distill_lm.parse_args(["--quick"])
+  for name, value in distill_lm.QUICK.items():
+    assert getattr(args, name) == (pathlib.Path(value) if name == "out" else value), name
+  args = distill_lm.parse_args(["--quick", "--student-steps", "7", "--out", "elsewhere"])
+  assert args.student_steps == 7 and args.out == pathlib.Path("elsewhere")
+  assert args.teacher_steps == distill_lm.QUICK["teacher_steps"]
+  assert distill_lm.parse_args([]).teacher_steps == 500
+
+
+@pytest.mark.parametrize("module", ["tqdm", "matplotlib", "optax", "orbax.checkpoint", "flax"])
+def test_a_missing_optional_dependency_is_one_line_naming_the_extra(module, tmp_path):
+  # The module is made unimportable (None in sys.modules), then the script runs as __main__.
+  run = (f"import runpy, sys; sys.modules[{module!r}] = None; "
+         f"sys.argv = [{str(SCRIPT)!r}, '--out', {str(tmp_path)!r}]; "
+         f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+  result = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+  assert result.returncode == 2, result
+  assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+  assert f"{module!r} is missing" in result.stderr
+  assert 'pip install "kdjax[examples]"' in result.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end: outputs, and a run killed part-way then resumed equals an uninterrupted run.
 # ----------------------------------------------------------------------------------------------
@@ -330,6 +364,9 @@ def reference_run(_reference_process):
   out, process = _reference_process
   stdout, stderr = process.communicate(timeout=300)
   assert process.returncode == 0, stderr
+  # Output to a pipe (a log): plain lines at each evaluation, no progress bar redrawn with "\r".
+  assert "\r" not in stdout and "\r" not in stderr, stderr
+  assert "student-KD step 4: train ce" in stdout, stdout
   return out, stdout
 
 
