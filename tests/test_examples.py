@@ -4,7 +4,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import optax_train_step  # noqa: E402
 
 
 def test_optax_train_step_loss_falls():
@@ -13,10 +18,19 @@ def test_optax_train_step_loss_falls():
       capture_output=True, text=True, timeout=300, cwd=ROOT, check=True)
   last = result.stdout.strip().splitlines()[-1]
   assert "(falling)" in last, result.stdout
+  assert result.stdout.split()[:5] == ["step", "loss", "ce", "kd", "combined"], result.stdout
   # The hand-written objective and distill_with_cross_entropy agree at every printed step.
   for line in result.stdout.splitlines()[1:-1]:
-    _, loss, _, _, fused = line.split()
-    assert abs(float(loss) - float(fused)) < 1e-4, line
+    _, loss, _, _, combined = line.split()
+    assert abs(float(loss) - float(combined)) < 1e-4, line
+
+
+def test_optax_train_step_check_raises_on_a_mismatch():
+  optax_train_step.check_agreement(3, 2.5, 2.5 + 1e-6)
+  with pytest.raises(AssertionError, match="step 3: the hand-written objective is 2.500000"):
+    optax_train_step.check_agreement(3, 2.5, 2.51)
+  with pytest.raises(AssertionError):
+    optax_train_step.check_agreement(3, 2.5, float("nan"))
 
 
 def test_sharded_train_step_matches_shard_map_and_falls():
@@ -42,3 +56,14 @@ def test_cross_tokenizer_quick_run_prints_its_table():
   assert all(0 < float(x) < 8 for x in (bits, bits_with_uld)), result.stdout
   # The term it adds is what it lowers: the student's held-out ULD to the teacher.
   assert float(uld_with_uld) < float(uld), result.stdout
+
+
+def test_nnx_fused_head_matches_the_logits_and_trains():
+  # -W default shows every DeprecationWarning (flax's for Variable.value among them).
+  result = subprocess.run(
+      [sys.executable, "-W", "default::DeprecationWarning",
+       str(ROOT / "examples" / "nnx_fused_head.py"), "--steps", "30"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT, check=True)
+  assert "== distill_with_cross_entropy on the logits" in result.stdout, result.stdout
+  assert result.stdout.strip().endswith("(falling)"), result.stdout
+  assert "DeprecationWarning" not in result.stderr, result.stderr
