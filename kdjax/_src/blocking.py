@@ -367,7 +367,7 @@ def _shard_like_inputs(outputs: Sequence[Array], inputs: Sequence[Array]) -> lis
   if mesh is None or not any(
       t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
     return list(outputs)
-  token_spec = tuple(sharding.spec)[:1] or (None,)
+  token_spec = tuple(sharding.spec)[:1] or (None,)  # type: ignore[union-attr]  # mesh is not None, so sharding is not
   result = []
   for out in outputs:
     like = next((x for x in inputs if x.ndim > 1 and x.shape == out.shape), None)

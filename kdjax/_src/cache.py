@@ -72,7 +72,7 @@ import numpy as np
 try:
   import fcntl
 except ImportError:  # Windows
-  fcntl = None
+  fcntl = None  # type: ignore[assignment]  # no lock where the module does not exist
 
 FORMAT = "kdjax-teacher-cache"
 VERSION = 1
@@ -423,7 +423,7 @@ def _write_shards(writer: _Writer, batches: Iterable[tuple[Any, Any]], *, vocab_
     pending_lp.append(logprobs.astype(lp_dtype))
     pending += pending_ids[-1].shape[0]
     while pending >= tokens_per_shard:
-      flush(tokens_per_shard)
+      flush(tokens_per_shard)  # type: ignore[arg-type]  # set with k, at the first batch
   if k is None:
     raise ValueError("batches is empty: there is nothing to cache.")
   if pending:
@@ -525,7 +525,8 @@ def _read_manifest(directory: str) -> CacheInfo:
   if not isinstance(entries, list):
     raise manifest.error("shards", "a list", entries)
   token_bytes = bytes_per_token(k, vocab_size, logprob_dtype=logprob_dtype)
-  shards, seen = [], {}
+  shards: list[ShardInfo] = []
+  seen: dict[str, int] = {}
   for index, entry in enumerate(entries):
     field = f"shards[{index}]"
     if not isinstance(entry, dict):
@@ -559,7 +560,7 @@ def _is_positive_finite(value: Any) -> bool:
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     return False
   try:
-    return math.isfinite(float(value)) and value > 0
+    return math.isfinite(float(value)) and float(value) > 0
   except OverflowError:  # an integer too large for a float
     return False
 

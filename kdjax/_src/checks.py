@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -145,6 +145,10 @@ def positive(name: str, x: Any) -> float | Array | None:
   return x
 
 
+@overload
+def positive_int(name: str, x: Any, *, optional: Literal[False] = False) -> int: ...
+@overload
+def positive_int(name: str, x: Any, *, optional: bool) -> int | None: ...
 def positive_int(name: str, x: Any, *, optional: bool = False) -> int | None:
   if x is None and optional:
     return None

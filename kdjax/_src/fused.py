@@ -61,7 +61,7 @@ def _whole_vocab(config: Config, hp, params: Params, with_grad: bool, student_hi
     return rows, None
   return rows, head.param_grads(student_hidden, params.student_kernel,
                                 params.student_bias is not None,
-                                head.logit_grad(hp, student, grad), weights)
+                                head.logit_grad(hp, student, grad), weights)  # type: ignore[arg-type]  # the gradient path: grad is set
 
 
 def _vocab_tiles(config: Config, hp, params: Params, with_grad: bool, student_hidden,
@@ -73,8 +73,8 @@ def _vocab_tiles(config: Config, hp, params: Params, with_grad: bool, student_hi
   gradients. The ``vocab % vocab_block`` columns left over form one last, smaller tile.
   """
   vocab = params.student_kernel.shape[1]
-  width = min(config.vocab_block, vocab)
-  num_full, remainder = divmod(vocab, width)
+  width = min(config.vocab_block, vocab)  # type: ignore[type-var]  # vocab_block is resolved before the loop
+  num_full, remainder = divmod(vocab, width)  # type: ignore[operator]  # vocab_block is resolved before the loop
   with_bias = params.student_bias is not None
 
   def walk(body, carry):
@@ -130,11 +130,11 @@ def _loop(config: Config, traced, inputs: Inputs, labels: Array | None,
   with_bias = params.student_bias is not None
   per_token_inputs = [inputs.student_hidden, inputs.teacher_hidden]
   if config.cross_entropy:
-    per_token_inputs.append(labels)
+    per_token_inputs.append(labels)  # type: ignore[arg-type]  # cross entropy: labels are given
   weights_index = None
   if with_grad:
     weights_index = len(per_token_inputs)
-    per_token_inputs.append(weights)
+    per_token_inputs.append(weights)  # type: ignore[arg-type]  # with_grad: weights are given
 
   def fn(student_hidden, teacher_hidden, *rest):
     block_labels = rest[0] if config.cross_entropy else None
@@ -153,7 +153,7 @@ def _loop(config: Config, traced, inputs: Inputs, labels: Array | None,
                       else jnp.float32)
     outputs += (jnp.zeros(inputs.student_hidden.shape, d_hidden_dtype),)
     sums = (jnp.zeros(params.student_kernel.shape, jnp.float32),
-            *((jnp.zeros(params.student_bias.shape, jnp.float32),) if with_bias else ()))
+            *((jnp.zeros(params.student_bias.shape, jnp.float32),) if with_bias else ()))  # type: ignore[union-attr]  # with_bias
   results = blocking.per_platform(
       lambda block: blocking.map_token_blocks(
           fn, per_token_inputs, outputs, sums=sums, block=block, strided=False,
@@ -170,7 +170,7 @@ def _loop(config: Config, traced, inputs: Inputs, labels: Array | None,
   return rows, Grads(
       d_hidden.astype(inputs.student_hidden.dtype),
       d_kernel.astype(params.student_kernel.dtype),
-      d_bias[0].astype(params.student_bias.dtype) if with_bias else None)
+      d_bias[0].astype(params.student_bias.dtype) if with_bias else None)  # type: ignore[union-attr]  # with_bias
 
 
 def _student_cotangents(inputs: Inputs, grads: Grads) -> Inputs:
@@ -183,7 +183,7 @@ def _student_cotangents(inputs: Inputs, grads: Grads) -> Inputs:
 
 
 def _scale_grads(grads: Grads, scale: Array) -> Grads:
-  return Grads(*(
+  return Grads(*(  # type: ignore[arg-type]  # None (no bias) stays None
       None if g is None else (g.astype(jnp.float32) * scale).astype(g.dtype) for g in grads))
 
 
@@ -238,7 +238,7 @@ def _reference_rows(config: Config, traced, inputs: Inputs, labels, counted: Arr
   hp = config.hyperparameters_with(traced)
   hidden = (inputs.student_hidden, inputs.teacher_hidden)
   if counted is not None:  # Whatever an uncounted token holds never reaches a gradient.
-    hidden = (jnp.where(counted[:, None], h, jnp.zeros((), h.dtype)) for h in hidden)
+    hidden = (jnp.where(counted[:, None], h, jnp.zeros((), h.dtype)) for h in hidden)  # type: ignore[assignment]  # a generator of the two, unpacked once
   student, teacher = head.both_logits(hp, *hidden, inputs.params)
   return reference.per_token(config, traced, student.raw, teacher.raw,
                              labels if config.cross_entropy else None, counted=counted)
@@ -316,7 +316,7 @@ def prepare(student_hidden, student_kernel, teacher_hidden, teacher_kernel, stud
                               kd_coef=kd_coef)
   for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
     for side, side_value in zip(head.SIDES, checks.per_model(name, value), strict=True):
-      hp[f"{side}_{name}"] = checks.positive(name, side_value)
+      hp[f"{side}_{name}"] = checks.positive(name, side_value)  # type: ignore[assignment]  # per_model values are not None
   implementation = implementations.check(implementation)
   if axis_name is not None and implementation == "reference":
     raise ValueError(

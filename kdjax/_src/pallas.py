@@ -255,7 +255,8 @@ def _body(config: Config, names: tuple[str, ...], layout: _Layout, refs: _Refs) 
 
 def _layout_and_params(variant: Variant, num_tokens: int, vocab: int, dtypes):
   if variant.backend == "triton":
-    params = plt.CompilerParams(num_warps=GPU_WARPS, num_stages=GPU_STAGES)
+    params: plt.CompilerParams | pltpu.CompilerParams = plt.CompilerParams(
+        num_warps=GPU_WARPS, num_stages=GPU_STAGES)
     return _Layout(1, False, _Tiles(1, vocab, variant.tile, masked=True)), pl.BlockSpec(), params
   if variant.backend != "mosaic":
     raise ValueError(f"unknown kernel backend {variant.backend!r}.")

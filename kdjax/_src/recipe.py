@@ -248,7 +248,7 @@ class GradScale(NamedTuple):
 
 def finish(config: Config, hp: Mapping[str, Any], student: Stats, teacher: Stats, sums: Sums,
            *, weights: Array | None = None, labels: Array | None = None,
-           vocab_size=None, cross_entropy_sum_exp: Array | None = None,
+           vocab_size: int | None = None, cross_entropy_sum_exp: Array | None = None,
            invalid: Array | None = None) -> tuple[Rows, GradScale]:
   """Per-token values and gradient coefficients from whole-row statistics and sums.
 
@@ -269,20 +269,22 @@ def finish(config: Config, hp: Mapping[str, Any], student: Stats, teacher: Stats
   if invalid is not None:
     bad = bad | invalid
   divergence = jnp.where(bad, jnp.nan, jnp.where(empty, 0.0, scale * sums.value))
-  weights = 1.0 if weights is None else weights
   grad_divergence = jnp.where(bad, jnp.nan, jnp.where(empty, 0.0, scale * inv_temperature))
-  live = None if isinstance(weights, float) else weights != 0
+  row_weights: float | Array = 1.0 if weights is None else weights
+  live = None if isinstance(row_weights, float) else row_weights != 0
   if not config.cross_entropy:
     return (Rows(divergence, divergence, jnp.zeros_like(divergence)),
-            GradScale(grad_divergence * weights, None, live))
+            GradScale(grad_divergence * row_weights, None, live))
+  assert labels is not None and vocab_size is not None and cross_entropy_sum_exp is not None
+  assert sums.label is not None, "the cross entropy needs its labels and their statistics"
   kd_coef = hp["kd_coef"]
   valid_label = (labels >= 0) & (labels < vocab_size)
   cross_entropy = jnp.where(
       valid_label, _safe_log(cross_entropy_sum_exp) - sums.label, jnp.nan)
   value = kd_coef * divergence + (1.0 - kd_coef) * cross_entropy
   return (Rows(value, divergence, cross_entropy),
-          GradScale(kd_coef * grad_divergence * weights,
-                    jnp.where(valid_label, (1.0 - kd_coef) * weights, jnp.nan), live))
+          GradScale(kd_coef * grad_divergence * row_weights,
+                    jnp.where(valid_label, (1.0 - kd_coef) * row_weights, jnp.nan), live))
 
 
 def scale_entries(scale: GradScale, dvalue: Array,
@@ -295,6 +297,7 @@ def scale_entries(scale: GradScale, dvalue: Array,
   """
   grad = scale.divergence[:, None] * dvalue
   if scale.cross_entropy is not None:
+    assert cross_entropy is not None, "a cross-entropy coefficient needs its entries"
     softmax, label = cross_entropy
     grad = grad + scale.cross_entropy[:, None] * jnp.where(label, softmax - 1.0, softmax)
   if scale.live is not None:
@@ -302,7 +305,7 @@ def scale_entries(scale: GradScale, dvalue: Array,
   return grad
 
 
-def student_grad(scale: GradScale, dlog_q: Array, student_prob: Array, sum_dlog_q: Array,
+def student_grad(scale: GradScale, dlog_q: Array | float, student_prob: Array, sum_dlog_q: Array,
                  cross_entropy: tuple[Array, Array] | None = None) -> Array:
   """float32 gradient with respect to the raw student logits of the entries of ``dlog_q``:
   ``g - q sum(g)`` through :func:`scale_entries`."""
@@ -332,9 +335,10 @@ def block(config: Config, hp: Mapping[str, Any], logits: Array, teacher_logits: 
   q = distribution(x_student, student, inv_temperature, student_exps)
   p = distribution(x_teacher, teacher, inv_temperature, teacher_exps)
   entry_terms = terms(config, hp, p, q)
-  ce = {}
+  ce: dict[str, Any] = {}
   width = logits.shape[-1]
   if config.cross_entropy:
+    assert labels is not None, "the cross entropy reads the labels"
     start = reduce.start(width)
     if config.is_static("temperature", 1.0):
       ce_exps, ce_sum_exp = student_exps, student.sum_exp
@@ -352,8 +356,10 @@ def block(config: Config, hp: Mapping[str, Any], logits: Array, teacher_logits: 
     return rows, None
   ce_grad = None
   if config.cross_entropy:
-    ce_grad = (ce_exps * _safe_reciprocal(ce_sum_exp)[:, None], one_hot(labels, start, width))
-  return rows, student_grad(scale, entry_terms.dlog_q, q.prob, sums.dlog_q, ce_grad)
+    ce_grad = (ce_exps * _safe_reciprocal(ce_sum_exp)[:, None],
+               one_hot(labels, start, width))  # type: ignore[arg-type]  # checked above
+  return rows, student_grad(scale, entry_terms.dlog_q, q.prob,
+                            sums.dlog_q, ce_grad)  # type: ignore[arg-type]  # with_grad: summed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,7 +442,7 @@ def tiled(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array,
   value, dlog_q, label = walk(sums_step, (zeros, zeros, zeros))
   sums = Sums(reduce.sum(value[:, None]), reduce.sum(dlog_q[:, None]) if emit else None,
               reduce.sum(label[:, None]) if config.cross_entropy else None)
-  ce = {}
+  ce: dict[str, Any] = {}
   if config.cross_entropy:
     ce = dict(labels=labels, vocab_size=reduce.size(vocab_width),
               cross_entropy_sum_exp=ce_stats.sum_exp)

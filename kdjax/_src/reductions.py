@@ -166,6 +166,7 @@ def reduced_loss(compute: Callable[[Array | None], tuple[Any, Array | None]], ma
                               data_axis_name=data_axis_name, invalid=invalid,
                               token_weights=token_weights)
   rows, total = compute(weights)
+  assert total is not None, "compute returns the total whenever it gets weights"
   if data_axis_name is not None:
     total = sum_over_data(total, data_axis_name)
   return total, rows

@@ -75,7 +75,7 @@ def per_token(config: Config, traced: Mapping[str, Array], logits: Array,
   if not config.cross_entropy:
     return Rows(divergence, lax.stop_gradient(divergence), jnp.zeros_like(divergence))
   vocab = student.shape[-1]
-  valid = (labels >= 0) & (labels < vocab)
+  valid = (labels >= 0) & (labels < vocab)  # type: ignore[operator]  # cross entropy: given
   label_log_prob = jnp.take_along_axis(
       log_softmax(student, 1.0), jnp.clip(labels, 0, vocab - 1)[..., None], axis=-1)[..., 0]
   cross_entropy = jnp.where(valid, -label_log_prob, jnp.nan)

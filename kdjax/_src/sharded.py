@@ -270,6 +270,6 @@ def vocab_parallel_fused_linear_distill_loss(
   inputs = prepared.inputs
   hidden = inputs.student_hidden
   inputs = inputs._replace(params=inputs.params._replace(
-      student_kernel=_vary_like(inputs.params.student_kernel, hidden),
+      student_kernel=_vary_like(inputs.params.student_kernel, hidden),  # type: ignore[arg-type]  # the kernel is always given
       student_bias=_vary_like(inputs.params.student_bias, hidden)))
   return fused.loss(*prepared._replace(inputs=inputs))

@@ -209,10 +209,11 @@ def _block(config: config_lib.Config, hp, logits, ids, teacher_logprobs, *, weig
     return rows, None
   if config.tail == "renormalize":
     # The student distribution lives on the k ids only: the gradient is zero elsewhere.
-    grad_top = recipe.student_grad(scale, terms.dlog_q, q.prob, sums.dlog_q)
+    grad_top = recipe.student_grad(
+        scale, terms.dlog_q, q.prob, sums.dlog_q)  # type: ignore[arg-type]  # with_grad: summed
     return rows, recipe.scatter_entries(jnp.zeros(x.shape, jnp.float32), ids, grad_top)
   k = ids.shape[-1]
-  rest_dlog_q = 0.0
+  rest_dlog_q: Array | float = 0.0
   if config.tail == "bucket":
     # d log q_r / d log q_v = q_v / q_r for v outside the top k: the remainder's derivative is
     # shared among those entries (0 when q_r has no mass, by the conventions).
@@ -221,7 +222,8 @@ def _block(config: config_lib.Config, hp, logits, ids, teacher_logprobs, *, weig
     rest_dlog_q = terms.dlog_q[:, k, None] * share
   # The recipe's gradient over the full vocabulary, with the k entries' derivatives added by a
   # scatter instead of materialising a dense dlog_q that is zero almost everywhere.
-  grad = recipe.student_grad(scale, rest_dlog_q, q_full.prob, sums.dlog_q)
+  grad = recipe.student_grad(
+      scale, rest_dlog_q, q_full.prob, sums.dlog_q)  # type: ignore[arg-type]  # with_grad: summed
   return rows, recipe.scatter_entries(grad, ids, recipe.scale_entries(scale, terms.dlog_q[:, :k]))
 
 

@@ -80,7 +80,7 @@ def _compare(q_sorted: Array, p_sorted: Array) -> tuple[Array, Array]:
   width, teacher_width = q_sorted.shape[-1], p_sorted.shape[-1]
   if teacher_width >= width:
     p_compared = p_sorted[:, :width]
-    tail = jnp.sum(p_sorted[:, width:], axis=-1)  # The student's zero padding.
+    tail: Array | float = jnp.sum(p_sorted[:, width:], axis=-1)  # The student's zero padding.
   else:
     p_compared = jnp.pad(p_sorted, ((0, 0), (0, width - teacher_width)))
     tail = 0.0
@@ -132,7 +132,7 @@ def _block(config: config_lib.Config, hp, logits: Array, teacher_logits: Array, 
   if whole_row:
     q_sorted, keys = _sorted_descending(q)
   else:
-    x_top, ids = lax.top_k(x, config.top_k)
+    x_top, ids = lax.top_k(x, config.top_k)  # type: ignore[arg-type]  # not whole_row: an int
     q_sorted = recipe.distribution(x_top, student, inv_temperature).prob
     keys = _sort_keys(q_sorted)
   distance, signs = _compare(q_sorted, p_sorted)
