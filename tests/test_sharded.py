@@ -402,8 +402,7 @@ def test_fused_gspmd_matches_single_device(fused_data, mesh_shape):
   for grad, want in zip(grads, want_grads, strict=True):
     assert _rel_err(grad, want) <= RTOL
   # Nothing vocabulary-sized crosses devices. (The fused token loop slices contiguous token
-  # blocks, so GSPMD may still gather the data-sharded hidden states: see the README's
-  # "Using kdjax on a mesh".)
+  # blocks, so GSPMD may still gather the data-sharded hidden states: see docs/sharding.md.)
   vocab_sizes = {VOCAB, VOCAB // mesh_shape[1]}
   for op, shapes in _collectives(compiled.as_text()):
     assert op in ("all-reduce", "all-gather"), op
