@@ -12,7 +12,7 @@ student's hidden states and kernel:
 Temporaries are ``jax.jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes``.
 Prints a markdown table of ratios. Usage::
 
-    python benchmarks/bench_fused.py                      # the README table
+    python benchmarks/bench_fused.py                      # the docs table
     python benchmarks/bench_fused.py --sweep 128,256,512  # choose the default token_block
     python benchmarks/bench_fused.py --peers              # against Liger-Kernel and a scan
 
