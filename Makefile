@@ -1,5 +1,5 @@
-# kdjax: `make demo` runs the main example, `make test` runs the test suite.
-# Both create .venv on first use and install what they need into it.
+# kdjax: `make demo` runs the main example, `make test` runs the test suite, `make docs` builds the
+# documentation. Each creates .venv on first use and installs what it needs into it.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench lint typecheck clean
+.PHONY: demo test bench docs lint typecheck clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(VENV)/.examples: pyproject.toml | $(PY)
 
 $(VENV)/.test: pyproject.toml | $(PY)
 	$(PIP) install -e ".[test]"
+	touch $@
+
+$(VENV)/.docs: pyproject.toml | $(PY)
+	$(PIP) install -e ".[docs]"
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(PY)
@@ -39,6 +43,11 @@ bench: $(VENV)/.test
 	$(PY) benchmarks/bench_sharded.py
 	$(PY) benchmarks/bench_cache.py
 
+# Warnings are errors. The API pages are generated afresh, so a removed name leaves no stale page.
+docs: $(VENV)/.docs
+	rm -rf docs/_autosummary
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+
 lint: $(VENV)/.dev
 	$(PY) -m ruff check kdjax tests examples benchmarks
 
@@ -46,4 +55,4 @@ typecheck: $(VENV)/.dev
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache docs/_build docs/_autosummary

@@ -12,7 +12,7 @@ student's hidden states and kernel:
 Temporaries are ``jax.jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes``.
 Prints a markdown table of ratios. Usage::
 
-    python benchmarks/bench_fused.py                      # the README table
+    python benchmarks/bench_fused.py                      # the docs table
     python benchmarks/bench_fused.py --sweep 128,256,512  # choose the default token_block
     python benchmarks/bench_fused.py --peers              # against Liger-Kernel and a scan
 
@@ -217,6 +217,37 @@ def bench_peers(shape: str, repeats: int):
     print(f"| {name} | {t:.3f} | {base / t:.3f} | {temp} | {diff} |", flush=True)
 
 
+def bench_combined(shapes: str, repeats: int):
+  """fused_linear_distill_with_cross_entropy (forward KL, kd_coef 0.5) against
+  distill_with_cross_entropy on the materialised logits."""
+  print("| tokens x d x vocab | clock | materialised (s) | fused (s) | fused / materialised | "
+        "materialised temp (MiB) | fused temp (MiB) | fused / materialised temp |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+  for shape in shapes.split(","):
+    tokens, d, vocab = (int(x) for x in shape.split("x"))
+    args = _inputs(tokens, d, vocab)
+    labels = jax.random.randint(jax.random.key(5), (tokens,), 0, vocab)
+    args = (*args[:4], jnp.where(jnp.arange(tokens) % 7 == 0, -100, labels))
+
+    def fused(h_s, w_s, h_t, w_t, labels):
+      return jax.value_and_grad(lambda h, w: kdjax.fused_linear_distill_with_cross_entropy(
+          h, w, h_t, w_t, labels, kd_coef=0.5), argnums=(0, 1))(h_s, w_s)
+
+    def materialised(h_s, w_s, h_t, w_t, labels):
+      return jax.value_and_grad(lambda h, w: kdjax.distill_with_cross_entropy(
+          h @ w, jax.lax.stop_gradient(h_t @ w_t), labels, kd_coef=0.5), argnums=(0, 1))(
+              h_s, w_s)
+
+    variants = {"materialised": materialised, "fused": fused}
+    temps = {name: _temp_bytes(fn, args) for name, fn in variants.items()}
+    times, cpu = _time(variants, args, repeats)
+    for clock, t in (("wall", times), ("CPU", cpu)):
+      print(f"| {tokens} x {d} x {vocab} | {clock} | {t['materialised']:.3f} | {t['fused']:.3f} | "
+            f"{t['fused'] / t['materialised']:.3f} | {temps['materialised'] / 2**20:.0f} | "
+            f"{temps['fused'] / 2**20:.0f} | {temps['fused'] / temps['materialised']:.3f} |",
+            flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shapes", default="4096x512x32000,2048x512x128000",
@@ -227,10 +258,15 @@ def main():
                       help="comma-separated token blocks: time only the fused path")
   parser.add_argument("--peers", action="store_true",
                       help="the combined objective against Liger-Kernel and a chunked scan")
+  parser.add_argument("--combined", action="store_true",
+                      help="the fused (1 - kd_coef) CE + kd_coef KL against its materialised form")
   args_ns = parser.parse_args()
   if args_ns.peers:
     bench_peers(args_ns.shapes if "--shapes" in sys.argv else "2048x512x32000",
                 args_ns.repeats)
+    return
+  if args_ns.combined:
+    bench_combined(args_ns.shapes, args_ns.repeats)
     return
 
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, float32, forward KL, "

@@ -1,6 +1,6 @@
 """Independent float64 NumPy references for the tests (no kdjax code is used here).
 
-Conventions, as documented in the README: ``0 log 0 = 0``; a term ``x log(x / y)`` with
+Conventions, as documented in docs/divergences.md: ``0 log 0 = 0``; a term ``x log(x / y)`` with
 ``y = 0`` is 0; a token whose student or teacher logits are all ``-inf`` contributes 0.
 """
 

@@ -1,4 +1,5 @@
-"""The docstring examples and the README's self-contained Python blocks run as written."""
+"""The docstring examples, and the README's and the docs pages' self-contained Python blocks, run
+as written; the API reference lists every public name."""
 
 import doctest
 import importlib
@@ -7,10 +8,13 @@ import re
 
 import pytest
 
+import kdjax
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODULES = [
     "kdjax._src.losses", "kdjax._src.sharded", "kdjax._src.sparse", "kdjax._src.vocab",
     "kdjax._src.cache", "kdjax._src.fused", "kdjax._src.uld"]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 @pytest.mark.parametrize("module_name", MODULES)
@@ -20,13 +24,41 @@ def test_docstring_examples(module_name):
   assert tried > 0 and failures == 0
 
 
-def _readme_blocks():
-  text = (ROOT / "README.md").read_text()
-  blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+def test_every_module_with_examples_is_doctested():
+  with_examples = {
+      f"kdjax._src.{path.stem}" for path in (ROOT / "kdjax" / "_src").glob("*.py")
+      if ">>>" in path.read_text()}
+  assert with_examples <= set(MODULES)
+
+
+def _python_blocks(page):
+  blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
   # Blocks that start with an import are complete programs; the others are fragments.
   return [b for b in blocks if b.startswith("import")]
 
 
-@pytest.mark.parametrize("index", range(len(_readme_blocks())))
-def test_readme_examples_run(index):
-  exec(compile(_readme_blocks()[index], f"README block {index}", "exec"), {})
+BLOCKS = [(page, index) for page in PAGES for index in range(len(_python_blocks(page)))]
+
+
+@pytest.mark.parametrize(
+    "page, index", BLOCKS, ids=[f"{p.relative_to(ROOT)}:{i}" for p, i in BLOCKS])
+def test_examples_run(page, index):
+  name = f"{page.relative_to(ROOT)} block {index}"
+  exec(compile(_python_blocks(page)[index], name, "exec"), {"__name__": "__docs__"})
+
+
+def test_readme_and_docs_have_examples():
+  assert _python_blocks(ROOT / "README.md")
+  assert len(BLOCKS) > 20
+
+
+def test_api_reference_lists_every_public_name():
+  api = (ROOT / "docs" / "api.md").read_text()
+  listed = set(re.findall(r"^   (\w+)$", api, flags=re.M))
+  assert listed == set(kdjax.__all__)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_pages_use_the_public_api(page):
+  text = page.read_text()
+  assert "_src" not in text, f"{page.name} refers to a private module"

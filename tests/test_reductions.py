@@ -27,7 +27,7 @@ def _data(seed=0, shape=(3, 6, 11)):
 
 
 def _want(per_token, mask, weights, reduction, normalizer=None):
-  """float64: the reductions of the README, with each counted value times its weight."""
+  """float64: the reductions of the docs, with each counted value times its weight."""
   weighted = np.where(mask, per_token * weights, 0.0)
   if reduction == "none":
     return weighted

@@ -9,6 +9,7 @@ sums (a kernel gradient, say). :func:`token_block` picks the block size for an e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple, TypeVar
 
@@ -62,12 +63,24 @@ ACCELERATOR = BlockPolicy(elements=1 << 24)
 FUSED_ACCELERATOR = BlockPolicy(elements=1 << 27, multiple=128, prefer_divisor=False)
 
 
-def token_block(num_tokens: int, vocab_size: int, policy: BlockPolicy = DENSE) -> int:
-  """The default number of rows per block of ``num_tokens`` rows of ``vocab_size`` entries."""
+def token_block(num_tokens: int, vocab_size: int, policy: BlockPolicy = DENSE, *,
+                groups: int = 1) -> int:
+  """The default number of rows per block of ``num_tokens`` rows of ``vocab_size`` entries.
+
+  ``groups`` (:func:`mesh_devices`): the rows are split over up to this many devices under
+  GSPMD; a block is then a multiple of it that divides ``num_tokens`` where one exists, so that
+  strided blocks (``map_token_blocks``) give every device the same share of each block.
+  """
   target = policy.elements // max(vocab_size, 1)
   if policy.max_rows is not None:
     target = min(target, policy.max_rows)
   target = max(policy.min_rows, target // policy.multiple * policy.multiple)
+  if groups > 1 and num_tokens % groups == 0:
+    # The multiple of groups dividing num_tokens nearest the target (the smaller on a tie).
+    per_group = num_tokens // groups
+    divisors = {d for m in range(1, math.isqrt(per_group) + 1) if per_group % m == 0
+                for d in (m, per_group // m)}
+    return groups * min(divisors, key=lambda d: (abs(groups * d - target), d))
   target = max(1, min(num_tokens, target))
   if policy.prefer_divisor:
     # map_token_blocks then uses strided blocks, which keep a sharded token axis sharded.
@@ -77,18 +90,47 @@ def token_block(num_tokens: int, vocab_size: int, policy: BlockPolicy = DENSE) -
   return target
 
 
+def mesh_devices(*arrays: Array) -> int:
+  """How many devices GSPMD may split ``arrays`` over: the devices of the mesh their shardings
+  (or the current mesh) live on, outside ``shard_map``'s manual axes; 1 without a mesh.
+
+  Under ``jax.jit`` the type of an argument placed with a ``NamedSharding`` carries its mesh even
+  when the axes are ``Auto`` (the partition spec is then unknown at trace time): the count is an
+  upper bound on the devices sharing the token axis, and a multiple of their number.
+  """
+  meshes = [getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None) for x in arrays]
+  meshes.append(jax.sharding.get_abstract_mesh())
+  devices = 1
+  for mesh in meshes:
+    if mesh is None or not getattr(mesh, "shape", None):
+      continue
+    manual = set(getattr(mesh, "manual_axes", ()))
+    devices = max(devices, math.prod(
+        size for name, size in mesh.shape.items() if name not in manual))
+  return devices
+
+
+def explicit_sharding(x: Array):
+  """``x``'s sharding when its mesh has ``Explicit`` axes (operations whose output sharding is
+  ambiguous, such as a contraction over a sharded axis, must then name one); else None."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  axis_types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
+  return sharding if jax.sharding.AxisType.Explicit in axis_types else None
+
+
 def per_platform(run: Callable[[int], T], num_tokens: int, vocab_size: int, *, cpu: BlockPolicy,
-                 accelerator: BlockPolicy, block: int | None = None) -> T:
+                 accelerator: BlockPolicy, block: int | None = None, groups: int = 1) -> T:
   """``run(rows per block)`` with the token block of the platform the program is lowered for.
 
-  ``block`` when given; else ``cpu``'s block on CPU and ``accelerator``'s elsewhere, chosen with
-  ``lax.platform_dependent``: lowering for a platform compiles only its branch. When both
-  policies give the same block, ``run`` is traced once.
+  ``block`` when given; else ``cpu``'s block on CPU and ``accelerator``'s elsewhere (both for
+  ``groups`` devices, see :func:`token_block`), chosen with ``lax.platform_dependent``: lowering
+  for a platform compiles only its branch. When both policies give the same block, ``run`` is
+  traced once.
   """
   if block is not None:
     return run(block)
-  cpu_block = token_block(num_tokens, vocab_size, cpu)
-  accelerator_block = token_block(num_tokens, vocab_size, accelerator)
+  cpu_block = token_block(num_tokens, vocab_size, cpu, groups=groups)
+  accelerator_block = token_block(num_tokens, vocab_size, accelerator, groups=groups)
   if cpu_block == accelerator_block:
     return run(cpu_block)
   return lax.platform_dependent(cpu=lambda: run(cpu_block),
@@ -338,20 +380,28 @@ def varying_zeros(shape, *like: Array | None) -> Array:
 
 def _vary_like_blocks(outputs: Sequence[Array], sums: Sequence[Array], fn,
                       blocks: Sequence[Array]) -> tuple[list[Array], list[Array]]:
-  """Inside ``shard_map``, marks fresh ``outputs`` and ``sums`` as varying like ``fn``'s results.
+  """Gives fresh ``outputs`` and ``sums`` the types of ``fn``'s results, where types say more
+  than shape and dtype.
 
-  A loop carry must keep its type, and under ``shard_map`` the type records the mesh axes a
-  value varies over: zeros are replicated, a block computed from a vocabulary shard (an input,
-  or an array ``fn`` closes over, such as a kernel slice) varies.
-  ``pcast`` to varying only changes that record (no communication). Elsewhere nothing varies
-  and this does nothing.
+  A loop carry must keep its type. Under ``shard_map`` the type records the mesh axes a value
+  varies over: zeros are replicated, a block computed from a vocabulary shard (an input, or an
+  array ``fn`` closes over, such as a kernel slice) varies; ``pcast`` to varying only changes
+  that record (no communication). With explicit sharding types, the ``sums`` take the sharding
+  of ``fn``'s increments (a per-device kernel gradient, say). Elsewhere this does nothing.
   """
-  if not getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
-    return list(outputs), list(sums)  # Not inside shard_map: nothing varies.
+  manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
+  explicit = sums and any(explicit_sharding(x) is not None for x in blocks)
+  if not manual and not explicit:
+    return list(outputs), list(sums)
+  types = jax.eval_shape(fn, *blocks)
   result = []
-  for out, block_type in zip((*outputs, *sums), jax.eval_shape(fn, *blocks), strict=True):
-    missing = tuple(sorted(varying_axes(block_type) - varying_axes(jax.typeof(out)), key=str))
-    result.append(lax.pcast(out, missing, to="varying") if missing else out)
+  for j, (out, block_type) in enumerate(zip((*outputs, *sums), types, strict=True)):
+    if manual:
+      missing = tuple(sorted(varying_axes(block_type) - varying_axes(jax.typeof(out)), key=str))
+      out = lax.pcast(out, missing, to="varying") if missing else out
+    if explicit and j >= len(outputs):
+      out = jax.sharding.reshard(out, block_type.sharding)
+    result.append(out)
   return result[:len(outputs)], result[len(outputs):]
 
 

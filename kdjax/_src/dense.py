@@ -74,7 +74,7 @@ def _blocked_loop(block_fn: BlockFn, config: Config, traced, logits, weights, ot
       lambda block: _map_blocks(block_fn, config, traced, logits, weights, others, block=block,
                                 with_grad=with_grad),
       num_tokens, vocab, cpu=blocking.DENSE, accelerator=blocking.ACCELERATOR,
-      block=config.token_block)
+      block=config.token_block, groups=blocking.mesh_devices(logits, *others))
 
 
 def _map_blocks(block_fn: BlockFn, config: Config, traced, logits, weights, others, *,

@@ -52,8 +52,8 @@ Array = jax.Array
 # ----------------------------------------------------------------------------------------------
 
 
-def _whole_vocab(config: Config, hp, params: Params, with_grad: bool, student_hidden,
-                 teacher_hidden, labels, weights):
+def _whole_vocab(config: Config, hp, params: Params, with_grad: bool, groups: int,
+                 student_hidden, teacher_hidden, labels, weights):
   student, teacher = head.both_logits(hp, student_hidden, teacher_hidden, params)
   rows, grad = recipe.block(config, hp, student.raw, teacher.raw, labels, weights,
                             reduce=recipe.VocabReduce(config.axis_name), with_grad=with_grad)
@@ -61,11 +61,12 @@ def _whole_vocab(config: Config, hp, params: Params, with_grad: bool, student_hi
     return rows, None
   return rows, head.param_grads(student_hidden, params.student_kernel,
                                 params.student_bias is not None,
-                                head.logit_grad(hp, student, grad), weights)  # type: ignore[arg-type]  # the gradient path: grad is set
+                                head.logit_grad(hp, student, grad),  # type: ignore[arg-type]  # the gradient path: grad is set
+                                weights, groups)
 
 
-def _vocab_tiles(config: Config, hp, params: Params, with_grad: bool, student_hidden,
-                 teacher_hidden, labels, weights):
+def _vocab_tiles(config: Config, hp, params: Params, with_grad: bool, groups: int,
+                 student_hidden, teacher_hidden, labels, weights):
   """The recipe over vocabulary tiles of ``config.vocab_block`` columns (``recipe.tiled``).
 
   Each tile's logits are computed from the hidden states and the kernels' columns; its
@@ -90,22 +91,24 @@ def _vocab_tiles(config: Config, hp, params: Params, with_grad: bool, student_hi
   def accumulate(tile, context, grad, grads: Grads) -> Grads:
     sliced, student = context
     part = head.param_grads(student_hidden, sliced.student_kernel, with_bias,
-                            head.logit_grad(hp, student, grad), weights)
+                            head.logit_grad(hp, student, grad), weights, groups)
 
-    def add(total, increment, axis):
+    def add(total, increment):  # into the tile's columns, the last axis
+      axis = total.ndim - 1
       return lax.dynamic_update_slice_in_dim(
           total, lax.dynamic_slice_in_dim(total, tile.start, tile.width, axis=axis)
           + increment, tile.start, axis=axis)
 
-    return Grads(grads.hidden + part.hidden, add(grads.kernel, part.kernel, 1),
-                 add(grads.bias, part.bias, 0) if with_bias else None)
+    return Grads(grads.hidden + part.hidden, add(grads.kernel, part.kernel),
+                 add(grads.bias, part.bias) if with_bias else None)
 
   like = (student_hidden, teacher_hidden, *params, weights)
   init = None
   if with_grad:
+    grouped = (groups,) if groups > 1 else ()
     init = Grads(blocking.varying_zeros(student_hidden.shape, *like),
-                 blocking.varying_zeros(params.student_kernel.shape, *like),
-                 blocking.varying_zeros((vocab,), *like) if with_bias else None)
+                 blocking.varying_zeros(grouped + params.student_kernel.shape, *like),
+                 blocking.varying_zeros(grouped + (vocab,), *like) if with_bias else None)
   return recipe.tiled(
       config, hp, walk, read, zeros=blocking.varying_zeros(student_hidden.shape[:1], *like),
       vocab_width=vocab, labels=labels, weights=weights,
@@ -136,30 +139,44 @@ def _loop(config: Config, traced, inputs: Inputs, labels: Array | None,
     weights_index = len(per_token_inputs)
     per_token_inputs.append(weights)  # type: ignore[arg-type]  # with_grad: weights are given
 
-  def fn(student_hidden, teacher_hidden, *rest):
-    block_labels = rest[0] if config.cross_entropy else None
-    block_weights = rest[-1] if with_grad else None
-    rows, grads = block_fn(config, hp, params, with_grad, student_hidden, teacher_hidden,
-                           block_labels, block_weights)
-    if not with_grad:
-      return tuple(rows)
-    return (*rows, grads.hidden, grads.kernel, *((grads.bias,) if with_bias else ()))
+  # Under GSPMD the rows may be split over up to `devices` devices: strided blocks give each its
+  # share of every block, and the kernel gradient is accumulated per share ([groups, d, vocab]),
+  # so that it is summed over the devices once, after the loop, not in every block.
+  devices = blocking.mesh_devices(inputs.student_hidden, inputs.teacher_hidden)
 
-  outputs = (jnp.zeros((num_tokens,), jnp.float32),) * len(recipe.Rows._fields)
-  sums = ()
-  if with_grad:
-    # Sharded, the partial hidden-state gradients stay float32 until they are summed.
-    d_hidden_dtype = (inputs.student_hidden.dtype if config.axis_name is None
-                      else jnp.float32)
-    outputs += (jnp.zeros(inputs.student_hidden.shape, d_hidden_dtype),)
-    sums = (jnp.zeros(params.student_kernel.shape, jnp.float32),
-            *((jnp.zeros(params.student_bias.shape, jnp.float32),) if with_bias else ()))  # type: ignore[union-attr]  # with_bias
+  def run(block: int):
+    groups = devices if devices > 1 and block % devices == 0 and num_tokens % block == 0 else 1
+
+    def fn(student_hidden, teacher_hidden, *rest):
+      block_labels = rest[0] if config.cross_entropy else None
+      block_weights = rest[-1] if with_grad else None
+      rows, grads = block_fn(config, hp, params, with_grad, groups, student_hidden,
+                             teacher_hidden, block_labels, block_weights)
+      if not with_grad:
+        return tuple(rows)
+      return (*rows, grads.hidden, grads.kernel, *((grads.bias,) if with_bias else ()))
+
+    outputs = (jnp.zeros((num_tokens,), jnp.float32),) * len(recipe.Rows._fields)
+    sums = ()
+    if with_grad:
+      # Sharded, the partial hidden-state gradients stay float32 until they are summed.
+      d_hidden_dtype = (inputs.student_hidden.dtype if config.axis_name is None
+                        else jnp.float32)
+      grouped = (groups,) if groups > 1 else ()
+      outputs += (jnp.zeros(inputs.student_hidden.shape, d_hidden_dtype),)
+      sums = (jnp.zeros(grouped + params.student_kernel.shape, jnp.float32),
+              *((jnp.zeros(grouped + params.student_bias.shape, jnp.float32),)  # type: ignore[union-attr]  # with_bias
+                if with_bias else ()))
+    results = blocking.map_token_blocks(
+        fn, per_token_inputs, outputs, sums=sums, block=block, strided=groups > 1,
+        weights=weights_index)
+    if groups > 1 and with_grad:  # one sum over the devices' shares
+      results = (*results[:4], *(jnp.sum(x, axis=0) for x in results[4:]))
+    return results
+
   results = blocking.per_platform(
-      lambda block: blocking.map_token_blocks(
-          fn, per_token_inputs, outputs, sums=sums, block=block, strided=False,
-          weights=weights_index),
-      num_tokens, params.student_kernel.shape[1], cpu=blocking.FUSED,
-      accelerator=blocking.FUSED_ACCELERATOR, block=config.token_block)
+      run, num_tokens, params.student_kernel.shape[1], cpu=blocking.FUSED,
+      accelerator=blocking.FUSED_ACCELERATOR, block=config.token_block, groups=devices)
   rows = recipe.Rows(*results[:3])
   if not with_grad:
     return rows, None

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kdjax._src import blocking
+
 Array = jax.Array
 
 SIDES = ("student", "teacher")
@@ -61,8 +63,8 @@ class Grads(NamedTuple):
   """Gradients with respect to the student's hidden states and projection (float32)."""
 
   hidden: Array  # [tokens, d_student]
-  kernel: Array  # [d_student, vocab columns]
-  bias: Array | None  # [vocab columns]
+  kernel: Array  # [d_student, vocab columns], or [groups, d_student, vocab columns]
+  bias: Array | None  # [vocab columns], or [groups, vocab columns]
 
 
 def logits(hp: Mapping[str, Any], side: str, hidden: Array, kernel: Array,
@@ -100,21 +102,32 @@ def logit_grad(hp: Mapping[str, Any], student: Logits, grad_raw: Array) -> Array
 
 
 def param_grads(hidden: Array, kernel: Array, with_bias: bool, grad_logits: Array,
-                weights: Array | None = None) -> Grads:
+                weights: Array | None = None, groups: int = 1) -> Grads:
   """The three matmul-shaped gradients of ``z = h W + b`` for one block.
 
   Rows whose ``weights`` are 0 (uncounted tokens) add exactly nothing to the kernel's gradient,
-  whatever their hidden states hold.
+  whatever their hidden states hold. With ``groups > 1`` the block's rows are that many
+  contiguous groups (the devices' shares under GSPMD) and the kernel and bias gradients are
+  per group, ``[groups, ...]``, so no device sums another's rows.
   """
   if weights is not None:
     hidden = jnp.where((weights != 0)[:, None], hidden, jnp.zeros((), hidden.dtype))
   compute_dtype = jnp.result_type(hidden.dtype, kernel.dtype)
   grad_logits_c = grad_logits.astype(compute_dtype)
+  # With explicit sharding types the vocabulary it contracts may be sharded: the result is
+  # sharded like the hidden states.
   d_hidden = lax.dot_general(
-      grad_logits_c, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+      grad_logits_c, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+      out_sharding=blocking.explicit_sharding(hidden))
+  if groups > 1:
+    hidden = hidden.reshape(groups, -1, hidden.shape[-1])
+    grad_logits = grad_logits.reshape(groups, -1, grad_logits.shape[-1])
+    grad_logits_c = grad_logits_c.reshape(groups, -1, grad_logits_c.shape[-1])
   d_kernel = lax.dot_general(
-      hidden, grad_logits_c, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-  d_bias = jnp.sum(grad_logits, axis=0) if with_bias else None
+      hidden, grad_logits_c, (((hidden.ndim - 2,), (hidden.ndim - 2,)),
+                              ((0,), (0,)) if groups > 1 else ((), ())),
+      preferred_element_type=jnp.float32)
+  d_bias = jnp.sum(grad_logits, axis=-2) if with_bias else None
   return Grads(d_hidden, d_kernel, d_bias)
 
 

@@ -86,8 +86,8 @@ def distill_loss(
 
   With :math:`s = \text{logits} / T`, :math:`t = \text{teacher\_logits} / T`,
   :math:`p = \mathrm{softmax}(t)` (teacher) and :math:`q = \mathrm{softmax}(s)` (student), the
-  per-token value is the chosen divergence :math:`D(p, q)` (see the README table), optionally
-  times :math:`T^2`, then masked and reduced over tokens.
+  per-token value is the chosen divergence :math:`D(p, q)` (see the docs' divergences table),
+  optionally times :math:`T^2`, then masked and reduced over tokens.
 
   .. math::
 
@@ -360,8 +360,8 @@ _PER_TOKEN_ARGS = """
       :func:`kdjax.distill_loss`.
 
   Returns:
-    float32 ``logits.shape[:-1]``: one value per token. ``-inf`` logits follow the conventions
-    of the README (``0 log 0 = 0``; a term whose compared distribution has no mass is 0).
+    float32 ``logits.shape[:-1]``: one value per token. ``-inf`` logits follow the numerical
+    conventions (``0 log 0 = 0``; a term whose compared distribution has no mass is 0).
 
   Example:
     >>> import jax.numpy as jnp, kdjax

@@ -111,23 +111,18 @@ def _tpu_rows(vocab: int, dtypes) -> int | None:
   return rows if rows * row_bytes <= budget else None
 
 
-def _partitioned() -> bool:
-  """Whether the program is traced under a mesh whose devices XLA partitions it over (GSPMD):
-  XLA cannot split a Pallas call. Inside ``shard_map`` the manual axes are this device's own."""
-  mesh = jax.sharding.get_abstract_mesh()
-  manual = set(getattr(mesh, "manual_axes", ()))
-  return any(size > 1 and name not in manual for name, size in mesh.shape.items())
-
-
 def supports(variant: Variant, config: Config, logits: Array, teacher_logits: Array) -> bool:
   """Whether ``variant`` computes the loss of ``config`` on these ``[tokens, vocab]`` logits.
 
-  The kernels need a whole row's vocabulary on one device (no vocabulary mesh axis, no mesh
-  that XLA partitions the program over) and 32- or 16-bit floats; on TPU the blocks must fit
-  VMEM.
+  The kernels need a whole row's vocabulary on one device (no vocabulary mesh axis, and no mesh
+  that XLA partitions the program over -- XLA cannot split a Pallas call; the inputs' shardings
+  tell, even with ``Auto`` axes and no mesh set) and 32- or 16-bit floats; on TPU the blocks
+  must fit VMEM.
   """
   num_tokens, vocab = logits.shape
-  if (config.axis_name is not None or vocab == 0 or num_tokens == 0 or _partitioned()
+  if (config.axis_name is not None or vocab == 0 or num_tokens == 0
+      or blocking.mesh_devices(logits, teacher_logits) > 1
+      or blocking.explicit_sharding(logits) is not None  # refs typed with a mesh, even of 1
       or logits.dtype not in _DTYPES or teacher_logits.dtype not in _DTYPES):
     return False
   if variant.backend == "mosaic" and not variant.interpret and variant.rows is None:

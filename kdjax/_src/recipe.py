@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kdjax._src import blocking
 from kdjax._src import divergences as div
 from kdjax._src.config import Config
 
@@ -189,31 +190,47 @@ def label_entry(x: Array, labels: Array, start, row_max: Array, *,
 
   Summed over the tiles or shards of a row, it is exact: one of them holds the entry.
   ``gather=False`` picks the entry by comparing every id with the label, for kernels, where a
-  gather along the vocabulary does not lower; the result is the same.
+  gather along the vocabulary does not lower, and for explicitly sharded vocabularies, where a
+  gather's output sharding is ambiguous; the result is the same.
   """
   local = labels - start
   inside = (local >= 0) & (local < x.shape[-1])
   if gather:
     picked = jnp.take_along_axis(x, jnp.clip(local, 0, x.shape[-1] - 1)[:, None], axis=-1)[:, 0]
   else:
-    picked = jnp.sum(jnp.where(one_hot(labels, start, x.shape[-1]), x, 0.0), axis=-1)
+    picked = jnp.sum(jnp.where(one_hot(labels, start, x.shape[-1], like=x), x, 0.0), axis=-1)
   return jnp.where(inside, picked - _finite(row_max), 0.0)
+
+
+def gather_entries(rows: Array, ids: Array, *, fill_value=-jnp.inf) -> Array:
+  """``rows[r, ids[r, j]]``: ``[rows, k]`` entries of each row (``fill_value`` for an id outside
+  the vocabulary). A gather batched over the rows, which GSPMD splits with the rows."""
+  return jax.vmap(lambda row, row_ids: row.at[row_ids].get(
+      mode="fill", fill_value=fill_value))(rows, ids)
 
 
 def scatter_entries(rows: Array, ids: Array, values, *, add: bool = True) -> Array:
   """``rows`` ``[rows, vocab]`` with ``values`` added at (or, ``add=False``, set to) each row's
   entries ``ids`` ``[rows, k]`` (distinct within a row); ids outside the vocabulary are dropped.
-  The entries a sparse or sorted view of a row (top-k ids, ranks) hands back to the row."""
-  row = lax.broadcasted_iota(jnp.int32, ids.shape, 0)
-  ref = rows.at[row, ids]
-  if add:
-    return ref.add(values, mode="drop", unique_indices=True)
-  return ref.set(values, mode="drop", unique_indices=True)
+  The entries a sparse or sorted view of a row (top-k ids, ranks) hands back to the row. A
+  scatter batched over the rows, which GSPMD splits with the rows."""
+  values = jnp.broadcast_to(jnp.asarray(values, rows.dtype), ids.shape)
+
+  def one_row(row, row_ids, row_values):
+    ref = row.at[row_ids]
+    if add:
+      return ref.add(row_values, mode="drop", unique_indices=True)
+    return ref.set(row_values, mode="drop", unique_indices=True)
+
+  return jax.vmap(one_row)(rows, ids, values)
 
 
-def one_hot(labels: Array, start, width: int) -> Array:
-  """bool ``[rows, width]``: True at each row's label (vocabulary ids ``start + j``)."""
-  ids = start + lax.broadcasted_iota(labels.dtype, (labels.shape[0], width), 1)
+def one_hot(labels: Array, start, width: int, *, like: Array | None = None) -> Array:
+  """bool ``[rows, width]``: True at each row's label (vocabulary ids ``start + j``), sharded
+  like ``like`` when explicit sharding types need it."""
+  out_sharding = None if like is None else blocking.explicit_sharding(like)
+  ids = start + lax.broadcasted_iota(labels.dtype, (labels.shape[0], width), 1,
+                                     out_sharding=out_sharding)
   return ids == labels[:, None]
 
 
@@ -345,7 +362,10 @@ def block(config: Config, hp: Mapping[str, Any], logits: Array, teacher_logits: 
     else:
       ce_exps = jnp.exp(shifted(x_student, student.max, 1.0))
       ce_sum_exp = reduce.sum(ce_exps)
-    label = reduce.sum(label_entry(x_student, labels, start, student.max)[:, None])
+    # With explicit sharding types a gather along a sharded vocabulary has no unambiguous
+    # output sharding; the comparison with every id does.
+    label = reduce.sum(label_entry(x_student, labels, start, student.max,
+                                   gather=blocking.explicit_sharding(logits) is None)[:, None])
     ce = dict(labels=labels, vocab_size=reduce.size(width), cross_entropy_sum_exp=ce_sum_exp)
   else:
     label = None
@@ -357,7 +377,7 @@ def block(config: Config, hp: Mapping[str, Any], logits: Array, teacher_logits: 
   ce_grad = None
   if config.cross_entropy:
     ce_grad = (ce_exps * _safe_reciprocal(ce_sum_exp)[:, None],
-               one_hot(labels, start, width))  # type: ignore[arg-type]  # checked above
+               one_hot(labels, start, width, like=logits))  # type: ignore[arg-type]  # checked above
   return rows, student_grad(scale, entry_terms.dlog_q, q.prob,
                             sums.dlog_q, ce_grad)  # type: ignore[arg-type]  # with_grad: summed
 

@@ -97,8 +97,8 @@ def vocab_parallel_distill_loss(
       ``"mean"``, ``"sum"`` and ``"sequence_mean"`` reduce over the tokens of every device
       (``"sequence_mean"`` needs each sequence on one device); ``"none"`` returns this device's
       per-token values.
-    divergence, beta, alpha, temperature, temperature_squared, ignore_index, where,
-      token_weights: as in :func:`kdjax.distill_loss`.
+    divergence, beta, alpha, temperature, temperature_squared, ignore_index, where, token_weights:
+      as in :func:`kdjax.distill_loss`.
     reduction: ``"mean"``, ``"sum"``, ``"none"`` or ``"sequence_mean"``, as in
       :func:`kdjax.distill_loss`.
     normalizer: optional scalar divisor for ``"mean"``, used as given (not ``psum``-ed): pass

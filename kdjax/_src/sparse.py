@@ -173,7 +173,7 @@ def _block(config: config_lib.Config, hp, logits, ids, teacher_logprobs, *, weig
   """One block of tokens: the recipe on the ``k`` teacher ids (plus the tail bucket)."""
   inv_temperature = recipe.inverse_temperature(hp)
   x = logits.astype(jnp.float32)
-  x_top = jnp.take_along_axis(x, ids, axis=-1, mode="fill", fill_value=-jnp.inf)
+  x_top = recipe.gather_entries(x, ids)
   log_p = teacher_logprobs.astype(jnp.float32)
   # The stored log-probabilities are normalised: their statistics only serve to renormalise
   # them over the k ids and to find empty (all -inf) and NaN rows.
