@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import kdjax
-from kdjax._src.sparse import TAILS, sparse_distill_loss, topk_teacher
+from kdjax import TAILS, sparse_distill_loss, topk_teacher
 
 
 def naive_zero(logits, ids, logprobs):

@@ -24,11 +24,6 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import kdjax  # noqa: E402
 
-try:  # the public name once exported; the private module before that.
-  vocab_parallel_distill_loss = kdjax.vocab_parallel_distill_loss
-except AttributeError:
-  from kdjax._src.sharded import vocab_parallel_distill_loss
-
 VOCAB, STUDENT_WIDTH, TEACHER_WIDTH = 512, 64, 128
 BATCH, SEQ = 16, 32
 DATA, MODEL = 4, 2  # 8 devices.
@@ -87,7 +82,7 @@ def main():
   # The same loss with explicit collectives: each device sees its [batch/4, seq, vocab/2]
   # logits and only per-token statistics cross devices.
   shard_map_loss = jax.jit(jax.shard_map(
-      lambda s, t, y: vocab_parallel_distill_loss(
+      lambda s, t, y: kdjax.vocab_parallel_distill_loss(
           s, t, y, axis_name="model", data_axis_name="data",
           divergence="generalized_jsd", beta=0.5, temperature=2.0),
       mesh=mesh, in_specs=(LOGITS_SPEC, LOGITS_SPEC, TOKENS_SPEC), out_specs=P()))
