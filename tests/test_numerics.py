@@ -167,6 +167,88 @@ def test_normalizer_divides_the_sum():
                              rtol=1e-6)
 
 
+# Hyperparameters given as arrays: checked where their value is known, NaN where it is not.
+_RNG = np.random.default_rng(7)
+_S, _T = (jnp.asarray(reference.random_logits(_RNG, (2, 4, 12))) for _ in range(2))
+_Y = jnp.asarray([[1, 2, -100, 3], [0, -100, 5, 11]], jnp.int32)  # Two ignored tokens.
+_H, _H_TEACHER = (jnp.asarray(_RNG.standard_normal((2, 4, 6)), jnp.float32) for _ in range(2))
+_W = jnp.asarray(_RNG.standard_normal((6, 12)), jnp.float32)
+_IDS, _LOGPROBS = kdjax.topk_teacher(_T, 3)
+
+# (loss of the student logits or hidden states and one hyperparameter, the argument it names,
+# an out-of-range value, an in-range value): every public family and every range check.
+_HYPERPARAMETER_CASES = {
+    "distill_loss temperature": (
+        lambda x, v: kdjax.distill_loss(x, _T, _Y, temperature=v), "temperature", -1.0, 2.0),
+    "distill_loss tiny temperature": (
+        lambda x, v: kdjax.distill_loss(x, _T, _Y, temperature=v), "temperature", 1e-39, 2.0),
+    "generalized_jsd beta": (
+        lambda x, v: kdjax.distill_loss(x, _T, _Y, divergence="generalized_jsd", beta=v),
+        "beta", 3.0, 0.3),
+    "skew_forward_kl alpha": (
+        lambda x, v: kdjax.distill_loss(x, _T, _Y, divergence="skew_forward_kl", alpha=v),
+        "alpha", 1.5, 0.2),
+    "normalizer": (
+        lambda x, v: kdjax.distill_loss(x, _T, _Y, normalizer=v), "normalizer", -2.0, 6.0),
+    "distill_with_cross_entropy kd_coef": (
+        lambda x, v: kdjax.distill_with_cross_entropy(x, _T, _Y, kd_coef=v), "kd_coef", 2.0, 0.5),
+    "per-token reverse_kl temperature": (
+        lambda x, v: jnp.sum(kdjax.reverse_kl(x, _T, temperature=v)), "temperature", -3.0, 0.5),
+    "sparse_distill_loss temperature": (
+        lambda x, v: kdjax.sparse_distill_loss(x, _IDS, _LOGPROBS, _Y, temperature=v),
+        "temperature", -1.0, 1.0),
+    "uld_loss teacher_temperature": (
+        lambda x, v: kdjax.uld_loss(x, _T, _Y, teacher_temperature=v), "teacher_temperature",
+        0.0, 2.0),
+    "fused softcap": (
+        lambda h, v: kdjax.fused_linear_distill_loss(h, _W, _H_TEACHER, _W, _Y, softcap=v),
+        "softcap", -5.0, 5.0),
+    "fused kd_coef": (
+        lambda h, v: kdjax.fused_linear_distill_with_cross_entropy(h, _W, _H_TEACHER, _W, _Y,
+                                                                 kd_coef=v),
+        "kd_coef", -0.5, 0.5),
+}
+
+
+@pytest.mark.parametrize("case", list(_HYPERPARAMETER_CASES))
+def test_out_of_range_hyperparameter_array_is_an_error_when_its_value_is_known(case):
+  loss, argument, bad, good = _HYPERPARAMETER_CASES[case]
+  x = _H if "fused" in case else _S
+  for value in (jnp.float32(bad), np.asarray(bad, np.float32), jnp.asarray([bad])[0]):
+    with pytest.raises(ValueError, match=f"^{argument} must be"):
+      loss(x, value)
+  assert np.isfinite(loss(x, jnp.float32(good)))
+
+
+@pytest.mark.parametrize("case", list(_HYPERPARAMETER_CASES))
+def test_out_of_range_traced_hyperparameter_gives_nan(case):
+  """Traced (a schedule inside jit): the value is NaN and so is the gradient of every counted
+  token; ignored tokens still get exactly 0 (but for a NaN normalizer, which divides every
+  token's weight, and a NaN softcap, which enters every token's logits); an in-range value is
+  unaffected."""
+  loss, _, bad, good = _HYPERPARAMETER_CASES[case]
+  x = _H if "fused" in case else _S
+  value_and_grad = jax.jit(jax.value_and_grad(loss))
+  value, grad = value_and_grad(x, bad)
+  assert np.isnan(value), case
+  counted = np.asarray(_Y != -100)
+  assert np.isnan(np.asarray(grad)[counted]).all(axis=-1).any(), case
+  if not any(word in case for word in ("per-token", "normalizer", "softcap")):
+    assert (np.asarray(grad)[~counted] == 0).all(), case
+  good_value, good_grad = value_and_grad(x, good)
+  want_value, want_grad = jax.value_and_grad(loss)(x, good)  # A Python number: static.
+  np.testing.assert_allclose(good_value, want_value, rtol=1e-5)
+  np.testing.assert_allclose(good_grad, want_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_out_of_range_hyperparameter_in_a_vmapped_schedule_is_nan_only_where_it_is():
+  temperatures = jnp.array([1.0, -1.0, 2.0])
+  values = jax.vmap(lambda t: kdjax.distill_loss(_S, _T, _Y, temperature=t))(temperatures)
+  assert np.isnan(values[1]) and np.isfinite(values[np.array([0, 2])]).all()
+  np.testing.assert_allclose(values[2], kdjax.distill_loss(_S, _T, _Y, temperature=2.0),
+                             rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sums and rounding.
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Every check of a public argument, at trace time, with messages that name the argument.
 
-Shapes and dtypes are static, so bad inputs fail before anything runs. Hyperparameters given as
-Python numbers are checked here; those given as arrays are traced (for schedules) and cannot be.
+Shapes and dtypes are static, so bad inputs fail before anything runs. A hyperparameter is
+checked wherever its value is known: a Python number, or an array that is not traced (a
+``ValueError``). A traced one (a schedule inside ``jax.jit``) is known only when the program runs:
+outside its range it becomes NaN (:func:`_in_range`), so the loss is NaN, never a plausible number.
 """
 
 from __future__ import annotations
@@ -62,26 +64,26 @@ def logits_pair(student: Any, teacher: Any, *,
 
 
 def labels(x: Any, token_shape: tuple[int, ...], *, required: bool = False,
-           why: str = "") -> Array | None:
-  """Integer token ids of shape ``token_shape`` (``logits.shape[:-1]``)."""
+           why: str = "", source: str = "logits") -> Array | None:
+  """Integer token ids of shape ``token_shape`` (``source.shape[:-1]``)."""
   if x is None:
     if required:
       raise ValueError(f"labels is required{why}.")
     return None
   x = jnp.asarray(x)
-  _token_shape("labels", x, token_shape)
+  _token_shape("labels", x, token_shape, source)
   if not jnp.issubdtype(x.dtype, jnp.integer):
     raise TypeError(f"labels must be an integer array (token ids), got dtype {x.dtype}.")
   return x
 
 
-def where(x: Any, token_shape: tuple[int, ...]) -> Array | None:
+def where(x: Any, token_shape: tuple[int, ...], source: str = "logits") -> Array | None:
   """A mask of shape ``token_shape``: boolean, or integer with nonzero meaning counted (the
   attention masks of Hugging Face tokenizers)."""
   if x is None:
     return None
   x = jnp.asarray(x)
-  _token_shape("where", x, token_shape)
+  _token_shape("where", x, token_shape, source)
   if jnp.issubdtype(x.dtype, jnp.integer):
     return x != 0
   if x.dtype != jnp.bool_:
@@ -90,10 +92,11 @@ def where(x: Any, token_shape: tuple[int, ...]) -> Array | None:
   return x
 
 
-def _token_shape(name: str, x: Array, token_shape: tuple[int, ...]) -> None:
+def _token_shape(name: str, x: Array, token_shape: tuple[int, ...], source: str) -> None:
+  """``x`` has the token shape: that of the argument ``source`` without its last axis."""
   if tuple(x.shape) != tuple(token_shape):
     raise ValueError(
-        f"{name} must have shape logits.shape[:-1] = {tuple(token_shape)}, got {x.shape}.")
+        f"{name} must have shape {source}.shape[:-1] = {tuple(token_shape)}, got {x.shape}.")
 
 
 def scalar(name: str, x: Any) -> float | Array:
@@ -111,26 +114,50 @@ def scalar(name: str, x: Any) -> float | Array:
   return arr
 
 
+def _in_range(name: str, x: Array, valid: Array, requirement: str) -> Array:
+  """A hyperparameter array ``x`` and whether its value is ``valid`` (a bool scalar computed from
+  it): a ``ValueError`` when the value is known and invalid; when it is traced, ``x`` where valid
+  and NaN elsewhere (every loss reading it is then NaN)."""
+  try:
+    known_valid = bool(valid)
+  except jax.errors.ConcretizationTypeError:  # Traced: decided when the program runs.
+    return jnp.where(valid, x, jnp.nan)
+  if not known_valid:
+    raise ValueError(f"{name} must be {requirement}, got {np.asarray(x).item()!r}.")
+  return x
+
+
+def _positive_finite(x: Array) -> Array:
+  x = jnp.asarray(x, jnp.float32)
+  return (x > 0) & jnp.isfinite(x)
+
+
 def temperature(x: Any, name: str = "temperature") -> float | Array:
-  """``T > 0``; a Python ``T`` must have a reciprocal that is a finite, normal float32, since
-  logits are multiplied by ``1 / T``."""
+  """``T > 0`` whose reciprocal is a finite, normal float32, since logits are multiplied by
+  ``1 / T``."""
   x = scalar(name, x)
-  if isinstance(x, float):
-    if not (x > 0 and math.isfinite(x)):
-      raise ValueError(f"{name} must be a finite number > 0, got {x!r}.")
-    with np.errstate(over="ignore"):
-      inverse = np.float32(1.0 / x)
-    if not (np.isfinite(inverse) and inverse >= _FLOAT32.tiny):
-      raise ValueError(
-          f"{name}={x!r} is outside the float32 range the losses compute in: 1 / "
-          f"{name} must be a finite, normal float32 ({name} in about "
-          f"[{1 / _FLOAT32.max:.3g}, {1 / _FLOAT32.tiny:.3g}]).")
+  if not isinstance(x, float):
+    t = jnp.asarray(x, jnp.float32)
+    reciprocal = 1.0 / jnp.where(t != 0, t, 1.0)
+    valid = _positive_finite(t) & jnp.isfinite(reciprocal) & (reciprocal >= _FLOAT32.tiny)
+    return _in_range(name, x, valid, "a finite number > 0 whose reciprocal is a normal float32")
+  if not (x > 0 and math.isfinite(x)):
+    raise ValueError(f"{name} must be a finite number > 0, got {x!r}.")
+  with np.errstate(over="ignore"):
+    inverse = np.float32(1.0 / x)
+  if not (np.isfinite(inverse) and inverse >= _FLOAT32.tiny):
+    raise ValueError(
+        f"{name}={x!r} is outside the float32 range the losses compute in: 1 / "
+        f"{name} must be a finite, normal float32 ({name} in about "
+        f"[{1 / _FLOAT32.max:.3g}, {1 / _FLOAT32.tiny:.3g}]).")
   return x
 
 
 def unit_interval(name: str, x: Any) -> float | Array:
   x = scalar(name, x)
-  if isinstance(x, float) and not (0.0 <= x <= 1.0):
+  if not isinstance(x, float):
+    return _in_range(name, x, (x >= 0) & (x <= 1), "in [0, 1]")
+  if not (0.0 <= x <= 1.0):
     raise ValueError(f"{name} must be in [0, 1], got {x!r}.")
   return x
 
@@ -140,7 +167,9 @@ def positive(name: str, x: Any) -> float | Array | None:
   if x is None:
     return None
   x = scalar(name, x)
-  if isinstance(x, float) and not (x > 0 and math.isfinite(x)):
+  if not isinstance(x, float):
+    return _in_range(name, x, _positive_finite(x), "a finite number > 0")
+  if not (x > 0 and math.isfinite(x)):
     raise ValueError(f"{name} must be a finite number > 0, got {x!r}.")
   return x
 
@@ -205,6 +234,10 @@ def reduction(name: Any, normalizer: Any) -> tuple[str, Array | None]:
           f"{normalizer!r}.")
   elif jnp.ndim(normalizer) != 0:
     raise ValueError(f"normalizer must be a scalar, got shape {jnp.shape(normalizer)}.")
+  else:
+    normalizer = _in_range("normalizer", jnp.asarray(normalizer, jnp.float32),
+                           _positive_finite(normalizer), "a finite number > 0 (the divisor of "
+                           "the mean)")
   return name, jnp.asarray(normalizer, jnp.float32)
 
 
@@ -229,16 +262,18 @@ class TokenArguments(NamedTuple):
 
 def token_arguments(token_shape, *, labels: Any, where: Any, reduction: Any, normalizer: Any,
                     ignore_index: Any, token_block: Any, token_weights: Any = None,
-                    labels_required: str | None = None) -> TokenArguments:
-  """Checks the per-token arguments every loss shares."""
+                    labels_required: str | None = None,
+                    token_source: str = "logits") -> TokenArguments:
+  """Checks the per-token arguments every loss shares; ``token_shape`` is
+  ``token_source.shape[:-1]`` (the argument the error messages name)."""
   checked_labels = _labels(labels, token_shape, required=labels_required is not None,
-                           why=labels_required or "")
+                           why=labels_required or "", source=token_source)
   _, normalizer = _reduction(reduction, normalizer)
   _ignore_index(ignore_index)
   if token_weights is not None:
     token_weights = float_array("token_weights", token_weights, min_rank=0)
-    _token_shape("token_weights", token_weights, token_shape)
-  return TokenArguments(checked_labels, _where(where, token_shape), normalizer,
+    _token_shape("token_weights", token_weights, token_shape, token_source)
+  return TokenArguments(checked_labels, _where(where, token_shape, token_source), normalizer,
                         positive_int("token_block", token_block, optional=True), token_weights)
 
 

@@ -327,7 +327,7 @@ def prepare(student_hidden, student_kernel, teacher_hidden, teacher_kernel, stud
   tokens = checks.token_arguments(
       inputs[0].shape[:-1], labels=labels, where=where, reduction=reduction,
       normalizer=normalizer, ignore_index=ignore_index, token_block=token_block,
-      token_weights=token_weights,
+      token_weights=token_weights, token_source="student_hidden",
       labels_required=None if kd_coef is None else ": it holds the cross-entropy targets")
   hp = checks.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha,
                               kd_coef=kd_coef)
@@ -361,7 +361,7 @@ def loss(config: Config, traced, inputs: Inputs, labels, where, normalizer, toke
   vocab_size = inputs.params.student_kernel.shape[1]
   if config.axis_name is not None:
     vocab_size *= lax.axis_size(config.axis_name)
-  invalid = reductions.invalid_labels(labels, mask, vocab_size)
+  invalid = reductions.invalid_tokens(mask, labels, vocab_size, traced)
   reduction = "sum" if output == "sum_count" else config.reduction
   flat = inputs._replace(
       student_hidden=inputs.student_hidden.reshape(-1, inputs.student_hidden.shape[-1]),

@@ -30,7 +30,7 @@ def _distill(config, traced, logits, teacher_logits, labels, where, normalizer, 
   (``(sum, count)``) or ``"combined"`` (the loss and its two terms, each reduced alike).
   """
   mask = reductions.token_mask(logits.shape[:-1], labels, where, config.ignore_index)
-  invalid = reductions.invalid_labels(labels, mask, logits.shape[-1])
+  invalid = reductions.invalid_tokens(mask, labels, logits.shape[-1], traced)
   reduction = "sum" if output == "sum_count" else config.reduction
   others = (teacher_logits, labels) if config.cross_entropy else (teacher_logits,)
   loss, rows = reductions.reduced_loss(
@@ -110,7 +110,9 @@ def distill_loss(
       ``1`` is reverse KL (special cases, as in TRL). Only read by ``"generalized_jsd"``.
     alpha: skew KL mixing weight (DistiLLM). Only read by the two skew divergences.
     temperature: softmax temperature ``T > 0`` applied to both logits. A Python number is a
-      trace-time constant; pass a scalar array to schedule it without retracing.
+      trace-time constant; pass a scalar array to schedule it without retracing. Like every
+      hyperparameter, a value outside its range is a ``ValueError`` when known at the call,
+      and makes the loss NaN when traced.
     temperature_squared: multiply per-token values by ``T**2`` (Hinton et al., 2015), which
       keeps gradient magnitudes comparable across temperatures.
     ignore_index: label value that marks a token to ignore.

@@ -23,7 +23,7 @@ error grows like ``log n``, not ``n``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import jax
@@ -48,15 +48,21 @@ def token_mask(token_shape, labels: Array | None, where: Array | None,
   return mask
 
 
-def invalid_labels(labels: Array | None, mask: Array, vocab_size) -> Array | None:
-  """bool: counted tokens whose label is not a vocabulary id (``-1`` padding, say).
+def invalid_tokens(mask: Array, labels: Array | None, vocab_size,
+                   traced: Mapping[str, Array] | None = None) -> Array | None:
+  """bool: counted tokens whose loss is NaN rather than a plausible number.
 
-  Their loss is NaN rather than a plausible number: a label is ``ignore_index`` or an id in
-  ``[0, vocab_size)``.
+  A token is invalid when its label is neither ``ignore_index`` nor an id in
+  ``[0, vocab_size)`` (``-1`` padding, say). Every counted token is invalid when a traced
+  hyperparameter is NaN: the checks turn one outside its range into NaN, since its value is not
+  known until the program runs.
   """
-  if labels is None:
-    return None
-  return mask & ((labels < 0) | (labels >= vocab_size))
+  invalid = None if labels is None else mask & ((labels < 0) | (labels >= vocab_size))
+  if traced:
+    nan_hyperparameter = mask & jnp.any(jnp.isnan(jnp.stack(
+        [jnp.asarray(value, jnp.float32) for value in traced.values()])))
+    invalid = nan_hyperparameter if invalid is None else invalid | nan_hyperparameter
+  return invalid
 
 
 def _safe_divide(total: Array, count: Array) -> Array:
@@ -79,15 +85,16 @@ def reduction_weights(mask: Array, *, reduction: str, normalizer: Array | None =
   count the tokens of every device along it; each sequence must live on one device.
   ``normalizer`` is used as given. ``token_weights`` (float ``mask.shape``, optional) multiply
   each counted token's weight; they do not change the mean's divisor (the number of counted
-  tokens). ``invalid`` tokens (:func:`invalid_labels`) get a NaN weight, so the loss and their
+  tokens). ``invalid`` tokens (:func:`invalid_tokens`) get a NaN weight, so the loss and their
   gradient are NaN. The weights are constants of the loss (no gradient flows through them, nor
   to ``normalizer`` or ``token_weights``).
   """
   weights = mask.astype(jnp.float32)
   if reduction == "mean":
-    count = (global_sum(weights, data_axis_name) if normalizer is None
-             else jnp.asarray(normalizer, jnp.float32))
-    weights = _safe_divide(weights, count)
+    if normalizer is None:
+      weights = _safe_divide(weights, global_sum(weights, data_axis_name))
+    else:  # Checked > 0 where known; a traced invalid one is NaN, and so is the loss.
+      weights = weights / jnp.asarray(normalizer, jnp.float32)
   elif reduction == "sequence_mean":
     sequences = jnp.atleast_1d(weights)
     per_sequence = jnp.sum(sequences, axis=-1, keepdims=True)

@@ -149,7 +149,7 @@ def vocab_parallel_distill_loss(
           config, traced, logits, (teacher_logits,), weights, mask=mask,
           block_fn=dense.teacher_logits_block, reference_fn=reference.per_token),
       mask, reduction=reduction, normalizer=tokens.normalizer, data_axis_name=data_axis_name,
-      invalid=reductions.invalid_labels(tokens.labels, mask, vocab_size),
+      invalid=reductions.invalid_tokens(mask, tokens.labels, vocab_size, traced),
       token_weights=tokens.token_weights)
   return loss
 

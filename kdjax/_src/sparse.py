@@ -236,7 +236,8 @@ def _sparse(config, traced, logits, teacher_ids, teacher_logprobs, labels, where
           config, traced, logits, (teacher_ids.astype(jnp.int32), teacher_logprobs), weights,
           mask=mask, block_fn=_block, reference_fn=reference.sparse_per_token),
       mask, reduction="sum" if output == "sum_count" else config.reduction,
-      normalizer=normalizer, invalid=reductions.invalid_labels(labels, mask, logits.shape[-1]),
+      normalizer=normalizer,
+      invalid=reductions.invalid_tokens(mask, labels, logits.shape[-1], traced),
       token_weights=token_weights)
   return reductions.outputs(output, loss, rows, mask)
 

@@ -172,7 +172,7 @@ def _uld(config, traced, logits, teacher_logits, labels, where, normalizer, toke
           config, traced, logits, (teacher_logits,), weights, mask=mask, block_fn=_block,
           reference_fn=reference.uld_per_token),
       mask, reduction=config.reduction, normalizer=normalizer,
-      invalid=reductions.invalid_labels(labels, mask, logits.shape[-1]),
+      invalid=reductions.invalid_tokens(mask, labels, logits.shape[-1], traced),
       token_weights=token_weights)
   return loss
 
