@@ -35,6 +35,7 @@ import optax
 
 sys.path.insert(0, os.fspath(pathlib.Path(__file__).resolve().parent))
 
+import _cli  # noqa: E402
 import _lm  # noqa: E402
 
 import kdjax  # noqa: E402
@@ -214,16 +215,19 @@ def _weights(text: str) -> tuple[float, ...]:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = _cli.Parser(description=__doc__.splitlines()[0])
   add = parser.add_argument
-  add("--quick", action="store_true", help="a small run for the tests (about 20 s)")
-  add("--merges", type=int, default=256, help="merged tokens of the student's vocabulary")
+  add("--quick", action="store_true", help="a small run for the tests (about 30 s)")
+  add("--merges", type=_cli.non_negative_int, default=256,
+      help="merged tokens of the student's vocabulary")
   add("--uld-weights", type=_weights, default=(0.1, 1.0),
       help="weights of the ULD term, one student each (plus one with cross entropy only)")
-  add("--teacher-steps", type=int, default=400)
-  add("--student-steps", type=int, default=150)
-  add("--batch-size", type=int, default=16)
-  add("--seed", type=int, default=0)
+  add("--teacher-steps", type=_cli.positive_int, default=400, help="teacher training steps")
+  add("--student-steps", type=_cli.positive_int, default=150,
+      help="training steps of each student (the same batches for all)")
+  add("--batch-size", type=_cli.positive_int, default=16, help="sequences per step")
+  add("--seed", type=_cli.non_negative_int, default=0,
+      help="seed of the initial parameters and the batches")
   args = parser.parse_args(argv)
   args.byte_len, args.student_len = 128, 64
   train_bytes, heldout_bytes, teacher_dim, heldout_batches = 2_000_000, 100_000, 128, 4

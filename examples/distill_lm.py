@@ -36,6 +36,11 @@ import sys
 import tempfile
 import textwrap
 
+# The examples' helper modules (_cli, _requires, _lm) sit next to this script, which may run
+# from anywhere (runpy, another working directory).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
+
 # The --quick run: small models, few steps. Flags given explicitly still override these.
 QUICK = dict(
     out="runs/quick", teacher_steps=400, student_steps=200, batch_size=8, seq_len=64,
@@ -47,101 +52,49 @@ DIVERGENCES = (  # kdjax.DIVERGENCES, listed here so that --help and bad flags n
     "soft_cross_entropy", "total_variation")
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    # One line on stderr and exit code 2, like argparse, without the long usage block.
-    self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-  if value <= 0:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-  return value
-
-
-def _non_negative_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-  return value
-
-
-def _float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-  if not math.isfinite(value):
-    raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-  return value
-
-
-def _positive_float(text: str) -> float:
-  value = _float(text)
-  if value <= 0:
-    raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-  return value
-
-
-def _unit_interval(text: str) -> float:
-  value = _float(text)
-  if not 0.0 <= value <= 1.0:
-    raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-  return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-  parser = _Parser(
-      prog="distill_lm.py", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser = _cli.Parser(prog="distill_lm.py", description=__doc__.split("\n\n")[0])
   add = parser.add_argument
   add("--quick", action="store_true",
       help="a run of under a minute on a CPU: " + ", ".join(
           f"--{name.replace('_', '-')} {value}" for name, value in QUICK.items()))
   add("--out", default="runs/demo", help="output folder (created if missing): checkpoints, "
       "results.md, results.json, curves.png")
-  add("--teacher-steps", type=_positive_int, default=500, help="teacher training steps")
-  add("--student-steps", type=_positive_int, default=400,
+  add("--teacher-steps", type=_cli.positive_int, default=500, help="teacher training steps")
+  add("--student-steps", type=_cli.positive_int, default=400,
       help="training steps of each student (same batches for both)")
-  add("--batch-size", type=_positive_int, default=16, help="sequences per step")
-  add("--seq-len", type=_positive_int, default=128, help="bytes per sequence")
-  add("--teacher-layers", type=_positive_int, default=3, help="teacher transformer blocks")
-  add("--teacher-dim", type=_positive_int, default=128, help="teacher width")
-  add("--student-layers", type=_positive_int, default=2, help="student transformer blocks")
-  add("--student-dim", type=_positive_int, default=64, help="student width")
-  add("--head-dim", type=_positive_int, default=32,
+  add("--batch-size", type=_cli.positive_int, default=16, help="sequences per step")
+  add("--seq-len", type=_cli.positive_int, default=128, help="bytes per sequence")
+  add("--teacher-layers", type=_cli.positive_int, default=3, help="teacher transformer blocks")
+  add("--teacher-dim", type=_cli.positive_int, default=128, help="teacher width")
+  add("--student-layers", type=_cli.positive_int, default=2, help="student transformer blocks")
+  add("--student-dim", type=_cli.positive_int, default=64, help="student width")
+  add("--head-dim", type=_cli.positive_int, default=32,
       help="attention head size; widths must be multiples of it")
   add("--divergence", choices=DIVERGENCES, default="forward_kl",
       help="kdjax divergence between teacher and student")
-  add("--temperature", type=_positive_float, default=1.0, help="distillation temperature > 0")
-  add("--kd-coef", type=_unit_interval, default=0.5,
+  add("--temperature", type=_cli.positive_float, default=1.0, help="distillation temperature > 0")
+  add("--kd-coef", type=_cli.unit_interval, default=0.5,
       help="weight of the distillation term in [0, 1]; 0 is cross entropy only")
-  add("--on-policy-fraction", type=_unit_interval, default=0.5,
+  add("--on-policy-fraction", type=_cli.unit_interval, default=0.5,
       help="fraction of the on-policy student's batches sampled from the student itself, in "
       "[0, 1]; 0 skips the on-policy student")
   add("--on-policy-divergence", choices=DIVERGENCES, default="generalized_jsd",
       help="kdjax divergence on the student's samples")
-  add("--on-policy-beta", type=_unit_interval, default=0.5,
+  add("--on-policy-beta", type=_cli.unit_interval, default=0.5,
       help="generalized_jsd's teacher weight in [0, 1] (0: forward KL, 1: reverse KL)")
-  add("--sample-length", type=_positive_int, default=32,
+  add("--sample-length", type=_cli.positive_int, default=32,
       help="bytes the student generates per sequence (the rest of the window is the prompt)")
-  add("--sample-temperature", type=_positive_float, default=1.0,
+  add("--sample-temperature", type=_cli.positive_float, default=1.0,
       help="temperature of the student's samples, in training and in the evaluation")
-  add("--teacher-learning-rate", type=_positive_float, default=2e-3,
+  add("--teacher-learning-rate", type=_cli.positive_float, default=2e-3,
       help="teacher's peak learning rate (AdamW, warmup then cosine decay)")
-  add("--student-learning-rate", type=_positive_float, default=3e-3,
+  add("--student-learning-rate", type=_cli.positive_float, default=3e-3,
       help="students' peak learning rate (AdamW, warmup then cosine decay)")
-  add("--eval-every", type=_positive_int, default=50, help="steps between held-out evaluations")
-  add("--eval-windows", type=_positive_int, default=64, help="held-out sequences evaluated")
-  add("--checkpoint-every", type=_positive_int, default=100, help="steps between checkpoints")
-  add("--seed", type=_non_negative_int, default=0,
+  add("--eval-every", type=_cli.positive_int, default=50, help="steps between held-out evaluations")
+  add("--eval-windows", type=_cli.positive_int, default=64, help="held-out sequences evaluated")
+  add("--checkpoint-every", type=_cli.positive_int, default=100, help="steps between checkpoints")
+  add("--seed", type=_cli.non_negative_int, default=0,
       help="seed of the initial parameters, the batches and the samples")
   add("--no-progress", action="store_true",
       help="plain lines at each evaluation instead of progress bars (the default when stderr "
@@ -259,7 +212,6 @@ def main(argv=None) -> int:
   import dataclasses
   import json
 
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import _requires
 
   _requires.require("tqdm", "matplotlib", "optax", "orbax.checkpoint", "flax")

@@ -17,11 +17,11 @@ Run: python examples/nnx_fused_head.py [--steps 100] [--kd-coef 0.5]
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
 import _requires  # noqa: E402
 
 _requires.require("flax", "optax")
@@ -85,12 +85,12 @@ def make_batch(key, teacher):
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument("--steps", type=int, default=100, help="training steps")
-  parser.add_argument("--kd-coef", type=float, default=0.5,
+  parser = _cli.Parser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--steps", type=_cli.positive_int, default=100, help="training steps")
+  parser.add_argument("--kd-coef", type=_cli.unit_interval, default=0.5,
                       help="weight of the distillation term in [0, 1]")
-  parser.add_argument("--learning-rate", type=float, default=1e-2, help="Adam's learning rate")
+  parser.add_argument("--learning-rate", type=_cli.positive_float, default=1e-2,
+                      help="Adam's learning rate")
   args = parser.parse_args(argv)
 
   teacher = LanguageModel(128, rngs=nnx.Rngs(0))

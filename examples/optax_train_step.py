@@ -12,8 +12,7 @@ Run: python examples/optax_train_step.py [--steps 300] [--kd-coef 0.5]
 
 from __future__ import annotations
 
-import argparse
-
+import _cli
 import jax
 import jax.numpy as jnp
 import optax
@@ -54,12 +53,12 @@ def make_batch(key, teacher_params):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument("--steps", type=int, default=300, help="training steps")
-  parser.add_argument("--kd-coef", type=float, default=0.5,
+  parser = _cli.Parser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--steps", type=_cli.positive_int, default=300, help="training steps")
+  parser.add_argument("--kd-coef", type=_cli.unit_interval, default=0.5,
                       help="weight of the distillation term in [0, 1]")
-  parser.add_argument("--learning-rate", type=float, default=3e-3, help="Adam's learning rate")
+  parser.add_argument("--learning-rate", type=_cli.positive_float, default=3e-3,
+                      help="Adam's learning rate")
   args = parser.parse_args()
 
   teacher_params = init_mlp(jax.random.key(0), hidden=256)

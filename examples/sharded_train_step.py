@@ -16,6 +16,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import _cli  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
@@ -53,6 +54,7 @@ def logits_fn(params, tokens, mesh):
 
 
 def main():
+  _cli.Parser(description=__doc__.split("\n\n")[0]).parse_args()  # No options: --help.
   mesh = jax.make_mesh((DATA, MODEL), ("data", "model"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   place = lambda tree, specs: jax.tree.map(  # noqa: E731

@@ -22,13 +22,13 @@ downloaded.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sysconfig
 import tempfile
 import time
 
+import _cli
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,11 +174,15 @@ def train(student_tokens, steps, loss_fn, teacher_source, seed=0):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=400)
-  parser.add_argument("--teacher-bytes", type=int, default=3_000_000)
-  parser.add_argument("--student-bytes", type=int, default=131_072 + CONTEXT)
-  parser.add_argument("--heldout-bytes", type=int, default=16_384 + CONTEXT)
+  parser = _cli.Parser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=_cli.positive_int, default=400,
+                      help="training steps of the teacher and of each student")
+  parser.add_argument("--teacher-bytes", type=_cli.positive_int, default=3_000_000,
+                      help="bytes of text the teacher trains on")
+  parser.add_argument("--student-bytes", type=_cli.positive_int, default=131_072 + CONTEXT,
+                      help="bytes of text the caches hold and the students train on")
+  parser.add_argument("--heldout-bytes", type=_cli.positive_int, default=16_384 + CONTEXT,
+                      help="held-out bytes of the evaluation")
   parser.add_argument("--keep-cache", default=None, help="write the caches here and keep them")
   parser.add_argument("--divergences", default="",
                       help="comma-separated divergences for the per-divergence table")

@@ -67,3 +67,28 @@ def test_nnx_fused_head_matches_the_logits_and_trains():
   assert "== distill_with_cross_entropy on the logits" in result.stdout, result.stdout
   assert result.stdout.strip().endswith("(falling)"), result.stdout
   assert "DeprecationWarning" not in result.stderr, result.stderr
+
+
+_BAD_FLAGS = {
+    "optax_train_step.py": ["--steps", "0"],
+    "nnx_fused_head.py": ["--kd-coef", "1.5"],
+    "cross_tokenizer.py": ["--student-steps", "0"],
+    "teacher_cache.py": ["--steps", "-3"],
+    "sharded_train_step.py": ["--bogus"],
+    "distill_lm.py": ["--temperature", "-1"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(_BAD_FLAGS))
+def test_every_example_has_help_and_rejects_a_bad_flag_in_one_line(script):
+  path = str(ROOT / "examples" / script)
+  shown = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+  assert shown.returncode == 0 and shown.stdout.startswith("usage:"), shown.stderr[-2000:]
+  if "--steps" in shown.stdout:
+    assert "(default:" in shown.stdout, shown.stdout
+  refused = subprocess.run([sys.executable, path, *_BAD_FLAGS[script]], capture_output=True,
+                           text=True, timeout=120, cwd=ROOT)
+  assert refused.returncode == 2, refused.stderr[-2000:]
+  assert refused.stderr.count("\n") == 1 and "error:" in refused.stderr, refused.stderr
+  assert refused.stdout == "", refused.stdout
