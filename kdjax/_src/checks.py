@@ -162,15 +162,17 @@ def unit_interval(name: str, x: Any) -> float | Array:
   return x
 
 
-def positive(name: str, x: Any) -> float | Array | None:
-  """An optional hyperparameter ``> 0`` (None: not used)."""
+def positive(name: str, x: Any, role: str = "") -> float | Array | None:
+  """An optional hyperparameter ``> 0`` (None: not used); ``role`` says what it is for in the
+  error message."""
   if x is None:
     return None
   x = scalar(name, x)
+  requirement = f"a finite number > 0{role}"
   if not isinstance(x, float):
-    return _in_range(name, x, _positive_finite(x), "a finite number > 0")
+    return _in_range(name, x, _positive_finite(x), requirement)
   if not (x > 0 and math.isfinite(x)):
-    raise ValueError(f"{name} must be a finite number > 0, got {x!r}.")
+    raise ValueError(f"{name} must be {requirement}, got {x!r}.")
   return x
 
 
@@ -225,19 +227,7 @@ def reduction(name: Any, normalizer: Any) -> tuple[str, Array | None]:
     raise ValueError(
         f"normalizer replaces the token count of reduction='mean'; it cannot be used with "
         f"reduction={name!r}.")
-  if isinstance(normalizer, (bool, np.bool_)):
-    raise TypeError(f"normalizer must be a number, got {normalizer!r}.")
-  if isinstance(normalizer, (int, float, np.integer, np.floating)):
-    if not (normalizer > 0 and math.isfinite(normalizer)):
-      raise ValueError(
-          f"normalizer must be a finite number > 0 (the divisor of the mean), got "
-          f"{normalizer!r}.")
-  elif jnp.ndim(normalizer) != 0:
-    raise ValueError(f"normalizer must be a scalar, got shape {jnp.shape(normalizer)}.")
-  else:
-    normalizer = _in_range("normalizer", jnp.asarray(normalizer, jnp.float32),
-                           _positive_finite(normalizer), "a finite number > 0 (the divisor of "
-                           "the mean)")
+  normalizer = positive("normalizer", normalizer, " (the divisor of the mean)")
   return name, jnp.asarray(normalizer, jnp.float32)
 
 
