@@ -1,6 +1,8 @@
 """implementation=: every implementation against the readable reference, and the reference
 against the independent float64 formula."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,13 +143,94 @@ def test_bf16_every_implementation_agrees():
                              atol=1e-7)
 
 
-def test_vmap_over_implementations():
-  logits, teacher, _ = _data(6)
-  for implementation in ("blocked", "reference"):
-    batched = jax.vmap(lambda a, b, i=implementation: kdjax.reverse_kl(
-        a, b, implementation=i))(logits, teacher)
-    np.testing.assert_allclose(batched, reference.per_token("reverse_kl", logits, teacher),
-                               rtol=2e-5, atol=1e-6)
+def _second_order_data():
+  # Finite logits: a second derivative through -inf entries is NaN in the reference too.
+  rng = np.random.default_rng(10)
+  logits = rng.standard_normal((2, 3, 11)).astype(np.float32) * 2
+  teacher = rng.standard_normal((2, 3, 11)).astype(np.float32) * 2
+  labels = np.array([[1, -100, 4], [0, 7, -100]], np.int32)
+  return logits, teacher, labels
+
+
+@pytest.mark.parametrize("implementation", ["blocked", None, "pallas"])
+def test_vmap_over_implementations(implementation):
+  logits, teacher, labels = _data(6)
+  batched = jax.vmap(lambda a, b: kdjax.reverse_kl(
+      a, b, implementation=implementation))(logits, teacher)
+  np.testing.assert_allclose(batched, reference.per_token("reverse_kl", logits, teacher),
+                             rtol=2e-5, atol=1e-6)
+  # A teacher shared by the batch, a temperature per batch entry, and the gradient.
+  logits, teacher, labels = _second_order_data()
+  temperatures = jnp.asarray([0.5, 2.0])
+
+  def loss(x, temperature, implementation):
+    return kdjax.distill_with_cross_entropy(
+        x, teacher[0], labels[0], kd_coef=0.5, divergence="generalized_jsd",
+        temperature=temperature, implementation=implementation)
+
+  got = jax.vmap(jax.value_and_grad(functools.partial(loss, implementation=implementation)))(
+      logits, temperatures)
+  want = [jax.value_and_grad(loss)(x, t, "reference") for x, t in zip(
+      logits, temperatures, strict=True)]
+  for a, b in zip(got, zip(*want, strict=True), strict=True):
+    np.testing.assert_allclose(a, np.stack(b), rtol=2e-5, atol=2e-7)
+
+
+SECOND_ORDER = {
+    "distill_loss": lambda x, t, y, i: kdjax.distill_loss(
+        x, t, y, divergence="generalized_jsd", temperature=jnp.float32(1.5), beta=0.3,
+        implementation=i),
+    "combined": lambda x, t, y, i: kdjax.distill_with_cross_entropy(
+        x, t, y, kd_coef=0.4, divergence="reverse_kl", temperature=2.0,
+        temperature_squared=True, implementation=i),
+    "per_token": lambda x, t, y, i: jnp.sum(
+        kdjax.skew_forward_kl(x, t, alpha=0.2, implementation=i) * np.arange(1.0, 4.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SECOND_ORDER))
+def test_hessian_of_the_default_matches_reference(name):
+  """jax.hessian (forward over reverse mode): the default differentiates the blocked engine."""
+  logits, teacher, labels = _second_order_data()
+  loss = SECOND_ORDER[name]
+  got = jax.jit(jax.hessian(lambda x: loss(x, teacher, labels, None)))(logits)
+  want = jax.hessian(lambda x: loss(x, teacher, labels, "reference"))(logits)
+  assert got.shape == logits.shape * 2
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["distill_loss", "per_token"])
+def test_gradient_of_gradient_of_the_default_matches_reference(name):
+  """Reverse over reverse mode, through the gradient's squared norm."""
+  logits, teacher, labels = _second_order_data()
+  loss = SECOND_ORDER[name]
+
+  def penalty(x, implementation):
+    return jnp.sum(jax.grad(loss)(x, teacher, labels, implementation) ** 2)
+
+  got = jax.jit(jax.grad(penalty), static_argnums=1)(logits, None)
+  want = jax.grad(penalty)(logits, "reference")
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_forward_mode_through_the_reference():
+  """jax.jvp and jax.jacfwd need the reference; its directional derivative is the default's
+  gradient times the tangent, and the other implementations refuse forward mode."""
+  logits, teacher, labels = _second_order_data()
+  tangent = np.random.default_rng(11).standard_normal(logits.shape).astype(np.float32)
+  loss = SECOND_ORDER["distill_loss"]
+  _, directional = jax.jvp(lambda x: loss(x, teacher, labels, "reference"), (logits,),
+                           (tangent,))
+  gradient = jax.grad(loss)(logits, teacher, labels, None)
+  np.testing.assert_allclose(directional, np.sum(gradient * tangent), rtol=1e-5)
+  jacobian = jax.jacfwd(lambda x: kdjax.forward_kl(x, teacher, implementation="reference"))(
+      logits)
+  assert jacobian.shape == logits.shape[:-1] + logits.shape
+  for implementation in ("blocked", None):
+    with pytest.raises(TypeError, match="forward-mode"):
+      jax.jvp(lambda x, i=implementation: loss(x, teacher, labels, i), (logits,), (tangent,))
+  with pytest.raises(ValueError, match="'pallas' has no forward-mode derivative"):
+    jax.hessian(lambda x: loss(x, teacher, labels, "pallas"))(logits)
 
 
 def test_default_choice():

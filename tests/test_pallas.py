@@ -312,7 +312,9 @@ def test_fused_head_lowers(platform):
 
 def _compiled(fn, *args):
   text = jax.jit(jax.value_and_grad(fn)).lower(*args).compile().as_text()
-  return re.sub(r", metadata=\{[^}]*\}|, stack_frame_id=\d+", "", text.split("ENTRY", 1)[1])
+  text = re.sub(r", metadata=\{[^}]*\}|, stack_frame_id=\d+", "", text.split("ENTRY", 1)[1])
+  # The entry computation's name carries a counter of the names XLA made while compiling.
+  return re.sub(r"^ %main\.\d+ ", " %main ", text)
 
 
 def test_cpu_default_is_the_blocked_program():
@@ -324,3 +326,26 @@ def test_cpu_default_is_the_blocked_program():
       for implementation in (None, "blocked")}
   assert programs[None] == programs["blocked"]
   assert "custom-call" not in programs[None]
+
+
+def test_lowering_for_cpu_traces_no_kernel(monkeypatch):
+  """The default's kernels are traced only when the program is lowered for GPUs or TPUs: with
+  Pallas unusable, the CPU program still traces, lowers and runs; lowering for cuda fails."""
+  logits, teacher, labels = _inputs(8, (24, 1000), jnp.float32)  # shapes no other test lowers
+
+  def no_kernels(*args, **kwargs):
+    raise AssertionError("a kernel was traced")
+
+  monkeypatch.setattr(pallas.pl, "pallas_call", no_kernels)
+
+  def loss(x):
+    return kdjax.distill_with_cross_entropy(x, teacher, labels, divergence="generalized_jsd")
+
+  traced = jax.jit(jax.value_and_grad(loss)).trace(logits)
+  value, grad = traced.lower().compile()(logits)
+  want_value, want_grad = jax.value_and_grad(lambda x: kdjax.distill_with_cross_entropy(
+      x, teacher, labels, divergence="generalized_jsd", implementation="reference"))(logits)
+  _assert_close(value, want_value, rtol=2e-5)
+  _assert_close(grad, want_grad, rtol=2e-4)
+  with pytest.raises(AssertionError, match="a kernel was traced"):
+    traced.lower(lowering_platforms=("cuda",))

@@ -97,31 +97,6 @@ def _map_blocks(block_fn: BlockFn, config: Config, traced, logits, weights, othe
   return blocking.map_token_blocks(fn, inputs, outputs, block=block, overwrite=overwrite)
 
 
-def per_platform(*, default: Loop, **platforms: Loop) -> Loop:
-  """The loop of the platform the program is lowered for: ``platforms[name]`` (names as in
-  ``lax.platform_dependent``: ``cpu``, ``cuda``, ``rocm``, ``tpu``), else ``default``.
-
-  Every loop is traced; lowering for a platform compiles only its own.
-  """
-  others = tuple(sorted((name, loop) for name, loop in platforms.items() if loop is not default))
-  return default if not others else _platform_loop(default, others)
-
-
-@functools.cache
-def _platform_loop(default: Loop, platforms: tuple[tuple[str, Loop], ...]) -> Loop:
-  return functools.partial(_run_per_platform, default, platforms)
-
-
-def _run_per_platform(default, platforms, config, traced, logits, weights, others, *,
-                      with_grad):
-  branches = {}  # One callable per loop: platform_dependent joins the platforms that share one.
-  for loop in (default, *(loop for _, loop in platforms)):
-    branches.setdefault(loop, lambda loop=loop: loop(config, traced, logits, weights, others,
-                                                     with_grad=with_grad))
-  return lax.platform_dependent(
-      default=branches[default], **{name: branches[loop] for name, loop in platforms})
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _per_token(loop, config, traced, logits, *others):
   return recipe.Rows(*loop(config, traced, logits, None, others, with_grad=False))

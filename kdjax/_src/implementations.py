@@ -12,13 +12,17 @@
   tiles. Pallas' Triton backend on NVIDIA GPUs, Mosaic on TPUs; on CPU the Triton kernel runs in
   Pallas interpret mode, a testing aid (slow). Where a kernel does not apply (a TPU block that
   does not fit VMEM, another platform) the blocked engine runs instead.
-* ``None`` (the default): the best implementation for the platform the program is lowered for,
-  chosen with ``lax.platform_dependent``: the blocked engine on CPU, the kernels on GPUs and TPUs
-  where they apply, the blocked engine elsewhere. On CPU the blocked engine is faster than the
-  reference at every size measured, from 8 x 128 to 2048 x 32000 (value and gradient,
-  ``benchmarks/bench_kd_loss.py --small``), and it keeps no ``[tokens, vocab]`` float32 array.
+* ``None`` (the default): the best implementation for the platform the program is lowered for
+  (``platforms.per_platform``: only that platform's engine is traced): the blocked engine on CPU,
+  the kernels on GPUs and TPUs where they apply, the blocked engine elsewhere. On CPU the blocked
+  engine is faster than the reference at every size measured, from 8 x 128 to 2048 x 32000
+  (value and gradient, ``benchmarks/bench_kd_loss.py --small``), and it keeps no ``[tokens,
+  vocab]`` float32 array.
 
 All implementations compute the same function, with the same conventions, to float32 rounding.
+The engines are reverse-mode (``jax.grad``, ``jax.vjp``: a ``custom_vjp``); their second
+derivatives (``jax.hessian``, gradients of gradients) are the blocked engine's on every platform,
+and ``"pallas"`` has none. Forward mode (``jax.jvp``, ``jax.jacfwd``) is the reference's.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import jax
 
-from kdjax._src import checks, dense, pallas, reductions
+from kdjax._src import checks, dense, pallas, platforms, reductions
 from kdjax._src.config import Config
 from kdjax._src.recipe import Rows
 
@@ -65,15 +69,21 @@ def dense_loop(config: Config, block_fn: dense.BlockFn, *, kernels: bool) -> den
   """The loop of materialised logits for each platform.
 
   ``kernels``: ``block_fn`` is ``dense.teacher_logits_block``, which the Pallas kernels
-  compute. The blocked engine runs on CPU and wherever no kernel applies; with
-  ``implementation="pallas"`` the interpreted kernel runs on CPU.
+  compute. The default runs the blocked engine on CPU and wherever no kernel applies, and
+  differentiates it in forward mode on every platform; ``implementation="pallas"`` runs the
+  interpreted kernel on CPU and has no forward mode. Only the loop of the platform lowered
+  for is traced (``platforms.per_platform``).
   """
   blocked = dense.blocked(block_fn)
   if not kernels or config.implementation == "blocked":
     return blocked
-  cpu = pallas.loop(pallas.INTERPRET, blocked) if config.implementation == "pallas" else blocked
-  return dense.per_platform(cpu=cpu, cuda=pallas.loop(pallas.TRITON, blocked),
-                            tpu=pallas.loop(pallas.MOSAIC, blocked), default=blocked)
+  if config.implementation == "pallas":
+    return platforms.per_platform(
+        cpu=pallas.loop(pallas.INTERPRET, blocked), cuda=pallas.loop(pallas.TRITON, blocked),
+        tpu=pallas.loop(pallas.MOSAIC, blocked), default=blocked, jvp=None)
+  return platforms.per_platform(
+      cpu=blocked, cuda=pallas.loop(pallas.TRITON, blocked),
+      tpu=pallas.loop(pallas.MOSAIC, blocked), default=blocked, jvp=blocked)
 
 
 def materialised(config: Config, traced: Mapping[str, Array], logits: Array,
