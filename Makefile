@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench docs lint typecheck clean
+.PHONY: demo test bench docs lint typecheck compile-gpu compile-tpu clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,15 @@ lint: $(VENV)/.dev
 
 typecheck: $(VENV)/.dev
 	$(PY) -m mypy
+
+# The kernels compiled for GPUs (H100, H200) and TPUs (v5e, v5p, v6e) without either: each installs
+# its toolchain once outside the checkout (see .ci/compile_gpu). ARGS go to the script; without
+# them, the CI subset.
+compile-gpu:
+	bash .ci/compile_gpu $(ARGS)
+
+compile-tpu:
+	bash .ci/compile_tpu $(ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache docs/_build docs/_autosummary
