@@ -159,14 +159,18 @@ def _loss_fn(case: Case):
   import jax.numpy as jnp
 
   import kdjax
-  temperature = jnp.float32(2.0) if case.traced_temperature else 2.0
+
+  def temperature():  # Made inside the traced function: a traced value, not a constant.
+    return jnp.float32(2.0) if case.traced_temperature else 2.0
+
   if case.loss == "fused_head":
     return kdjax.fused_linear_distill_loss
   if case.loss == "kd_loss":
     return lambda x, t, y: kdjax.kd_loss(x, t, y, implementation="pallas")
   if case.loss == "combined":
     return lambda x, t, y: kdjax.distill_with_cross_entropy(
-        x, t, y, divergence="generalized_jsd", temperature=temperature, implementation="pallas")
+        x, t, y, divergence="generalized_jsd", temperature=temperature(),
+        implementation="pallas")
   return lambda x, t, y: kdjax.distill_loss(
       x, t, y, divergence=case.loss, implementation="pallas")
 

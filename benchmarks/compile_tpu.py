@@ -133,14 +133,18 @@ def _program(case: Case, tokens: int, spec):
     args = [spec((tokens, hidden), jnp.bfloat16), spec((hidden, vocab), jnp.bfloat16)] * 2
     return jax.jit(matmuls), [*args, spec((tokens, vocab), jnp.bfloat16)]
   _, vocab, dtype = case.shape
-  temperature = jnp.float32(2.0) if case.traced_temperature else 2.0
+
+  def temperature():  # Made inside the traced function: a traced value, not a constant.
+    return jnp.float32(2.0) if case.traced_temperature else 2.0
+
   if case.loss == "kd_loss":
     def loss(x, t, y):
       return kdjax.kd_loss(x, t, y, implementation="pallas")
   elif case.loss == "combined":
     def loss(x, t, y):
       return kdjax.distill_with_cross_entropy(
-          x, t, y, divergence="generalized_jsd", temperature=temperature, implementation="pallas")
+          x, t, y, divergence="generalized_jsd", temperature=temperature(),
+          implementation="pallas")
   else:
     def loss(x, t, y):
       return kdjax.distill_loss(x, t, y, divergence=case.loss, implementation="pallas")
