@@ -166,23 +166,64 @@ def _total_variation(p: Dist, q: Dist, hp: Mapping[str, Scalar]) -> Terms:
   return Terms(0.5 * jnp.abs(diff), -0.5 * jnp.sign(diff) * q.prob)
 
 
+class OnlineValue(NamedTuple):
+  """How a divergence's value folds with the row statistics in one walk over the vocabulary.
+
+  The value is ``sum_v w_v (teacher * log p_v + student * log q_v)`` over the entries where both
+  distributions have mass, with ``w = p`` (``weight="teacher"``) or ``w = q``; and the sum of its
+  derivatives ``sum_v dlog_q_v`` is ``dvalue * value + dmass * sum_v w_v`` over the same entries.
+  Since ``log p_v = (t_v - max t) / T - log S_t``, the value needs only the running sums
+  ``sum w_v (t_v - max t)``, ``sum w_v (s_v - max s)`` and ``sum w_v``, which rescale with the
+  log-sum-exp as the maxima grow: a kernel gets values and statistics from one walk, and the
+  gradient from a second.
+  """
+
+  weight: str  # "teacher" (w = p) or "student" (w = q).
+  teacher: float
+  student: float
+  dvalue: float
+  dmass: float
+
+
+_FORWARD_KL_ONLINE = OnlineValue("teacher", 1.0, -1.0, 0.0, -1.0)
+_REVERSE_KL_ONLINE = OnlineValue("student", -1.0, 1.0, 1.0, 1.0)
+
+
+def _no_fold(hp: Mapping[str, Scalar]) -> None:
+  del hp
+
+
+def _jsd_fold(hp: Mapping[str, Scalar]) -> OnlineValue | None:
+  """A static ``beta`` of 0 or 1 is the forward or reverse KL; the interior needs the final
+  normalisers (its mixture's log)."""
+  beta = hp["beta"]
+  if isinstance(beta, (int, float)):
+    return {0.0: _FORWARD_KL_ONLINE, 1.0: _REVERSE_KL_ONLINE}.get(float(beta))
+  return None
+
+
 class DivergenceSpec(NamedTuple):
-  """One divergence: its elementwise terms and the hyperparameters they read."""
+  """One divergence: its elementwise terms, the hyperparameters they read, and (``online``)
+  how its value folds online with the row statistics, for given hyperparameters: an
+  :class:`OnlineValue`, or None when the value needs the final normalisers."""
 
   name: str
   terms: Callable[[Dist, Dist, Mapping[str, Scalar]], Terms]
   hyperparameters: tuple[str, ...]
   formula: str
+  online: Callable[[Mapping[str, Scalar]], OnlineValue | None] = _no_fold
 
 
 DIVERGENCES: dict[str, DivergenceSpec] = {
     spec.name: spec
     for spec in (
-        DivergenceSpec("forward_kl", _forward_kl, (), "sum p (log p - log q)"),
-        DivergenceSpec("reverse_kl", _reverse_kl, (), "sum q (log q - log p)"),
+        DivergenceSpec("forward_kl", _forward_kl, (), "sum p (log p - log q)",
+                       lambda hp: _FORWARD_KL_ONLINE),
+        DivergenceSpec("reverse_kl", _reverse_kl, (), "sum q (log q - log p)",
+                       lambda hp: _REVERSE_KL_ONLINE),
         DivergenceSpec(
             "generalized_jsd", _generalized_jsd, ("beta",),
-            "beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q"),
+            "beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q", _jsd_fold),
         DivergenceSpec(
             "skew_forward_kl", _skew_forward_kl, ("alpha",),
             "KL(p || alpha p + (1 - alpha) q)"),
@@ -190,6 +231,7 @@ DIVERGENCES: dict[str, DivergenceSpec] = {
             "skew_reverse_kl", _skew_reverse_kl, ("alpha",),
             "KL(q || alpha q + (1 - alpha) p)"),
         DivergenceSpec("total_variation", _total_variation, (), "0.5 sum |p - q|"),
-        DivergenceSpec("soft_cross_entropy", _soft_cross_entropy, (), "-sum p log q"),
+        DivergenceSpec("soft_cross_entropy", _soft_cross_entropy, (), "-sum p log q",
+                       lambda hp: OnlineValue("teacher", 0.0, -1.0, 0.0, -1.0)),
     )
 }

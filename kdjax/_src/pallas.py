@@ -64,14 +64,19 @@ GPU_TILE = 2048
 GPU_WARPS = 8
 GPU_STAGES = 2
 
-# TPU: about this many bytes of each logits array per block (at least 8 rows, 16 for 16-bit
-# logits: a packed vreg), tiles of this many lanes (a [8, tile] float32 temporary is 4 of the 64
-# vector registers), and at most this fraction of the core's VMEM for the double-buffered blocks
-# of the three [rows, vocab] arrays (two logits, the gradient): 24 MiB on a 64 MiB v5p or v7x,
-# 48 MiB on a 128 MiB v5e or v6e, 6 MiB on a 16 MiB v4.
-TPU_BLOCK_BYTES = 2 << 20
+# TPU: a block holds as many rows as the core's VMEM takes with the double-buffered blocks of
+# the three [rows, vocab] arrays (two logits, the gradient), less TPU_VMEM_RESERVE for the
+# tiles' temporaries, a multiple of TPU_GROUP rows and at most TPU_MAX_ROWS: 64 rows of a
+# 128256-entry bfloat16 vocabulary on a 128 MiB v5e or v6e, 32 on a 64 MiB v5p. The kernel walks
+# a block TPU_GROUP rows at a time, tiles of TPU_TILE lanes, keeping its statistics per lane in
+# [TPU_GROUP, TPU_LANES] float32 arrays (2 of the 64 vector registers each), reduced across
+# lanes once per walk.
 TPU_TILE = 512
-TPU_VMEM_FRACTION = 3 / 8
+TPU_LANES = 128
+TPU_GROUP = 16
+TPU_MAX_ROWS = 256
+TPU_VMEM_RESERVE = 12 << 20
+TPU_UNROLL = 5
 # VMEM per core assumed when the program is traced without a TPU to ask (lowering elsewhere).
 TPU_DEFAULT_VMEM = 64 << 20
 
@@ -100,15 +105,13 @@ def _tpu_vmem_capacity() -> int:
 
 
 def _tpu_rows(vocab: int, dtypes) -> int | None:
-  """Rows per TPU block: a multiple of the packed sublanes, about TPU_BLOCK_BYTES per array,
-  double-buffered blocks within the VMEM budget; None when not even the fewest rows fit."""
+  """Rows per TPU block: as many as fit VMEM, a multiple of TPU_GROUP (which is a multiple of
+  the packed sublanes of 16-bit logits); None when not even TPU_GROUP rows fit."""
   itemsizes = [jnp.dtype(d).itemsize for d in dtypes]
-  multiple = 8 * (4 // min(itemsizes))
   row_bytes = 2 * vocab * (sum(itemsizes) + itemsizes[0])  # Two logits and the gradient.
-  budget = int(TPU_VMEM_FRACTION * _tpu_vmem_capacity())
-  rows = min(TPU_BLOCK_BYTES // (vocab * max(itemsizes)), 512, budget // row_bytes)
-  rows = max(multiple, rows // multiple * multiple)
-  return rows if rows * row_bytes <= budget else None
+  budget = _tpu_vmem_capacity() - TPU_VMEM_RESERVE
+  rows = min(budget // row_bytes, TPU_MAX_ROWS) // TPU_GROUP * TPU_GROUP
+  return rows or None
 
 
 def supports(variant: Variant, config: Config, logits: Array, teacher_logits: Array) -> bool:
@@ -139,15 +142,25 @@ class _Tile(NamedTuple):
   start: Array | int  # the vocabulary id of the tile's first entry.
   width: int  # entries read.
   valid: Array | None  # bool [rows, width]: entries inside the vocabulary (None: all of them).
+  counted: Array | None = None  # bool [rows, width]: entries no earlier tile holds (None: all).
 
 
 class _Tiles(NamedTuple):
-  """The vocabulary walk of one program: full tiles in a loop, then a static remainder."""
+  """The vocabulary walk of one program: full tiles in a loop, then a static remainder.
+
+  Every tile is ``lanes`` entries wide or a multiple of it, as the per-lane statistics need.
+  Triton reads the remainder as a full tile with a mask (entries past the vocabulary read as
+  ``-inf``, which every term counts as 0). Mosaic reads it unmasked; when it is not a multiple
+  of ``lanes``, as the last whole lanes of the row, the entries an earlier tile holds not
+  counted again (their gradient is written twice, the same).
+  """
 
   rows: int
   vocab: int
   tile: int
-  masked: bool  # the remainder is a full-width tile read and written with a mask (Triton).
+  lanes: int
+  masked: bool
+  unroll: int = 1  # loop iterations the compiler may overlap (Mosaic does not pipeline).
 
   def fold(self, body: Callable[[_Tile, Any], Any], carry):
     """``carry = body(tile, carry)`` over the tiles of the vocabulary, in order."""
@@ -155,17 +168,21 @@ class _Tiles(NamedTuple):
     if num_full:
       def step(k, carry):
         return body(_Tile(pl.multiple_of(k * self.tile, self.tile), self.tile, None), carry)
-      carry = lax.fori_loop(0, num_full, step, carry)
+      carry = lax.fori_loop(0, num_full, step, carry, unroll=min(self.unroll, num_full))
     start = num_full * self.tile
     remainder = self.vocab - start
     if not remainder:
       return carry
-    if not self.masked:
+    if self.masked:
+      valid = start + lax.broadcasted_iota(jnp.int32, (self.rows, self.tile), 1) < self.vocab
+      # A traced start: the tile reaches past the vocabulary, which a static slice rejects.
+      return body(_Tile(jnp.int32(start), self.tile, valid), carry)
+    if remainder % self.lanes == 0:
       return body(_Tile(start, remainder, None), carry)
-    width = pl.next_power_of_2(remainder)
-    valid = start + lax.broadcasted_iota(jnp.int32, (self.rows, width), 1) < self.vocab
-    # A traced start: the tile reaches past the vocabulary, which a static slice rejects.
-    return body(_Tile(jnp.int32(start), width, valid), carry)
+    width = -(-remainder // self.lanes) * self.lanes
+    first = self.vocab - width
+    counted = first + lax.broadcasted_iota(jnp.int32, (self.rows, width), 1) >= start
+    return body(_Tile(first, width, None, counted), carry)
 
   def read(self, ref, tile: _Tile) -> Array:
     """float32 ``[rows, width]``; entries past the vocabulary are ``-inf``."""
@@ -193,7 +210,8 @@ class _Layout(NamedTuple):
 
   rows: int  # rows per program.
   column: bool  # per-row arrays are [tokens, 1] (Mosaic: a block's last two dimensions).
-  tiles: _Tiles
+  tiles: _Tiles  # the walk of one group of rows.
+  group: int  # rows walked together (Mosaic: a block's rows, group by group).
 
   def row_array(self, x: Array) -> Array:
     return x.reshape(-1, 1) if self.column else x
@@ -221,26 +239,47 @@ class _Refs(NamedTuple):
 
 
 def _body(config: Config, names: tuple[str, ...], layout: _Layout, refs: _Refs) -> None:
-  """One program: :func:`recipe.tiled` on its rows, the gradient written tile by tile."""
+  """One program: :func:`recipe.lanes` on its rows, group by group, the gradient written tile
+  by tile."""
   tiles = layout.tiles
   traced = {name: refs.hyperparameters[j] for j, name in enumerate(names)}
+  hp = config.hyperparameters_with(traced)
 
-  def read(tile):
-    return tiles.read(refs.logits, tile), tiles.read(refs.teacher, tile), None
+  def group(refs: _Refs) -> None:
+    def read(tile):
+      return tiles.read(refs.logits, tile), tiles.read(refs.teacher, tile), None
 
-  def write_grad(tile, context, grad, carry):
-    del context
-    tiles.write(refs.grad, tile, grad)
+    def write_grad(tile, context, grad, carry):
+      del context
+      tiles.write(refs.grad, tile, grad)
+      return carry
+
+    rows, _ = recipe.lanes(
+        config, hp, tiles.fold, read,
+        zeros=jnp.zeros((tiles.rows, tiles.lanes), jnp.float32), lane_width=tiles.lanes,
+        vocab_width=tiles.vocab,
+        labels=layout.read_rows(refs.labels) if config.cross_entropy else None,
+        weights=None if refs.weights is None else layout.read_rows(refs.weights),
+        emit=None if refs.grad is None else write_grad, emit_init=0)
+    for ref, row in zip(refs.rows, rows, strict=True):
+      layout.write_rows(ref, row)
+
+  num_groups = layout.rows // layout.group
+  if num_groups == 1:
+    group(refs)
+    return
+
+  def group_step(g, carry):
+    first = pl.multiple_of(g * layout.group, layout.group)
+
+    def at(ref):
+      return None if ref is None else ref.at[pl.ds(first, layout.group)]
+
+    group(_Refs(at(refs.logits), at(refs.teacher), at(refs.labels), at(refs.weights),
+                refs.hyperparameters, tuple(at(ref) for ref in refs.rows), at(refs.grad)))
     return carry
 
-  rows, _ = recipe.tiled(
-      config, config.hyperparameters_with(traced), tiles.fold, read,
-      zeros=jnp.zeros((tiles.rows,), jnp.float32), vocab_width=tiles.vocab,
-      labels=layout.read_rows(refs.labels) if config.cross_entropy else None,
-      weights=None if refs.weights is None else layout.read_rows(refs.weights),
-      emit=None if refs.grad is None else write_grad, emit_init=0)
-  for ref, row in zip(refs.rows, rows, strict=True):
-    layout.write_rows(ref, row)
+  lax.fori_loop(0, num_groups, group_step, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,17 +291,25 @@ def _layout_and_params(variant: Variant, num_tokens: int, vocab: int, dtypes):
   if variant.backend == "triton":
     params: plt.CompilerParams | pltpu.CompilerParams = plt.CompilerParams(
         num_warps=GPU_WARPS, num_stages=GPU_STAGES)
-    return _Layout(1, False, _Tiles(1, vocab, variant.tile, masked=True)), pl.BlockSpec(), params
+    tile = min(variant.tile, pl.next_power_of_2(vocab))
+    return (_Layout(1, False, _Tiles(1, vocab, tile, tile, masked=True), 1), pl.BlockSpec(),
+            params)
   if variant.backend != "mosaic":
     raise ValueError(f"unknown kernel backend {variant.backend!r}.")
-  rows = variant.rows or _tpu_rows(vocab, dtypes) or 8
+  rows = variant.rows or _tpu_rows(vocab, dtypes) or TPU_GROUP
+  group = min(TPU_GROUP, rows)
+  if num_tokens <= group:  # One block of the whole array.
+    rows = group = num_tokens
+  else:  # A partial last block rather than more rows than the tokens need.
+    rows = min(rows, -(-num_tokens // group) * group)
   itemsizes = [jnp.dtype(d).itemsize for d in dtypes]
   blocks = 2 * rows * vocab * (sum(itemsizes) + itemsizes[0])
-  # The blocks, and room for the tiles' temporaries.
-  vmem_limit = min(_tpu_vmem_capacity(), blocks + (8 << 20))
-  rows = min(rows, num_tokens)
+  vmem_limit = min(_tpu_vmem_capacity(), blocks + TPU_VMEM_RESERVE)
+  lanes = min(TPU_LANES, vocab)
+  tile = max(lanes, min(variant.tile, vocab) // lanes * lanes)
   params = pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=vmem_limit)
-  return (_Layout(rows, True, _Tiles(rows, vocab, variant.tile, masked=False)),
+  return (_Layout(rows, True, _Tiles(group, vocab, tile, lanes, masked=False,
+                                     unroll=TPU_UNROLL), group),
           pl.BlockSpec(memory_space=pltpu.SMEM), params)
 
 

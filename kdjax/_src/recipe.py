@@ -480,3 +480,270 @@ def tiled(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array,
                                             ce_grad), carry)
 
   return rows, walk(grad_step, emit_init)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole recipe for rows walked lane by lane (the kernels).
+# ----------------------------------------------------------------------------------------------
+
+
+class Lanes(NamedTuple):
+  """Running statistics of a block of rows, one set per lane of a tile, through one walk.
+
+  Every field is float32 ``[rows, lanes]`` during the walk (lane ``j`` has seen entries ``j``,
+  ``j + lanes``, ...) and ``[rows]`` once :func:`reduce_lanes` has combined the lanes. With an
+  online value (``divergences.OnlineValue``), ``w`` its weight side and ``o`` the other, and
+  entries counted where both sides have mass: ``mass = sum exp((x_w - max_w) / T)``,
+  ``weight_offset = sum exp(...) (x_w - max_w)``, ``other_offset = sum exp(...) (x_o - max_o)``.
+  """
+
+  student: Stats
+  teacher: Stats
+  cross_entropy: Stats | None  # the student's at temperature 1 when T may differ from 1.
+  mass: Array | None
+  weight_offset: Array | None
+  other_offset: Array | None
+  label: Array | None  # the student's raw logit at the label (0 elsewhere), summed.
+
+
+class _Pushed(NamedTuple):
+  rescale: Array  # what the lane had summed is multiplied by this (its max rose).
+  weight: Array  # exp((x - max) / T) of the new entry, at the new max.
+  above: Array  # bool: the entry raised the lane's max.
+  gap: Array  # the entry minus the lane's max before it (0 for a lane with no mass yet).
+
+
+def _push(stats: Stats, x: Array, inv_temperature) -> tuple[Stats, _Pushed]:
+  """One entry per lane into per-lane statistics, with one ``exp``: ``exp(-|x - max| / T)`` is
+  the rescale of the old sum when ``x`` raises the max and the new entry's weight when not."""
+  above = x > stats.max
+  gap = x - _finite(stats.max)
+  e = _exp_scaled(-jnp.abs(gap), inv_temperature)
+  rescale = jnp.where(above, e, 1.0)
+  weight = jnp.where(above, 1.0, e)
+  return (Stats(jnp.maximum(stats.max, x), stats.sum_exp * rescale + weight),
+          _Pushed(rescale, weight, above, gap))
+
+
+def _push_offsets(lanes: Lanes, weight_side: _Pushed, other: _Pushed,
+                  other_x: Array) -> tuple[Array, Array, Array]:
+  """The online value's three sums with one more entry per lane (see :class:`Lanes`)."""
+  assert lanes.mass is not None
+  mass = lanes.mass
+  new = jnp.where(other_x > -jnp.inf, weight_side.weight, 0.0)  # 0 unless both have mass.
+  counted = new > 0
+
+  def offset(sums: Array, side: _Pushed) -> Array:
+    # The old sums are rescaled and move by the rise of the side's max; an entry at the new
+    # max is 0 away from it. (One formula for both sides: equal inputs give equal sums.)
+    rise = jnp.where(side.above, side.gap, 0.0)
+    return (weight_side.rescale * (sums - rise * mass)
+            + jnp.where(counted & ~side.above, new * side.gap, 0.0))
+
+  assert lanes.weight_offset is not None and lanes.other_offset is not None
+  weight_offset = offset(lanes.weight_offset, weight_side)
+  other_offset = offset(lanes.other_offset, other)
+  return mass * weight_side.rescale + new, weight_offset, other_offset
+
+
+# exp(x) = exp2(x log2 e): with the factor folded into 1 / T, one multiplication and the
+# hardware's base-2 exponential (GPUs: one MUFU.EX2) instead of a libm-accurate exp (ten
+# instructions); its relative error, a few float32 ulps times |x|, is far below the
+# divergences' float32 rounding.
+_LOG2_E = 1.4426950408889634
+
+
+def _exp_scaled(x: Array, inv_temperature) -> Array:
+  """``exp(x / T)`` through ``exp2``."""
+  return jnp.exp2(x * (inv_temperature * _LOG2_E))
+
+
+def _kernel_distribution(x: Array, stats: Stats, inv_temperature) -> div.Dist:
+  """:func:`distribution`, its probabilities through :func:`_exp_scaled`."""
+  exps = _exp_scaled(x - _finite(stats.max)[..., None], inv_temperature)
+  return distribution(x, stats, inv_temperature, exps)
+
+
+def _lane_scale(lane_max: Array, row_max: Array, inv_temperature) -> Array:
+  """``exp((lane max - row max) / T)``: 0 for a lane with no mass, NaN when the row's max is
+  ``+inf`` (a ``+inf`` logit) or NaN."""
+  return jnp.exp((lane_max - _finite(row_max)[..., None]) * inv_temperature)
+
+
+def reduce_lanes(lanes: Lanes, online: div.OnlineValue | None, inv_temperature) -> Lanes:
+  """Combines the lanes of every row (``[rows, lanes]`` to ``[rows]``): once per walk."""
+
+  def stats(part: Stats, inv) -> tuple[Stats, Array]:
+    row_max = jnp.max(part.max, axis=-1)
+    scale = _lane_scale(part.max, row_max, inv)
+    return Stats(row_max, jnp.sum(part.sum_exp * scale, axis=-1)), scale
+
+  student, student_scale = stats(lanes.student, inv_temperature)
+  teacher, teacher_scale = stats(lanes.teacher, inv_temperature)
+  cross_entropy = (None if lanes.cross_entropy is None
+                   else stats(lanes.cross_entropy, 1.0)[0])
+  label = None if lanes.label is None else jnp.sum(lanes.label, axis=-1)
+  if online is None:
+    return Lanes(student, teacher, cross_entropy, None, None, None, label)
+  assert lanes.mass is not None and lanes.weight_offset is not None
+  assert lanes.other_offset is not None
+  mass_lanes = lanes.mass
+  by_teacher = online.weight == "teacher"
+  weight_lanes, other_lanes = ((lanes.teacher, lanes.student) if by_teacher
+                               else (lanes.student, lanes.teacher))
+  weight_rows, other_rows = (teacher, student) if by_teacher else (student, teacher)
+  scale = teacher_scale if by_teacher else student_scale
+  has_mass = mass_lanes > 0
+
+  def offset(sums: Array, lane_max: Array, row_max: Array) -> Array:
+    rise = jnp.where(has_mass, (lane_max - _finite(row_max)[:, None]) * mass_lanes, 0.0)
+    return jnp.sum(scale * (sums + rise), axis=-1)
+
+  return Lanes(student, teacher, cross_entropy, jnp.sum(mass_lanes * scale, axis=-1),
+               offset(lanes.weight_offset, weight_lanes.max, weight_rows.max),
+               offset(lanes.other_offset, other_lanes.max, other_rows.max), label)
+
+
+def online_sums(online: div.OnlineValue, rows: Lanes, inv_temperature) -> tuple[Array, Array]:
+  """The divergence's value and ``sum_v dlog_q`` per row from reduced :class:`Lanes`."""
+  assert rows.mass is not None and rows.weight_offset is not None
+  assert rows.other_offset is not None
+  by_teacher = online.weight == "teacher"
+  weight_stats = rows.teacher if by_teacher else rows.student
+  teacher_offset, student_offset = ((rows.weight_offset, rows.other_offset) if by_teacher
+                                    else (rows.other_offset, rows.weight_offset))
+  inverse_sum = _safe_reciprocal(weight_stats.sum_exp)
+  mass = rows.mass * inverse_sum
+  log_sums: Array | float = 0.0
+  offsets: Array | float = 0.0
+  for coefficient, offset_sum, stats in ((online.teacher, teacher_offset, rows.teacher),
+                                         (online.student, student_offset, rows.student)):
+    if coefficient:
+      offsets = offsets + coefficient * offset_sum
+      log_sums = log_sums + coefficient * _safe_log(stats.sum_exp)
+  value = offsets * inverse_sum * inv_temperature - mass * log_sums
+  return value, online.dvalue * value + online.dmass * mass
+
+
+def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, lane_width: int,
+          vocab_width: int, labels: Array | None = None, weights: Array | None = None,
+          emit=None, emit_init: Any = None) -> tuple[Rows, Any]:
+  """The recipe over a block of rows whose vocabulary a kernel walks tile by tile, keeping
+  statistics per lane and combining the lanes once per walk (:func:`reduce_lanes`).
+
+  Two walks when the divergence's value folds online with the row statistics (its
+  ``DIVERGENCES`` entry's ``online``): the first gathers the statistics and the value's sums,
+  the second (with ``emit``) hands each tile's gradient over. Three otherwise: statistics,
+  the terms' sums, the gradient. Arguments as in :func:`tiled`, except:
+
+  Args:
+    walk: ``walk(body, carry)``; every tile's width is a multiple of ``lane_width``.
+    read: ``read(tile)`` returns ``(x_student, x_teacher, context)``; a tile may carry
+      ``counted``, a bool ``[rows, width]`` mask (None: all), of entries that the sums skip
+      because an earlier tile holds them (the gradient is then written twice, the same).
+    zeros: float32 zeros ``[rows, lane_width]``.
+    lane_width: the lanes of the per-lane statistics.
+  """
+  inv_temperature = inverse_temperature(hp)
+  online = div.DIVERGENCES[config.divergence].online(hp)
+  separate = config.cross_entropy and not config.is_static("temperature", 1.0)
+  empty = Stats(zeros - jnp.inf, zeros)
+
+  def chunks(tile, x_student, x_teacher):
+    """The tile's lane-wide chunks: (first id, student, teacher, counted), the uncounted
+    entries at -inf."""
+    counted = getattr(tile, "counted", None)
+    if counted is not None:
+      x_student = jnp.where(counted, x_student, -jnp.inf)
+      x_teacher = jnp.where(counted, x_teacher, -jnp.inf)
+    for j in range(0, tile.width, lane_width):
+      def chunk(x, j=j):
+        return x if x is None or tile.width == lane_width else x[:, j:j + lane_width]
+      yield tile.start + j, chunk(x_student), chunk(x_teacher), chunk(counted)
+
+  def label_lanes(label, start, x_student, counted):
+    at_label = one_hot(labels, start, lane_width)
+    if counted is not None:
+      at_label = at_label & counted
+    return label + jnp.where(at_label, x_student, 0.0)
+
+  def first_step(tile, state: Lanes) -> Lanes:
+    x_student, x_teacher, _ = read(tile)
+    for start, xs, xt, counted in chunks(tile, x_student, x_teacher):
+      student, pushed_student = _push(state.student, xs, inv_temperature)
+      teacher, pushed_teacher = _push(state.teacher, xt, inv_temperature)
+      cross_entropy = (None if state.cross_entropy is None
+                       else _push(state.cross_entropy, xs, 1.0)[0])
+      mass, weight_offset, other_offset = state.mass, state.weight_offset, state.other_offset
+      if online is not None:
+        by_teacher = online.weight == "teacher"
+        mass, weight_offset, other_offset = _push_offsets(
+            state, *((pushed_teacher, pushed_student) if by_teacher
+                     else (pushed_student, pushed_teacher)), xs if by_teacher else xt)
+      label = state.label
+      if config.cross_entropy and online is not None:
+        label = label_lanes(label, start, xs, counted)
+      state = Lanes(student, teacher, cross_entropy, mass, weight_offset, other_offset, label)
+    return state
+
+  with_label = config.cross_entropy and online is not None
+  fold = zeros if online is not None else None
+  first = Lanes(empty, empty, empty if separate else None, fold, fold, fold,
+                zeros if with_label else None)
+  rows = reduce_lanes(walk(first_step, first), online, inv_temperature)
+  student, teacher = rows.student, rows.teacher
+  ce_stats = rows.cross_entropy if separate else student
+  start = 0
+
+  def tile_terms(x_student, x_teacher):
+    q = _kernel_distribution(x_student, student, inv_temperature)
+    p = _kernel_distribution(x_teacher, teacher, inv_temperature)
+    return q, terms(config, hp, p, q)
+
+  if online is not None:
+    value, dlog_q = online_sums(online, rows, inv_temperature)
+    label = rows.label
+  else:
+    def sums_step(tile, partial):
+      value, dlog_q, label = partial
+      x_student, x_teacher, _ = read(tile)
+      for chunk_start, xs, xt, counted in chunks(tile, x_student, x_teacher):
+        _, entry_terms = tile_terms(xs, xt)
+        value = value + entry_terms.value
+        if emit is not None:
+          dlog_q = dlog_q + entry_terms.dlog_q
+        if config.cross_entropy:
+          label = label_lanes(label, chunk_start, xs, counted)
+      return value, dlog_q, label
+
+    value, dlog_q, label = (jnp.sum(x, axis=-1) for x in walk(sums_step, (zeros,) * 3))
+  label_entry_sum = None
+  ce: dict[str, Any] = {}
+  if config.cross_entropy:
+    assert label is not None and ce_stats is not None
+    label_entry_sum = jnp.where(labels_inside(labels, vocab_width),
+                                label - _finite(student.max), 0.0)
+    ce = dict(labels=labels, vocab_size=vocab_width, cross_entropy_sum_exp=ce_stats.sum_exp)
+  sums = Sums(value, dlog_q if emit is not None else None, label_entry_sum)
+  result, scale = finish(config, hp, student, teacher, sums, weights=weights, **ce)
+  if emit is None:
+    return result, None
+
+  def grad_step(tile, carry):
+    x_student, x_teacher, context = read(tile)
+    q, entry_terms = tile_terms(x_student, x_teacher)
+    ce_grad = None
+    if config.cross_entropy:
+      softmax = (_kernel_distribution(x_student, ce_stats, 1.0).prob if separate
+                 else q.prob)
+      ce_grad = (softmax, one_hot(labels, start + tile.start, tile.width))
+    return emit(tile, context, student_grad(scale, entry_terms.dlog_q, q.prob, sums.dlog_q,
+                                            ce_grad), carry)
+
+  return result, walk(grad_step, emit_init)
+
+
+def labels_inside(labels: Array | None, vocab_width: int) -> Array:
+  """bool ``[rows]``: the label is a vocabulary id."""
+  assert labels is not None
+  return (labels >= 0) & (labels < vocab_width)
