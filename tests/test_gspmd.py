@@ -5,6 +5,7 @@ global token count; the fused head sums its kernel gradient over the devices onc
 temporaries shrink with the data axis.
 """
 
+import contextlib
 import functools
 import os
 import subprocess
@@ -187,16 +188,17 @@ def test_blocks_are_multiples_of_the_mesh():
 
 @pytest.mark.parametrize("name", ["distill_with_cross_entropy", "fused_linear_distill_loss"])
 def test_accelerator_programs_on_a_mesh(name):
-  """Lowered for GPUs and TPUs on a data-sharded mesh, no Pallas call remains (XLA cannot split
-  one: the blocked engine runs); that engine with the accelerators' block sizes, partitioned
-  here, gathers no tokens and still sums the kernel gradient once."""
+  """Lowered for GPUs and TPUs on a data-sharded mesh, the dense loss runs one Pallas call per
+  device, and the fused head (no kernel) the blocked engine; that engine with the accelerators'
+  block sizes -- what the dense losses run where no kernel applies, a vocabulary-sharded mesh --
+  partitioned here, gathers no tokens and still sums the kernel gradient once."""
   from kdjax._src import blocking
 
   mesh = jax.make_mesh((8, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
   args = _sharded_args(mesh)
   for platform, kernel_call in (("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")):
     lowered = _value_and_grads(name).trace(*args).lower(lowering_platforms=(platform,))
-    assert kernel_call not in lowered.as_text(), platform
+    assert lowered.as_text().count(kernel_call) == (0 if name in FUSED else 1), platform
   policy = blocking.FUSED_ACCELERATOR if name in FUSED else blocking.ACCELERATOR
   block = blocking.token_block(TOKENS, VOCAB, policy, groups=8)
   loss = functools.partial(LOSSES[name], token_block=block) if name in FUSED else (
@@ -209,3 +211,59 @@ def test_accelerator_programs_on_a_mesh(name):
   for grad, w in zip(grads, want_grads, strict=True):
     assert _rel_err(grad, w) <= RTOL
   _check_program(compiled.as_text(), name, (8, 1))
+
+
+KERNEL_MESHES = [((8, 1), AxisType.Auto), ((1, 8), AxisType.Auto), ((8, 1), AxisType.Explicit),
+                 ((2, 4), AxisType.Explicit)]
+
+
+def _kernel_loss(implementation):
+  return _materialised(functools.partial(
+      kdjax.distill_with_cross_entropy, kd_coef=0.4, divergence="generalized_jsd",
+      temperature=jnp.float32(1.5), implementation=implementation))
+
+
+@pytest.mark.parametrize(("mesh_shape", "axis_type"), KERNEL_MESHES)
+def test_kernel_per_device_equals_single_device(mesh_shape, axis_type):
+  """implementation="pallas" (on CPU the kernel interpreted) under plain jax.jit with the tokens
+  sharded over "data" and the head replicated, and with the mesh set: each device runs the
+  kernel on its own tokens -- with Auto axes over the one axis of 8 devices, with Explicit ones
+  over "data" -- and the value and the gradients of hidden states and head equal the
+  single-device reference; the compiled program gathers no tokens."""
+  mesh = jax.make_mesh(mesh_shape, ("data", "model"), axis_types=(axis_type,) * 2)
+  tokens, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  args = [jax.device_put(x, s) for x, s in zip(
+      _data(), (tokens, replicated, tokens, replicated, tokens), strict=True)]
+  fn = jax.jit(jax.value_and_grad(_kernel_loss("pallas"), argnums=(0, 1)))
+  want_value, want_grads = jax.jit(jax.value_and_grad(_kernel_loss("reference"),
+                                                      argnums=(0, 1)))(*_data())
+  for current_mesh in (False, True):
+    with jax.set_mesh(mesh) if current_mesh else contextlib.nullcontext():
+      compiled = fn.lower(*args).compile()
+      value, grads = compiled(*args)
+    assert _rel_err(value, want_value) <= RTOL, current_mesh
+    for grad, want in zip(grads, want_grads, strict=True):
+      assert _rel_err(grad, want) <= RTOL, current_mesh
+    _check_program(compiled.as_text(), "distill_with_cross_entropy", mesh_shape)
+    assert "all-to-all" not in compiled.as_text()
+
+
+def test_auto_axes_of_several_devices_keep_the_blocked_engine():
+  """Auto axes (2, 4): how the tokens are sharded is not known at trace time, and a wrong guess
+  would make the partitioner gather tokens: the default runs the blocked engine (and equals the
+  reference, gathering no tokens); implementation="pallas" says why it cannot run."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  tokens, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  args = [jax.device_put(x, s) for x, s in zip(
+      _data(), (tokens, replicated, tokens, replicated, tokens), strict=True)]
+  with pytest.raises(ValueError, match=r"Auto axes \('data', 'model'\) leave the tokens'"):
+    jax.jit(jax.value_and_grad(_kernel_loss("pallas"))).lower(*args)
+  compiled = jax.jit(jax.value_and_grad(_kernel_loss(None), argnums=(0, 1))).lower(
+      *args).compile()
+  value, grads = compiled(*args)
+  want_value, want_grads = jax.value_and_grad(_kernel_loss("reference"), argnums=(0, 1))(
+      *_data())
+  assert _rel_err(value, want_value) <= RTOL
+  for grad, want in zip(grads, want_grads, strict=True):
+    assert _rel_err(grad, want) <= RTOL
+  _check_program(compiled.as_text(), "distill_with_cross_entropy", (2, 4))

@@ -8,6 +8,7 @@ allocates nothing, and the lowered program must contain the kernel.
 """
 
 import contextlib
+import functools
 import re
 
 import jax
@@ -202,9 +203,9 @@ TOKENS, LLM_VOCAB = 16384, 128256
 KERNEL_CALL = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 
 
-def _mesh(platform, devices=1):
-  """An abstract mesh of ``devices`` along "data"; for TPUs with the chip, which lowering
-  rules read."""
+def _mesh(platform, devices=1, *, shape=None, names=("data",), axis_type=None):
+  """An abstract mesh of ``devices`` along "data" (or of ``shape`` along ``names``); for TPUs
+  with the chip, which lowering rules read."""
   device = None
   if platform == "tpu":
     try:
@@ -212,8 +213,10 @@ def _mesh(platform, devices=1):
                                            platform="tpu")
     except TypeError:  # jax 0.10.0 (the declared floor): no platform; the device kind says TPU.
       device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1)
-  axis_type = jax.sharding.AxisType.Explicit if devices > 1 else jax.sharding.AxisType.Auto
-  return jax.sharding.AbstractMesh((devices,), ("data",), axis_types=(axis_type,),
+  shape = shape or (devices,)
+  if axis_type is None:
+    axis_type = jax.sharding.AxisType.Explicit if devices > 1 else jax.sharding.AxisType.Auto
+  return jax.sharding.AbstractMesh(shape, names, axis_types=(axis_type,) * len(shape),
                                    abstract_device=device)
 
 
@@ -235,12 +238,17 @@ def _logits_shapes(dtype=jnp.bfloat16, vocab=LLM_VOCAB):
 
 
 DENSE_LOSSES = {
-    "kd_loss": lambda x, t, y: kdjax.kd_loss(x, t, y),
-    **{divergence: lambda x, t, y, d=divergence: kdjax.distill_loss(x, t, y, divergence=d)
+    "kd_loss": lambda x, t, y, implementation=None: kdjax.kd_loss(
+        x, t, y, implementation=implementation),
+    **{divergence: lambda x, t, y, d=divergence, implementation=None: kdjax.distill_loss(
+        x, t, y, divergence=d, implementation=implementation)
        for divergence in kdjax.DIVERGENCES},
-    "combined_traced_temperature": lambda x, t, y: kdjax.distill_with_cross_entropy(
-        x, t, y, divergence="generalized_jsd", temperature=jnp.float32(2.0)),
-    "per_token": lambda x, t, y: jnp.sum(kdjax.forward_kl(x, t)),
+    "combined_traced_temperature": lambda x, t, y, implementation=None: (
+        kdjax.distill_with_cross_entropy(x, t, y, divergence="generalized_jsd",
+                                         temperature=jnp.float32(2.0),
+                                         implementation=implementation)),
+    "per_token": lambda x, t, y, implementation=None: jnp.sum(kdjax.forward_kl(
+        x, t, implementation=implementation)),
 }
 
 
@@ -273,24 +281,93 @@ def test_lowers_per_device_inside_shard_map(platform):
   assert "stablehlo.while" not in text
 
 
-def test_gspmd_runs_the_blocked_engine():
-  """XLA cannot split a Pallas call over devices: a program it partitions (GSPMD, here logits
-  sharded over an explicit mesh) runs the blocked engine."""
-  mesh = _mesh("cuda", devices=8)
-  sharding = jax.sharding.NamedSharding(mesh, P("data"))
-  shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding) for s in _logits_shapes()]
+GSPMD_MESHES = {"8 on data": ((8,), ("data",)), "2 data x 4 model": ((2, 4), ("data", "model"))}
+COLLECTIVES = ("all_gather", "all_to_all", "all_reduce", "reduce_scatter", "collective_permute")
+
+
+def _gspmd_lowered(loss, platform, mesh, specs, implementation=None):
+  shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                 sharding=jax.sharding.NamedSharding(mesh, spec))
+            for s, spec in zip(_logits_shapes(), specs, strict=True)]
+  fn = functools.partial(DENSE_LOSSES[loss], implementation=implementation)
   with jax.sharding.use_abstract_mesh(mesh):
-    text = jax.jit(jax.value_and_grad(DENSE_LOSSES["kd_loss"])).trace(*shapes).lower(
-        lowering_platforms=("cuda",)).as_text()
-  assert KERNEL_CALL["cuda"] not in text and "stablehlo.while" in text
+    return jax.jit(jax.value_and_grad(fn)).trace(*shapes).lower(
+        lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+@pytest.mark.parametrize("mesh_name", sorted(GSPMD_MESHES))
+@pytest.mark.parametrize("platform", sorted(KERNEL_CALL))
+@pytest.mark.parametrize("loss", ["kd_loss", "combined_traced_temperature", "per_token"])
+def test_gspmd_lowers_to_the_kernel_per_device(loss, platform, mesh_name, axis_type):
+  """jax.jit with token-sharded arguments (the vocabulary replicated), on 8 devices: the kernel
+  runs per device inside one manual computation; no loop, and no collective that moves the
+  tokens (XLA adds the loss's scalar all-reduce when it partitions the program). Auto axes with
+  two axes of several devices leave the tokens' sharding unknown: the blocked engine runs."""
+  shape, names = GSPMD_MESHES[mesh_name]
+  mesh = _mesh(platform, shape=shape, names=names,
+               axis_type=getattr(jax.sharding.AxisType, axis_type))
+  text = _gspmd_lowered(loss, platform, mesh, (P("data"),) * 3)
+  assert not [op for op in COLLECTIVES if f"stablehlo.{op}" in text]
+  if axis_type == "Auto" and len(shape) > 1:
+    assert KERNEL_CALL[platform] not in text and "stablehlo.while" in text
+    return
+  assert text.count(KERNEL_CALL[platform]) == 1
+  assert text.count("sdy.manual_computation") == 1
+  assert "stablehlo.while" not in text
+
+
+@pytest.mark.parametrize("platform", sorted(KERNEL_CALL))
+def test_a_vocabulary_sharded_mesh_has_no_kernel(platform):
+  """Explicit axes with the vocabulary over "model": the default runs the blocked engine,
+  which GSPMD partitions over both axes; implementation="pallas" says why it cannot run."""
+  mesh = _mesh(platform, shape=(2, 4), names=("data", "model"),
+               axis_type=jax.sharding.AxisType.Explicit)
+  specs = (P("data", "model"), P("data", "model"), P("data"))
+  text = _gspmd_lowered("kd_loss", platform, mesh, specs)
+  assert KERNEL_CALL[platform] not in text and "stablehlo.while" in text
+  with pytest.raises(ValueError, match=r"vocabulary \(logits' last axis\) is sharded over mesh "
+                                       r"axes \('model',\)"):
+    _gspmd_lowered("kd_loss", platform, mesh, specs, implementation="pallas")
+
+
+def test_pallas_refuses_where_no_kernel_applies():
+  """implementation="pallas" never runs another engine; the default falls back to it."""
+  mixed = jax.sharding.AbstractMesh(
+      (2, 4), ("data", "model"),
+      axis_types=(jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto))
+  uneven = jax.sharding.AbstractMesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  cases = [(mixed, TOKENS, "mixes Explicit axes"),
+           (uneven, TOKENS - 4, "16380 tokens do not split evenly over the 8 devices")]
+  for mesh, tokens, message in cases:
+    shapes = [jax.ShapeDtypeStruct((tokens,) + s.shape[1:], s.dtype,
+                                   sharding=jax.sharding.NamedSharding(mesh, P()))
+              for s in _logits_shapes()]
+    for implementation, platform in ((None, "cuda"), ("pallas", "cuda"), ("pallas", "cpu")):
+      fn = functools.partial(DENSE_LOSSES["kd_loss"], implementation=implementation)
+      with jax.sharding.use_abstract_mesh(mesh):
+        lowered = lambda fn=fn, platform=platform, shapes=shapes: jax.jit(  # noqa: E731
+            jax.value_and_grad(fn)).trace(*shapes).lower(lowering_platforms=(platform,))
+        if implementation is None:
+          assert KERNEL_CALL["cuda"] not in lowered().as_text()
+        else:
+          with pytest.raises(ValueError, match=message):
+            lowered()
+  float64 = [jax.ShapeDtypeStruct(s.shape[:1] + (512,), jnp.float64) for s in _logits_shapes()[:2]]
+  with jax.enable_x64(True), pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+    jax.jit(lambda x, t: kdjax.distill_loss(x, t, implementation="pallas")).trace(
+        *float64).lower(lowering_platforms=("cuda",))
 
 
 def test_tpu_falls_back_when_blocks_exceed_vmem():
   """float32 rows of 524288 entries: 8-row blocks would take 96 MiB of VMEM, more than the
   budget of a 128 MiB v5e. The blocked engine runs, in accelerator-sized blocks."""
-  text = _lowered(DENSE_LOSSES["forward_kl"], "tpu",
-                  *_logits_shapes(jnp.float32, vocab=524288))
+  shapes = _logits_shapes(jnp.float32, vocab=524288)
+  text = _lowered(DENSE_LOSSES["forward_kl"], "tpu", *shapes)
   assert "tpu_custom_call" not in text and "stablehlo.while" in text
+  with pytest.raises(ValueError, match="do not fit the core's VMEM"):
+    _lowered(functools.partial(DENSE_LOSSES["forward_kl"], implementation="pallas"), "tpu",
+             *shapes)
 
 
 @pytest.mark.parametrize("platform", sorted(KERNEL_CALL))
