@@ -426,8 +426,10 @@ def run_case(case: Case, target: str, dump: str, tile: int) -> dict[str, Any]:
   with open(os.path.join(dump, "compile.log"), "w") as f:
     f.write(log)
   if not os.path.exists(out_json):
+    # The exception's own line first (the table shows the first line), then the log's tail.
+    last = [line for line in log.splitlines() if line.strip()][-1:] or ["no output"]
     return dict(case=case.name, compiled=False,
-                error=f"worker exited with {proc.returncode}: {log[-2000:]}")
+                error=f"worker exited with {proc.returncode}: {last[0]}\n{log[-2000:]}")
   with open(out_json) as f:
     result = json.load(f)
   result["seconds"] = round(time.perf_counter() - start, 1)

@@ -363,8 +363,10 @@ def run_worker(case: Case, target: str, tokens: int, dump: str,
   with open(os.path.join(dump, f"compile_{tokens}.log"), "w") as f:
     f.write(log)
   if not os.path.exists(out_json):
+    # The exception's own line first (the table shows the first line), then the log's tail.
+    last = [line for line in log.splitlines() if line.strip()][-1:] or ["no output"]
     return dict(case=case.name, compiled=False,
-                error=f"worker exited with {proc.returncode}: {log[-2000:]}")
+                error=f"worker exited with {proc.returncode}: {last[0]}\n{log[-2000:]}")
   with open(out_json) as f:
     result = json.load(f)
   result["seconds"] = round(time.perf_counter() - start, 1)
@@ -470,9 +472,10 @@ def _bundle_point(result: dict, dump: str, tokens: int) -> int | None:
 
 
 def _first_error(result: dict) -> str:
-  error = " ".join((result.get("error") or "?").split())
+  """The compiler's VMEM verdict where there is one, else the error's first line."""
+  error = result.get("error") or "?"
   vmem = re.search(r"Ran out of memory in memory space vmem[^.]*\.[^.]*\.", error)
-  return (vmem.group(0) if vmem else error)[:300]
+  return (vmem.group(0) if vmem else error.strip().splitlines()[0])[:300]
 
 
 def run_case(case: Case, target: str, dump: str, profile: bool) -> dict[str, Any]:
@@ -541,9 +544,7 @@ def print_report(cases: dict[str, Case], results: dict[str, dict]) -> None:
       continue
     head = f"| {target} | {name} |"
     if not r.get("compiled"):
-      error = " ".join((r.get("error") or "?").split())
-      vmem = re.search(r"Ran out of memory in memory space vmem[^.]*", error)
-      print(f"{head} no: {(vmem.group(0) if vmem else error)[:300]} |" + " |" * 7)
+      print(f"{head} no: {_first_error(r)} |" + " |" * 7)
       continue
     if not r.get("kernels"):
       print(f"{head} yes, no kernel |" + " |" * 7)
@@ -584,8 +585,7 @@ def print_report(cases: dict[str, Case], results: dict[str, dict]) -> None:
     tokens, hidden, vocab = cases[name].shape
     peak_ms = 4 * 2 * tokens * hidden * vocab / chip.bf16_flops * 1e3
     if not r.get("compiled"):
-      error = " ".join((r.get("error") or "?").split())[:300]
-      print(f"| {target} | {name} | no: {error} |" + " |" * 6)
+      print(f"| {target} | {name} | no: {_first_error(r)} |" + " |" * 6)
       continue
     ms = r["program_cycles"]["cycles"] / chip.clock * 1e3 if "program_cycles" in r else None
     m = r.get("matmuls") or {}
