@@ -460,6 +460,8 @@ def profile_kernel(case: Case, target: str, rows: int, dump: str) -> dict[str, A
     return dict(result, error=f"rows per block differ on the small grids: {rows_seen}")
   small, large = PROFILE_BLOCKS
   per_block = (points[large] - points[small]) / (large - small)
+  if per_block <= 0:  # Not the same kernel code on both grids, or a misread dump.
+    return dict(result, error=f"no estimate: {method} cycles do not grow with the grid {points}")
   return dict(result, per_block=per_block, fixed=points[small] - small * per_block)
 
 
