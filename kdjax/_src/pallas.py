@@ -165,10 +165,21 @@ class _Tiles(NamedTuple):
   def fold(self, body: Callable[[_Tile, Any], Any], carry):
     """``carry = body(tile, carry)`` over the tiles of the vocabulary, in order."""
     num_full = self.vocab // self.tile
-    if num_full:
+    def steps(first: int, count: int, unroll: int, carry):
+      """Tiles first .. first + count - 1, ``unroll`` in each loop iteration (unrolled by
+      hand: Mosaic's loop lowering takes no partial unroll)."""
       def step(k, carry):
-        return body(_Tile(pl.multiple_of(k * self.tile, self.tile), self.tile, None), carry)
-      carry = lax.fori_loop(0, num_full, step, carry, unroll=min(self.unroll, num_full))
+        for j in range(unroll):
+          start = pl.multiple_of((first + k * unroll + j) * self.tile, self.tile)
+          carry = body(_Tile(start, self.tile, None), carry)
+        return carry
+      return lax.fori_loop(0, count // unroll, step, carry) if count >= unroll else carry
+
+    if num_full:
+      unroll = min(self.unroll, num_full)
+      carry = steps(0, num_full, unroll, carry)
+      done = num_full // unroll * unroll
+      carry = steps(done, num_full - done, 1, carry)
     start = num_full * self.tile
     remainder = self.vocab - start
     if not remainder:

@@ -494,7 +494,8 @@ class Lanes(NamedTuple):
   ``j + lanes``, ...) and ``[rows]`` once :func:`reduce_lanes` has combined the lanes. With an
   online value (``divergences.OnlineValue``), ``w`` its weight side and ``o`` the other, and
   entries counted where both sides have mass: ``mass = sum exp((x_w - max_w) / T)``,
-  ``weight_offset = sum exp(...) (x_w - max_w)``, ``other_offset = sum exp(...) (x_o - max_o)``.
+  ``weight_offset = sum exp(...) (x_w - max_w)``, ``other_offset = sum exp(...) (x_o - max_o)``
+  (None where the value does not read them: the soft cross entropy has no ``log p`` term).
   """
 
   student: Stats
@@ -526,7 +527,7 @@ def _push(stats: Stats, x: Array, inv_temperature) -> tuple[Stats, _Pushed]:
 
 
 def _push_offsets(lanes: Lanes, weight_side: _Pushed, other: _Pushed,
-                  other_x: Array) -> tuple[Array, Array, Array]:
+                  other_x: Array) -> tuple[Array, Array | None, Array | None]:
   """The online value's three sums with one more entry per lane (see :class:`Lanes`)."""
   assert lanes.mass is not None
   mass = lanes.mass
@@ -540,9 +541,9 @@ def _push_offsets(lanes: Lanes, weight_side: _Pushed, other: _Pushed,
     return (weight_side.rescale * (sums - rise * mass)
             + jnp.where(counted & ~side.above, new * side.gap, 0.0))
 
-  assert lanes.weight_offset is not None and lanes.other_offset is not None
-  weight_offset = offset(lanes.weight_offset, weight_side)
-  other_offset = offset(lanes.other_offset, other)
+  weight_offset = (None if lanes.weight_offset is None
+                   else offset(lanes.weight_offset, weight_side))
+  other_offset = None if lanes.other_offset is None else offset(lanes.other_offset, other)
   return mass * weight_side.rescale + new, weight_offset, other_offset
 
 
@@ -585,8 +586,7 @@ def reduce_lanes(lanes: Lanes, online: div.OnlineValue | None, inv_temperature) 
   label = None if lanes.label is None else jnp.sum(lanes.label, axis=-1)
   if online is None:
     return Lanes(student, teacher, cross_entropy, None, None, None, label)
-  assert lanes.mass is not None and lanes.weight_offset is not None
-  assert lanes.other_offset is not None
+  assert lanes.mass is not None
   mass_lanes = lanes.mass
   by_teacher = online.weight == "teacher"
   weight_lanes, other_lanes = ((lanes.teacher, lanes.student) if by_teacher
@@ -595,7 +595,9 @@ def reduce_lanes(lanes: Lanes, online: div.OnlineValue | None, inv_temperature) 
   scale = teacher_scale if by_teacher else student_scale
   has_mass = mass_lanes > 0
 
-  def offset(sums: Array, lane_max: Array, row_max: Array) -> Array:
+  def offset(sums: Array | None, lane_max: Array, row_max: Array) -> Array | None:
+    if sums is None:
+      return None
     rise = jnp.where(has_mass, (lane_max - _finite(row_max)[:, None]) * mass_lanes, 0.0)
     return jnp.sum(scale * (sums + rise), axis=-1)
 
@@ -606,8 +608,7 @@ def reduce_lanes(lanes: Lanes, online: div.OnlineValue | None, inv_temperature) 
 
 def online_sums(online: div.OnlineValue, rows: Lanes, inv_temperature) -> tuple[Array, Array]:
   """The divergence's value and ``sum_v dlog_q`` per row from reduced :class:`Lanes`."""
-  assert rows.mass is not None and rows.weight_offset is not None
-  assert rows.other_offset is not None
+  assert rows.mass is not None
   by_teacher = online.weight == "teacher"
   weight_stats = rows.teacher if by_teacher else rows.student
   teacher_offset, student_offset = ((rows.weight_offset, rows.other_offset) if by_teacher
@@ -619,6 +620,7 @@ def online_sums(online: div.OnlineValue, rows: Lanes, inv_temperature) -> tuple[
   for coefficient, offset_sum, stats in ((online.teacher, teacher_offset, rows.teacher),
                                          (online.student, student_offset, rows.student)):
     if coefficient:
+      assert offset_sum is not None
       offsets = offsets + coefficient * offset_sum
       log_sums = log_sums + coefficient * _safe_log(stats.sum_exp)
   value = offsets * inverse_sum * inv_temperature - mass * log_sums
@@ -687,9 +689,18 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
     return state
 
   with_label = config.cross_entropy and online is not None
-  fold = zeros if online is not None else None
-  first = Lanes(empty, empty, empty if separate else None, fold, fold, fold,
-                zeros if with_label else None)
+  def fold(coefficient: float) -> Array | None:  # an offset sum the value reads
+    return zeros if online is not None and coefficient else None
+
+  offsets: tuple[Array | None, Array | None] = (None, None)
+  if online is None:
+    pass
+  elif online.weight == "teacher":
+    offsets = (fold(online.teacher), fold(online.student))
+  else:
+    offsets = (fold(online.student), fold(online.teacher))
+  first = Lanes(empty, empty, empty if separate else None,
+                None if online is None else zeros, *offsets, zeros if with_label else None)
   rows = reduce_lanes(walk(first_step, first), online, inv_temperature)
   student, teacher = rows.student, rows.teacher
   ce_stats = rows.cross_entropy if separate else student
