@@ -223,6 +223,7 @@ class _Layout(NamedTuple):
   column: bool  # per-row arrays are [tokens, 1] (Mosaic: a block's last two dimensions).
   tiles: _Tiles  # the walk of one group of rows.
   group: int  # rows walked together (Mosaic: a block's rows, group by group).
+  exp2: Callable[[Array], Array] = jnp.exp2  # the entries' base-2 exponential.
 
   def row_array(self, x: Array) -> Array:
     return x.reshape(-1, 1) if self.column else x
@@ -271,7 +272,7 @@ def _body(config: Config, names: tuple[str, ...], layout: _Layout, refs: _Refs) 
         vocab_width=tiles.vocab,
         labels=layout.read_rows(refs.labels) if config.cross_entropy else None,
         weights=None if refs.weights is None else layout.read_rows(refs.weights),
-        emit=None if refs.grad is None else write_grad, emit_init=0)
+        emit=None if refs.grad is None else write_grad, emit_init=0, exp2=layout.exp2)
     for ref, row in zip(refs.rows, rows, strict=True):
       layout.write_rows(ref, row)
 
@@ -298,13 +299,23 @@ def _body(config: Config, names: tuple[str, ...], layout: _Layout, refs: _Refs) 
 # ----------------------------------------------------------------------------------------------
 
 
+def _gpu_exp2(x: Array) -> Array:
+  """``exp2`` as one ``MUFU.EX2``: PTX's ``ex2.approx.ftz`` (libdevice's ``exp2f`` adds three
+  instructions to return denormal results, below 1e-38, which no divergence can tell from 0)."""
+  [result] = plt.elementwise_inline_asm(
+      "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
+  return result
+
+
 def _layout_and_params(variant: Variant, num_tokens: int, vocab: int, dtypes):
   if variant.backend == "triton":
     params: plt.CompilerParams | pltpu.CompilerParams = plt.CompilerParams(
         num_warps=GPU_WARPS, num_stages=GPU_STAGES)
     tile = min(variant.tile, pl.next_power_of_2(vocab))
-    return (_Layout(1, False, _Tiles(1, vocab, tile, tile, masked=True), 1), pl.BlockSpec(),
-            params)
+    exp2 = jnp.exp2 if variant.interpret else _gpu_exp2
+    return (_Layout(1, False, _Tiles(1, vocab, tile, tile, masked=True), 1, exp2),
+            pl.BlockSpec(), params)
   if variant.backend != "mosaic":
     raise ValueError(f"unknown kernel backend {variant.backend!r}.")
   rows = variant.rows or _tpu_rows(vocab, dtypes) or TPU_GROUP

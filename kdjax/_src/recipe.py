@@ -514,12 +514,12 @@ class _Pushed(NamedTuple):
   gap: Array  # the entry minus the lane's max before it (0 for a lane with no mass yet).
 
 
-def _push(stats: Stats, x: Array, inv_temperature) -> tuple[Stats, _Pushed]:
+def _push(stats: Stats, x: Array, inv_temperature, exp2=jnp.exp2) -> tuple[Stats, _Pushed]:
   """One entry per lane into per-lane statistics, with one ``exp``: ``exp(-|x - max| / T)`` is
   the rescale of the old sum when ``x`` raises the max and the new entry's weight when not."""
   above = x > stats.max
   gap = x - _finite(stats.max)
-  e = _exp_scaled(-jnp.abs(gap), inv_temperature)
+  e = _exp_scaled(-jnp.abs(gap), inv_temperature, exp2)
   rescale = jnp.where(above, e, 1.0)
   weight = jnp.where(above, 1.0, e)
   return (Stats(jnp.maximum(stats.max, x), stats.sum_exp * rescale + weight),
@@ -554,15 +554,18 @@ def _push_offsets(lanes: Lanes, weight_side: _Pushed, other: _Pushed,
 _LOG2_E = 1.4426950408889634
 
 
-def _exp_scaled(x: Array, inv_temperature) -> Array:
+def _exp_scaled(x: Array, inv_temperature, exp2=jnp.exp2) -> Array:
   """``exp(x / T)`` through ``exp2``."""
-  return jnp.exp2(x * (inv_temperature * _LOG2_E))
+  return exp2(x * (inv_temperature * _LOG2_E))
 
 
-def _kernel_distribution(x: Array, stats: Stats, inv_temperature) -> div.Dist:
-  """:func:`distribution`, its probabilities through :func:`_exp_scaled`."""
-  exps = _exp_scaled(x - _finite(stats.max)[..., None], inv_temperature)
-  return distribution(x, stats, inv_temperature, exps)
+def _kernel_distribution(x: Array, stats: Stats, inv_temperature, exp2=jnp.exp2) -> div.Dist:
+  """:func:`distribution`, its probabilities through :func:`_exp_scaled`, its mass read from
+  the logits (``x > -inf``: the same entries, one comparison fewer down the chain)."""
+  exps = _exp_scaled(x - _finite(stats.max)[..., None], inv_temperature, exp2)
+  dist = distribution(x, stats, inv_temperature, exps)
+  has_mass = x > -jnp.inf
+  return dist._replace(has_mass=has_mass, safe_log=jnp.where(has_mass, dist.log, 0.0))
 
 
 def _lane_scale(lane_max: Array, row_max: Array, inv_temperature) -> Array:
@@ -629,7 +632,7 @@ def online_sums(online: div.OnlineValue, rows: Lanes, inv_temperature) -> tuple[
 
 def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, lane_width: int,
           vocab_width: int, labels: Array | None = None, weights: Array | None = None,
-          emit=None, emit_init: Any = None) -> tuple[Rows, Any]:
+          emit=None, emit_init: Any = None, exp2=jnp.exp2) -> tuple[Rows, Any]:
   """The recipe over a block of rows whose vocabulary a kernel walks tile by tile, keeping
   statistics per lane and combining the lanes once per walk (:func:`reduce_lanes`).
 
@@ -645,6 +648,7 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
       because an earlier tile holds them (the gradient is then written twice, the same).
     zeros: float32 zeros ``[rows, lane_width]``.
     lane_width: the lanes of the per-lane statistics.
+    exp2: the base-2 exponential of the entries (a kernel may bring the hardware's own).
   """
   inv_temperature = inverse_temperature(hp)
   online = div.DIVERGENCES[config.divergence].online(hp)
@@ -672,10 +676,10 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
   def first_step(tile, state: Lanes) -> Lanes:
     x_student, x_teacher, _ = read(tile)
     for start, xs, xt, counted in chunks(tile, x_student, x_teacher):
-      student, pushed_student = _push(state.student, xs, inv_temperature)
-      teacher, pushed_teacher = _push(state.teacher, xt, inv_temperature)
+      student, pushed_student = _push(state.student, xs, inv_temperature, exp2)
+      teacher, pushed_teacher = _push(state.teacher, xt, inv_temperature, exp2)
       cross_entropy = (None if state.cross_entropy is None
-                       else _push(state.cross_entropy, xs, 1.0)[0])
+                       else _push(state.cross_entropy, xs, 1.0, exp2)[0])
       mass, weight_offset, other_offset = state.mass, state.weight_offset, state.other_offset
       if online is not None:
         by_teacher = online.weight == "teacher"
@@ -707,8 +711,8 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
   start = 0
 
   def tile_terms(x_student, x_teacher):
-    q = _kernel_distribution(x_student, student, inv_temperature)
-    p = _kernel_distribution(x_teacher, teacher, inv_temperature)
+    q = _kernel_distribution(x_student, student, inv_temperature, exp2)
+    p = _kernel_distribution(x_teacher, teacher, inv_temperature, exp2)
     return q, terms(config, hp, p, q)
 
   if online is not None:
@@ -745,7 +749,7 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
     q, entry_terms = tile_terms(x_student, x_teacher)
     ce_grad = None
     if config.cross_entropy:
-      softmax = (_kernel_distribution(x_student, ce_stats, 1.0).prob if separate
+      softmax = (_kernel_distribution(x_student, ce_stats, 1.0, exp2).prob if separate
                  else q.prob)
       ce_grad = (softmax, one_hot(labels, start + tile.start, tile.width))
     return emit(tile, context, student_grad(scale, entry_terms.dlog_q, q.prob, sums.dlog_q,
