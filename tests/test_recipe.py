@@ -56,11 +56,11 @@ def _inputs(seed, tokens, vocab):
   return student, teacher, labels
 
 
-# (backend, tile, rows per block): tiles of 128 at vocabulary 300 leave a ragged 44 (masked on
-# Triton, an overlapping last tile on Mosaic); Mosaic's 256-wide tiles at vocabulary 384 leave
-# an aligned 128.
+# Tiles of 128 entries in 4 chunks of 32 lanes (Triton) at vocabulary 300 leave a ragged 44,
+# read with a mask; Mosaic's 256-wide tiles of 2 chunks of 128 lanes leave 44 at vocabulary 300
+# (an overlapping last tile) and an aligned 128 at vocabulary 384.
 KERNELS = {
-    "gpu-300": (pallas.Variant("triton", 128, interpret=True), 300),
+    "gpu-300": (pallas.Variant("triton", 128, interpret=True, lanes=32), 300),
     "tpu-300": (pallas.Variant("mosaic", 256, interpret=True, rows=8), 300),
     "tpu-384": (pallas.Variant("mosaic", 256, interpret=True, rows=8), 384),
 }

@@ -61,6 +61,7 @@ Array = jax.Array
 # divergences' float32 temporaries still fit in registers. To be tuned on the device
 # (benchmarks/bench_accelerator.py).
 GPU_TILE = 2048
+GPU_LANES = 512
 GPU_WARPS = 8
 GPU_STAGES = 2
 
@@ -89,7 +90,8 @@ class Variant(NamedTuple):
   backend: str  # "triton" (GPU) or "mosaic" (TPU).
   tile: int  # vocabulary entries per tile (a power of two for "triton").
   interpret: bool = False  # Pallas interpret mode: XLA operations on any backend.
-  rows: int | None = None  # "mosaic": rows per block (None: sized by bytes).
+  rows: int | None = None  # "mosaic": rows per block (None: as many as VMEM takes).
+  lanes: int | None = None  # per-lane statistics' width (None: GPU_LANES or TPU_LANES).
 
 
 TRITON = Variant("triton", GPU_TILE)
@@ -140,15 +142,15 @@ def supports(variant: Variant, config: Config, logits: Array, teacher_logits: Ar
 
 class _Tile(NamedTuple):
   start: Array | int  # the vocabulary id of the tile's first entry.
-  width: int  # entries read.
-  valid: Array | None  # bool [rows, width]: entries inside the vocabulary (None: all of them).
-  counted: Array | None = None  # bool [rows, width]: entries no earlier tile holds (None: all).
+  width: int  # entries read: chunks of ``lanes``.
+  ragged: bool = False  # reaches past the vocabulary: read and written with a mask.
+  counted_from: int | None = None  # entries below this id are an earlier tile's (None: none).
 
 
 class _Tiles(NamedTuple):
-  """The vocabulary walk of one program: full tiles in a loop, then a static remainder.
+  """The vocabulary walk of one program: full tiles in a loop, then a static remainder; each
+  tile read and written as chunks of ``lanes`` entries, as the per-lane statistics take them.
 
-  Every tile is ``lanes`` entries wide or a multiple of it, as the per-lane statistics need.
   Triton reads the remainder as a full tile with a mask (entries past the vocabulary read as
   ``-inf``, which every term counts as 0). Mosaic reads it unmasked; when it is not a multiple
   of ``lanes``, as the last whole lanes of the row, the entries an earlier tile holds not
@@ -160,18 +162,19 @@ class _Tiles(NamedTuple):
   tile: int
   lanes: int
   masked: bool
-  unroll: int = 1  # loop iterations the compiler may overlap (Mosaic does not pipeline).
+  unroll: int = 1  # tiles per loop iteration (Mosaic does not pipeline across iterations).
 
   def fold(self, body: Callable[[_Tile, Any], Any], carry):
     """``carry = body(tile, carry)`` over the tiles of the vocabulary, in order."""
     num_full = self.vocab // self.tile
+
     def steps(first: int, count: int, unroll: int, carry):
       """Tiles first .. first + count - 1, ``unroll`` in each loop iteration (unrolled by
       hand: Mosaic's loop lowering takes no partial unroll)."""
       def step(k, carry):
         for j in range(unroll):
           start = pl.multiple_of((first + k * unroll + j) * self.tile, self.tile)
-          carry = body(_Tile(start, self.tile, None), carry)
+          carry = body(_Tile(start, self.tile), carry)
         return carry
       return lax.fori_loop(0, count // unroll, step, carry) if count >= unroll else carry
 
@@ -185,30 +188,38 @@ class _Tiles(NamedTuple):
     if not remainder:
       return carry
     if self.masked:
-      valid = start + lax.broadcasted_iota(jnp.int32, (self.rows, self.tile), 1) < self.vocab
       # A traced start: the tile reaches past the vocabulary, which a static slice rejects.
-      return body(_Tile(jnp.int32(start), self.tile, valid), carry)
+      return body(_Tile(jnp.int32(start), self.tile, ragged=True), carry)
     if remainder % self.lanes == 0:
-      return body(_Tile(start, remainder, None), carry)
+      return body(_Tile(start, remainder), carry)
     width = -(-remainder // self.lanes) * self.lanes
-    first = self.vocab - width
-    counted = first + lax.broadcasted_iota(jnp.int32, (self.rows, width), 1) >= start
-    return body(_Tile(first, width, None, counted), carry)
+    return body(_Tile(self.vocab - width, width, counted_from=start), carry)
 
-  def read(self, ref, tile: _Tile) -> Array:
-    """float32 ``[rows, width]``; entries past the vocabulary are ``-inf``."""
-    view = ref.at[:, pl.ds(tile.start, tile.width)]
-    if tile.valid is None:
-      return view[...].astype(jnp.float32)
-    return plt.load(view, mask=tile.valid,
-                    other=jnp.array(-jnp.inf, ref.dtype)).astype(jnp.float32)
+  def _chunks(self, tile: _Tile):
+    for j in range(tile.width // self.lanes):
+      start = tile.start + j * self.lanes
+      valid = None
+      if tile.ragged:
+        valid = start + lax.broadcasted_iota(jnp.int32, (self.rows, self.lanes), 1) < self.vocab
+      yield pl.ds(start, self.lanes), valid
 
-  def write(self, ref, tile: _Tile, x: Array) -> None:
-    view = ref.at[:, pl.ds(tile.start, tile.width)]
-    if tile.valid is None:
-      view[...] = x.astype(ref.dtype)
-    else:
-      plt.store(view, x.astype(ref.dtype), mask=tile.valid)
+  def read(self, ref, tile: _Tile) -> tuple[Array, ...]:
+    """float32 ``[rows, lanes]`` chunks; entries past the vocabulary are ``-inf``."""
+    chunks = []
+    for columns, valid in self._chunks(tile):
+      view = ref.at[:, columns]
+      chunk = view[...] if valid is None else plt.load(
+          view, mask=valid, other=jnp.array(-jnp.inf, ref.dtype))
+      chunks.append(chunk.astype(jnp.float32))
+    return tuple(chunks)
+
+  def write(self, ref, tile: _Tile, chunks: tuple[Array, ...]) -> None:
+    for (columns, valid), x in zip(self._chunks(tile), chunks, strict=True):
+      view = ref.at[:, columns]
+      if valid is None:
+        view[...] = x.astype(ref.dtype)
+      else:
+        plt.store(view, x.astype(ref.dtype), mask=valid)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,9 +272,9 @@ def _body(config: Config, names: tuple[str, ...], layout: _Layout, refs: _Refs) 
     def read(tile):
       return tiles.read(refs.logits, tile), tiles.read(refs.teacher, tile), None
 
-    def write_grad(tile, context, grad, carry):
+    def write_grad(tile, context, grads, carry):
       del context
-      tiles.write(refs.grad, tile, grad)
+      tiles.write(refs.grad, tile, grads)
       return carry
 
     rows, _ = recipe.lanes(
@@ -313,8 +324,9 @@ def _layout_and_params(variant: Variant, num_tokens: int, vocab: int, dtypes):
     params: plt.CompilerParams | pltpu.CompilerParams = plt.CompilerParams(
         num_warps=GPU_WARPS, num_stages=GPU_STAGES)
     tile = min(variant.tile, pl.next_power_of_2(vocab))
+    lanes = min(variant.lanes or GPU_LANES, tile)
     exp2 = jnp.exp2 if variant.interpret else _gpu_exp2
-    return (_Layout(1, False, _Tiles(1, vocab, tile, tile, masked=True), 1, exp2),
+    return (_Layout(1, False, _Tiles(1, vocab, tile, lanes, masked=True), 1, exp2),
             pl.BlockSpec(), params)
   if variant.backend != "mosaic":
     raise ValueError(f"unknown kernel backend {variant.backend!r}.")
@@ -327,7 +339,7 @@ def _layout_and_params(variant: Variant, num_tokens: int, vocab: int, dtypes):
   itemsizes = [jnp.dtype(d).itemsize for d in dtypes]
   blocks = 2 * rows * vocab * (sum(itemsizes) + itemsizes[0])
   vmem_limit = min(_tpu_vmem_capacity(), blocks + TPU_VMEM_RESERVE)
-  lanes = min(TPU_LANES, vocab)
+  lanes = min(variant.lanes or TPU_LANES, vocab)
   tile = max(lanes, min(variant.tile, vocab) // lanes * lanes)
   params = pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=vmem_limit)
   return (_Layout(rows, True, _Tiles(group, vocab, tile, lanes, masked=False,

@@ -38,6 +38,7 @@ tiles.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Mapping
 from typing import Any, NamedTuple
 
@@ -507,44 +508,49 @@ class Lanes(NamedTuple):
   label: Array | None  # the student's raw logit at the label (0 elsewhere), summed.
 
 
-class _Pushed(NamedTuple):
-  rescale: Array  # what the lane had summed is multiplied by this (its max rose).
-  weight: Array  # exp((x - max) / T) of the new entry, at the new max.
-  above: Array  # bool: the entry raised the lane's max.
-  gap: Array  # the entry minus the lane's max before it (0 for a lane with no mass yet).
+class _Folded(NamedTuple):
+  """One side's chunks of a tile folded into its per-lane statistics."""
+
+  stats: Stats  # the lanes' statistics with the tile.
+  rescale: Array  # what the lanes had summed is multiplied by this (their max rose).
+  rise: Array  # how far the lanes' (finite) max rose; any number for a lane with no mass yet.
+  gaps: tuple[Array, ...]  # each chunk's entries minus the lanes' new max.
+  exps: tuple[Array, ...]  # exp(gap / T): 0 at -inf entries.
 
 
-def _push(stats: Stats, x: Array, inv_temperature, exp2=jnp.exp2) -> tuple[Stats, _Pushed]:
-  """One entry per lane into per-lane statistics, with one ``exp``: ``exp(-|x - max| / T)`` is
-  the rescale of the old sum when ``x`` raises the max and the new entry's weight when not."""
-  above = x > stats.max
-  gap = x - _finite(stats.max)
-  e = _exp_scaled(-jnp.abs(gap), inv_temperature, exp2)
-  rescale = jnp.where(above, e, 1.0)
-  weight = jnp.where(above, 1.0, e)
-  return (Stats(jnp.maximum(stats.max, x), stats.sum_exp * rescale + weight),
-          _Pushed(rescale, weight, above, gap))
+def _fold_side(stats: Stats, chunks: tuple[Array, ...], inv_temperature, exp2) -> _Folded:
+  """A tile's chunks (``[rows, lanes]`` each) into per-lane statistics: the lanes' max moves
+  once per tile, one ``exp`` per entry and one per lane to rescale the old sum."""
+  new_max = functools.reduce(jnp.maximum, chunks, stats.max)
+  shift = _finite(new_max)
+  rescale = _exp_scaled(stats.max - shift, inv_temperature, exp2)  # 0 for an empty lane
+  gaps = tuple(x - shift for x in chunks)
+  exps = tuple(_exp_scaled(gap, inv_temperature, exp2) for gap in gaps)
+  total = functools.reduce(jnp.add, exps)
+  return _Folded(Stats(new_max, stats.sum_exp * rescale + total), rescale,
+                 shift - _finite(stats.max), gaps, exps)
 
 
-def _push_offsets(lanes: Lanes, weight_side: _Pushed, other: _Pushed,
-                  other_x: Array) -> tuple[Array, Array | None, Array | None]:
-  """The online value's three sums with one more entry per lane (see :class:`Lanes`)."""
+def _fold_offsets(lanes: Lanes, weight_side: _Folded, other: _Folded, both: tuple[Array, ...]
+                  ) -> tuple[Array, Array | None, Array | None]:
+  """The online value's sums (see :class:`Lanes`) with a tile more; ``both``: per chunk, the
+  entries where both sides have mass."""
   assert lanes.mass is not None
   mass = lanes.mass
-  new = jnp.where(other_x > -jnp.inf, weight_side.weight, 0.0)  # 0 unless both have mass.
-  counted = new > 0
+  new = tuple(jnp.where(b, e, 0.0) for b, e in zip(both, weight_side.exps, strict=True))
 
-  def offset(sums: Array, side: _Pushed) -> Array:
-    # The old sums are rescaled and move by the rise of the side's max; an entry at the new
-    # max is 0 away from it. (One formula for both sides: equal inputs give equal sums.)
-    rise = jnp.where(side.above, side.gap, 0.0)
-    return (weight_side.rescale * (sums - rise * mass)
-            + jnp.where(counted & ~side.above, new * side.gap, 0.0))
+  def offset(sums: Array | None, side: _Folded) -> Array | None:
+    # The old sums are rescaled and move by the rise of the side's max. (One formula for both
+    # sides: equal inputs give equal sums.)
+    if sums is None:
+      return None
+    gained = functools.reduce(jnp.add, (
+        jnp.where(b, e * gap, 0.0) for b, e, gap in zip(both, weight_side.exps, side.gaps,
+                                                         strict=True)))
+    return weight_side.rescale * (sums - side.rise * mass) + gained
 
-  weight_offset = (None if lanes.weight_offset is None
-                   else offset(lanes.weight_offset, weight_side))
-  other_offset = None if lanes.other_offset is None else offset(lanes.other_offset, other)
-  return mass * weight_side.rescale + new, weight_offset, other_offset
+  return (mass * weight_side.rescale + functools.reduce(jnp.add, new),
+          offset(lanes.weight_offset, weight_side), offset(lanes.other_offset, other))
 
 
 # exp(x) = exp2(x log2 e): with the factor folded into 1 / T, one multiplication and the
@@ -636,16 +642,21 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
   """The recipe over a block of rows whose vocabulary a kernel walks tile by tile, keeping
   statistics per lane and combining the lanes once per walk (:func:`reduce_lanes`).
 
-  Two walks when the divergence's value folds online with the row statistics (its
-  ``DIVERGENCES`` entry's ``online``): the first gathers the statistics and the value's sums,
-  the second (with ``emit``) hands each tile's gradient over. Three otherwise: statistics,
-  the terms' sums, the gradient. Arguments as in :func:`tiled`, except:
+  A tile is a few chunks of ``lane_width`` entries: each lane's max moves once per tile (one
+  rescale per lane and tile), and each entry costs one ``exp``. Two walks when the divergence's
+  value folds online with the row statistics (its ``DIVERGENCES`` entry's ``online``): the
+  first gathers the statistics and the value's sums, the second (with ``emit``) hands each
+  tile's gradient over. Three otherwise: statistics, the terms' sums, the gradient. Arguments
+  as in :func:`tiled`, except:
 
   Args:
     walk: ``walk(body, carry)``; every tile's width is a multiple of ``lane_width``.
-    read: ``read(tile)`` returns ``(x_student, x_teacher, context)``; a tile may carry
-      ``counted``, a bool ``[rows, width]`` mask (None: all), of entries that the sums skip
-      because an earlier tile holds them (the gradient is then written twice, the same).
+    read: ``read(tile)`` returns ``(student_chunks, teacher_chunks, context)``: tuples of the
+      tile's raw float32 logits, chunk ``j`` ``[rows, lane_width]`` holding the entries
+      ``tile.start + j * lane_width ...`` (``-inf`` past the vocabulary). A tile may have
+      ``counted_from``: the sums skip its entries below that id, which an earlier tile holds
+      (their gradient is then written twice, the same).
+    emit: ``emit(tile, context, grad_chunks, carry)``.
     zeros: float32 zeros ``[rows, lane_width]``.
     lane_width: the lanes of the per-lane statistics.
     exp2: the base-2 exponential of the entries (a kernel may bring the hardware's own).
@@ -655,44 +666,48 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
   separate = config.cross_entropy and not config.is_static("temperature", 1.0)
   empty = Stats(zeros - jnp.inf, zeros)
 
-  def chunks(tile, x_student, x_teacher):
-    """The tile's lane-wide chunks: (first id, student, teacher, counted), the uncounted
-    entries at -inf."""
-    counted = getattr(tile, "counted", None)
-    if counted is not None:
-      x_student = jnp.where(counted, x_student, -jnp.inf)
-      x_teacher = jnp.where(counted, x_teacher, -jnp.inf)
-    for j in range(0, tile.width, lane_width):
-      def chunk(x, j=j):
-        return x if x is None or tile.width == lane_width else x[:, j:j + lane_width]
-      yield tile.start + j, chunk(x_student), chunk(x_teacher), chunk(counted)
+  def starts(tile):
+    return [tile.start + j * lane_width for j in range(tile.width // lane_width)]
 
-  def label_lanes(label, start, x_student, counted):
-    at_label = one_hot(labels, start, lane_width)
-    if counted is not None:
-      at_label = at_label & counted
-    return label + jnp.where(at_label, x_student, 0.0)
+  def counted_chunks(tile, student_chunks, teacher_chunks):
+    """The chunks with the entries an earlier tile holds at -inf, and their masks."""
+    counted_from = getattr(tile, "counted_from", None)
+    if counted_from is None:
+      return student_chunks, teacher_chunks, (None,) * len(student_chunks)
+    masks = tuple(start + lax.broadcasted_iota(jnp.int32, zeros.shape, 1) >= counted_from
+                  for start in starts(tile))
+
+    def hide(chunks):
+      return tuple(jnp.where(m, x, -jnp.inf) for m, x in zip(masks, chunks, strict=True))
+
+    return hide(student_chunks), hide(teacher_chunks), masks
+
+  def with_label(label, tile, student_chunks, masks):
+    for start, x, mask in zip(starts(tile), student_chunks, masks, strict=True):
+      at_label = one_hot(labels, start, lane_width)
+      if mask is not None:
+        at_label = at_label & mask
+      label = label + jnp.where(at_label, x, 0.0)
+    return label
 
   def first_step(tile, state: Lanes) -> Lanes:
-    x_student, x_teacher, _ = read(tile)
-    for start, xs, xt, counted in chunks(tile, x_student, x_teacher):
-      student, pushed_student = _push(state.student, xs, inv_temperature, exp2)
-      teacher, pushed_teacher = _push(state.teacher, xt, inv_temperature, exp2)
-      cross_entropy = (None if state.cross_entropy is None
-                       else _push(state.cross_entropy, xs, 1.0, exp2)[0])
-      mass, weight_offset, other_offset = state.mass, state.weight_offset, state.other_offset
-      if online is not None:
-        by_teacher = online.weight == "teacher"
-        mass, weight_offset, other_offset = _push_offsets(
-            state, *((pushed_teacher, pushed_student) if by_teacher
-                     else (pushed_student, pushed_teacher)), xs if by_teacher else xt)
-      label = state.label
-      if config.cross_entropy and online is not None:
-        label = label_lanes(label, start, xs, counted)
-      state = Lanes(student, teacher, cross_entropy, mass, weight_offset, other_offset, label)
-    return state
+    xs, xt, masks = counted_chunks(tile, *read(tile)[:2])
+    student = _fold_side(state.student, xs, inv_temperature, exp2)
+    teacher = _fold_side(state.teacher, xt, inv_temperature, exp2)
+    cross_entropy = (None if state.cross_entropy is None
+                     else _fold_side(state.cross_entropy, xs, 1.0, exp2).stats)
+    mass, weight_offset, other_offset = state.mass, state.weight_offset, state.other_offset
+    if online is not None:
+      both = tuple((s > -jnp.inf) & (t > -jnp.inf) for s, t in zip(xs, xt, strict=True))
+      mass, weight_offset, other_offset = _fold_offsets(
+          state, *((teacher, student) if online.weight == "teacher" else (student, teacher)),
+          both)
+    label = state.label
+    if label is not None:
+      label = with_label(label, tile, xs, masks)
+    return Lanes(student.stats, teacher.stats, cross_entropy, mass, weight_offset,
+                 other_offset, label)
 
-  with_label = config.cross_entropy and online is not None
   def fold(coefficient: float) -> Array | None:  # an offset sum the value reads
     return zeros if online is not None and coefficient else None
 
@@ -704,13 +719,13 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
   else:
     offsets = (fold(online.student), fold(online.teacher))
   first = Lanes(empty, empty, empty if separate else None,
-                None if online is None else zeros, *offsets, zeros if with_label else None)
+                None if online is None else zeros, *offsets,
+                zeros if config.cross_entropy and online is not None else None)
   rows = reduce_lanes(walk(first_step, first), online, inv_temperature)
   student, teacher = rows.student, rows.teacher
   ce_stats = rows.cross_entropy if separate else student
-  start = 0
 
-  def tile_terms(x_student, x_teacher):
+  def chunk_terms(x_student, x_teacher):
     q = _kernel_distribution(x_student, student, inv_temperature, exp2)
     p = _kernel_distribution(x_teacher, teacher, inv_temperature, exp2)
     return q, terms(config, hp, p, q)
@@ -721,14 +736,14 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
   else:
     def sums_step(tile, partial):
       value, dlog_q, label = partial
-      x_student, x_teacher, _ = read(tile)
-      for chunk_start, xs, xt, counted in chunks(tile, x_student, x_teacher):
-        _, entry_terms = tile_terms(xs, xt)
+      xs, xt, masks = counted_chunks(tile, *read(tile)[:2])
+      for x_student, x_teacher in zip(xs, xt, strict=True):
+        _, entry_terms = chunk_terms(x_student, x_teacher)
         value = value + entry_terms.value
         if emit is not None:
           dlog_q = dlog_q + entry_terms.dlog_q
-        if config.cross_entropy:
-          label = label_lanes(label, chunk_start, xs, counted)
+      if config.cross_entropy:
+        label = with_label(label, tile, xs, masks)
       return value, dlog_q, label
 
     value, dlog_q, label = (jnp.sum(x, axis=-1) for x in walk(sums_step, (zeros,) * 3))
@@ -745,15 +760,17 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
     return result, None
 
   def grad_step(tile, carry):
-    x_student, x_teacher, context = read(tile)
-    q, entry_terms = tile_terms(x_student, x_teacher)
-    ce_grad = None
-    if config.cross_entropy:
-      softmax = (_kernel_distribution(x_student, ce_stats, 1.0, exp2).prob if separate
-                 else q.prob)
-      ce_grad = (softmax, one_hot(labels, start + tile.start, tile.width))
-    return emit(tile, context, student_grad(scale, entry_terms.dlog_q, q.prob, sums.dlog_q,
-                                            ce_grad), carry)
+    xs, xt, context = read(tile)
+    grads = []
+    for start, x_student, x_teacher in zip(starts(tile), xs, xt, strict=True):
+      q, entry_terms = chunk_terms(x_student, x_teacher)
+      ce_grad = None
+      if config.cross_entropy:
+        softmax = (_kernel_distribution(x_student, ce_stats, 1.0, exp2).prob if separate
+                   else q.prob)
+        ce_grad = (softmax, one_hot(labels, start, lane_width))
+      grads.append(student_grad(scale, entry_terms.dlog_q, q.prob, sums.dlog_q, ce_grad))
+    return emit(tile, context, tuple(grads), carry)
 
   return result, walk(grad_step, emit_init)
 
