@@ -17,10 +17,17 @@ the report reads back, per case and chip, is the compiler's own output:
   bf16;
 * cycles: libtpu's static LLO profile (``--xla_jf_dump_static_llo_profile_to``), the compiler's
   estimate of each operation. For a kernel it costs memory in proportion to the grid (more than
-  17 GB for the full grid), so it is taken on grids of 2 and 4 blocks of the same kernel and
-  extrapolated linearly, ``fixed + blocks * per_block``. Where the compiler refuses the small
-  programs under the profile (it reserves VMEM a large kernel needs), the kernel's final bundles
-  (``--xla_jf_dump_to``) are counted instead: issue-only cycles, a lower bound. An XLA program
+  17 GB for the full grid), so it is taken on grids of 2 and 4 blocks per TensorCore of the same
+  kernel (a megacore v5p splits the grid over its 2 cores: 4 and 8 blocks; one block per core
+  would not be double-buffered, other code) and extrapolated linearly over the grids the
+  compiled programs report, ``fixed + blocks * per_block``. Under the profile libtpu counts the
+  program's VMEM as the kernel's scoped VMEM used plus the HLO temporaries placed above its whole
+  reservation, which exceeds the core for a kernel that uses more than half of it (64 rows on
+  v5e and v6e: 94 + 106 MiB of 128); the profiled compilations therefore run with the VMEM size
+  overridden to twice the core's (``--xla_tpu_override_vmem_size_kib``), which leaves the
+  kernel's final bundles byte for byte as they are. Where the compiler still refuses the small
+  programs under the profile, the kernel's final bundles (``--xla_jf_dump_to``) are counted
+  instead: issue-only cycles, a lower bound. An XLA program
   (the fused head, its four matmuls alone) is estimated by XLA's cost model, each operation's
   ``estimated_cycles`` counted as often as its loops run (its whole-program profile needs more
   memory than a CI machine has). Times are cycles at the assumed clock; the fraction of the
@@ -70,7 +77,7 @@ TARGETS = {
 
 LLM = (16384, 128256, "bfloat16")
 FUSED = (8192, 4096, 128256)
-PROFILE_BLOCKS = (2, 4)
+PROFILE_BLOCKS = (2, 4)  # per TensorCore
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,10 +341,26 @@ def program_cycles(hlo: str, profile: dict[str, int]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_worker(case: Case, target: str, tokens: int, dump: str,
-               profile: str | None = None) -> dict[str, Any]:
+def profile_flags(method: str, directory: str, vmem_capacity: int | None = None) -> str:
+  """libtpu's flags for a profiled compilation: "llo", the static profile of every operation
+  into ``directory``, with the VMEM size overridden to twice ``vmem_capacity`` (the profile
+  counts the kernel's VMEM used on top of its whole reservation); "bundles", the final bundles
+  as text."""
+  if method == "llo":
+    flags = f"--xla_jf_dump_static_llo_profile_to={directory}"
+    if vmem_capacity:
+      flags += f" --xla_tpu_override_vmem_size_kib={2 * vmem_capacity // 1024}"
+    return flags
+  if method == "bundles":
+    return f"--xla_jf_dump_to={directory} --xla_jf_dump_llo_text=true"
+  raise ValueError(f"unknown profile method {method!r}")
+
+
+def run_worker(case: Case, target: str, tokens: int, dump: str, profile: str | None = None,
+               vmem_capacity: int | None = None) -> dict[str, Any]:
   """One compilation in a subprocess. ``profile``: "llo" (libtpu's static profile of every
-  operation, read back into the result) or "bundles" (the kernels' final bundles dumped under
+  operation, read back into the result; ``vmem_capacity``: the core's, see
+  :func:`profile_flags`) or "bundles" (the kernels' final bundles dumped under
   ``dump/bundles_<tokens>``)."""
   os.makedirs(dump, exist_ok=True)
   out_json = os.path.join(dump, f"result_{tokens}.json")
@@ -346,16 +369,15 @@ def run_worker(case: Case, target: str, tokens: int, dump: str,
              ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   command = [sys.executable, _HERE, "--worker", case.name, "--targets", target, "--tokens",
              str(tokens), "--json", out_json]
-  flags = ""
-  if profile == "llo":
-    profile_dir = os.path.join(dump, f"profile_{tokens}")
-    flags = f"--xla_jf_dump_static_llo_profile_to={profile_dir}"
-    command += ["--profile-dir", profile_dir]
-  elif profile == "bundles":
-    profile_dir = os.path.join(dump, f"bundles_{tokens}")
-    flags = f"--xla_jf_dump_to={profile_dir} --xla_jf_dump_llo_text=true"
+  if os.path.exists(out_json):  # Not a result of an earlier run.
+    os.remove(out_json)
   if profile:
+    profile_dir = os.path.join(dump, f"{'profile' if profile == 'llo' else 'bundles'}_{tokens}")
+    if profile == "llo":
+      command += ["--profile-dir", profile_dir]
     shutil.rmtree(profile_dir, ignore_errors=True)
+    os.makedirs(profile_dir)
+    flags = profile_flags(profile, profile_dir, vmem_capacity)
     env["LIBTPU_INIT_ARGS"] = (env.get("LIBTPU_INIT_ARGS", "") + " " + flags).strip()
   start = time.perf_counter()
   proc = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -377,6 +399,20 @@ def _rows(result: dict) -> int | None:
   """Rows per block of the kernel the program runs (its Mosaic call; one expected)."""
   rows = {b["rows"] for b in result.get("blocks", [])}
   return rows.pop() if len(rows) == 1 else None
+
+
+def _grid(result: dict) -> int | None:
+  """Blocks in the grid of the kernel the program runs (its Mosaic call; one expected)."""
+  grids = {math.prod(b["grid"]) if b.get("grid") else None for b in result.get("blocks", [])}
+  return grids.pop() if len(grids) == 1 else None
+
+
+def linear_fit(points: dict[int, float]) -> tuple[float, float]:
+  """``(fixed, per_block)`` of the line through the cycles of the smallest and the largest
+  grid, ``points`` keyed by the grid's blocks."""
+  small, large = min(points), max(points)
+  per_block = (points[large] - points[small]) / (large - small)
+  return points[small] - small * per_block, per_block
 
 
 _BUNDLE = re.compile(r"\s*0x[0-9a-f]+\s+(LB:|PF:|:)?\s*(>*)\s*\{")
@@ -432,24 +468,28 @@ def _final_bundles(directory: str, kernel: str) -> str | None:
     return f.read()
 
 
-def profile_kernel(case: Case, target: str, rows: int, dump: str) -> dict[str, Any]:
-  """libtpu's estimate of the kernel on grids of 2 and 4 blocks, and its linear fit. Where the
-  compiler refuses the small programs under the static profile, the kernel's final bundles are
-  counted instead (issue-only cycles, a lower bound)."""
+def profile_kernel(case: Case, target: str, rows: int, dump: str, cores: int = 1,
+                   vmem_capacity: int | None = None) -> dict[str, Any]:
+  """libtpu's estimate of the kernel on grids of 2 and 4 blocks per TensorCore of ``rows`` rows
+  each, and its linear fit over the grids the compiled programs report. Where the compiler
+  refuses the small programs under the static profile, the kernel's final bundles are counted
+  instead (issue-only cycles, a lower bound)."""
   notes = []
   for method in ("llo", "bundles"):
     points, rows_seen, refused = {}, set(), None
-    for blocks in PROFILE_BLOCKS:
-      r = run_worker(case, target, blocks * rows, dump, profile=method)
+    for blocks in (b * cores for b in PROFILE_BLOCKS):
+      r = run_worker(case, target, blocks * rows, dump, profile=method,
+                     vmem_capacity=vmem_capacity)
       if not r.get("compiled"):
         refused = _first_error(r)
         break
       rows_seen.add(_rows(r))
+      grid = _grid(r) or blocks
       if method == "llo":
         kernels = r.get("kernels") or []
-        points[blocks] = r.get("profile", {}).get(kernels[0]["name"]) if kernels else None
+        points[grid] = r.get("profile", {}).get(kernels[0]["name"]) if kernels else None
       else:
-        points[blocks] = _bundle_point(r, dump, blocks * rows)
+        points[grid] = _bundle_point(r, dump, blocks * rows)
     if refused is None:
       break
     notes.append(f"{method} at {blocks} blocks: {refused}")
@@ -458,11 +498,12 @@ def profile_kernel(case: Case, target: str, rows: int, dump: str) -> dict[str, A
     return dict(result, error=f"no estimate of the kernel ({'; '.join(notes) or method})")
   if rows_seen != {rows}:
     return dict(result, error=f"rows per block differ on the small grids: {rows_seen}")
-  small, large = PROFILE_BLOCKS
-  per_block = (points[large] - points[small]) / (large - small)
+  if len(points) < 2:
+    return dict(result, error=f"no estimate: the small programs' grids are alike {points}")
+  fixed, per_block = linear_fit(points)
   if per_block <= 0:  # Not the same kernel code on both grids, or a misread dump.
     return dict(result, error=f"no estimate: {method} cycles do not grow with the grid {points}")
-  return dict(result, per_block=per_block, fixed=points[small] - small * per_block)
+  return dict(result, per_block=per_block, fixed=fixed)
 
 
 def _bundle_point(result: dict, dump: str, tokens: int) -> int | None:
@@ -476,7 +517,8 @@ def _bundle_point(result: dict, dump: str, tokens: int) -> int | None:
 def _first_error(result: dict) -> str:
   """The compiler's VMEM verdict where there is one, else the error's first line."""
   error = result.get("error") or "?"
-  vmem = re.search(r"Ran out of memory in memory space vmem[^.]*\.[^.]*\.", error)
+  vmem = re.search(r"Ran out of memory in memory space vmem\.(?: Used [\d.]+\w* of [\d.]+\w* "
+                   r"vmem\.)?", error)
   return (vmem.group(0) if vmem else error.strip().splitlines()[0])[:300]
 
 
@@ -492,9 +534,11 @@ def run_case(case: Case, target: str, dump: str, profile: bool) -> dict[str, Any
     return result
   result = run_worker(case, target, case.shape[0], dump)
   rows = _rows(result)
-  result["rows"] = rows
+  result["rows"], result["grid"] = rows, _grid(result)
   if profile and result.get("compiled") and result.get("kernels") and rows:
-    result["kernel_profile"] = profile_kernel(case, target, rows, dump)
+    result["kernel_profile"] = profile_kernel(case, target, rows, dump,
+                                              cores=result.get("cores") or 1,
+                                              vmem_capacity=result.get("vmem_capacity"))
   return result
 
 
@@ -523,7 +567,8 @@ def kernel_estimate(case: Case, target: str, result: dict) -> dict[str, float] |
     return None
   tokens, vocab, dtype = case.shape
   chip = TARGETS[target]
-  blocks = -(-tokens // result["rows"])
+  # The full program's grid as its kernel reports it; else the kernel's rows per block.
+  blocks = result.get("grid") or -(-tokens // result["rows"])
   cycles = profile["fixed"] + blocks * profile["per_block"]
   bound_ms = 3 * tokens * vocab * (2 if dtype == "bfloat16" else 4) / chip.bandwidth * 1e3
   estimate_ms = cycles / chip.clock * 1e3
@@ -536,7 +581,7 @@ def _mib(x: int | None) -> str:
 
 def print_report(cases: dict[str, Case], results: dict[str, dict]) -> None:
   print("\n| chip | case | compiled | rows/block | VMEM used / reserved / capacity MiB "
-        "| kernel HBM read + write GB (vs 6·N·V) | cycles/block (2, 4 blocks) | est. ms "
+        "| kernel HBM read + write GB (vs 6·N·V) | cycles/block (blocks: cycles) | est. ms "
         "| bound ms | fraction of bound |")
   print("|" + "---|" * 10)
   for key, r in results.items():
@@ -558,7 +603,7 @@ def print_report(cases: dict[str, Case], results: dict[str, dict]) -> None:
     est = kernel_estimate(case, target, r)
     profile = r.get("kernel_profile") or {}
     if est:
-      points = ", ".join(f"{v:,}" for v in profile["points"].values())
+      points = ", ".join(f"{k}: {v:,}" for k, v in profile["points"].items())
       mark = "*" if profile["method"] == "bundles" else ""
       cycles = f"{profile['per_block']:,.0f}{mark} ({points})"
       timing = f"{est['ms']:.1f} | {est['bound_ms']:.1f} | {est['fraction']:.2f}"
@@ -568,9 +613,11 @@ def print_report(cases: dict[str, Case], results: dict[str, dict]) -> None:
     print(f"{head} yes | {r.get('rows')} | {_mib(k['vmem_used'])} / {_mib(k['vmem_reserved'])} "
           f"/ {_mib(r['vmem_capacity'])} | {k['read_bytes'] / 1e9:.2f} + "
           f"{k['write_bytes'] / 1e9:.2f} ({moved / bound_bytes:.3f}x) | {cycles} | {timing} |")
-  print("\ncycles: libtpu's static LLO profile of the kernel on grids of 2 and 4 blocks (or, "
-        "where the compiler refuses those programs under the profile, the kernel's final bundles "
-        "counted, issue-only: a lower bound, marked *), extrapolated linearly to the full grid; "
+  print("\ncycles: libtpu's static LLO profile of the kernel on grids of 2 and 4 blocks per "
+        "TensorCore (v5p: 2 cores; VMEM size overridden to twice the core's, the kernel's "
+        "bundles unchanged) or, where the compiler refuses those programs under the profile, "
+        "the kernel's final bundles counted (issue-only: a lower bound, marked *), extrapolated "
+        "linearly to the full grid; "
         "est. ms at the assumed clock (v5e 1.5, v5p and v6e 1.75 GHz); bound: 6·N·V bytes at "
         "the chip's HBM bandwidth (v5e 819, v5p 2765, v6e 1640 GB/s). Compiled and estimated, "
         "not measured.")

@@ -156,3 +156,43 @@ def test_tpu_bundle_cycles_nest_loops_by_depth():
    0x6   :  { %s5 = smov 1 }
 """
   assert compile_tpu.bundle_cycles(bundles) == 1 + 3 * (1 + 250 * 3 + 1) + 1
+
+
+def test_tpu_static_profile_runs_with_twice_the_cores_vmem():
+  # Under the static profile libtpu counts the kernel's VMEM used on top of its reservation.
+  flags = compile_tpu.profile_flags("llo", "prof", vmem_capacity=128 * 2**20)
+  assert flags.split() == ["--xla_jf_dump_static_llo_profile_to=prof",
+                           "--xla_tpu_override_vmem_size_kib=262144"]
+  assert compile_tpu.profile_flags("bundles", "jf").split() == [
+      "--xla_jf_dump_to=jf", "--xla_jf_dump_llo_text=true"]
+  with pytest.raises(ValueError, match="unknown profile method"):
+    compile_tpu.profile_flags("perf", "x")
+
+
+def test_tpu_linear_fit_over_the_grids_the_programs_report():
+  # A megacore v5p: 2 and 4 blocks per core are grids of 4 and 8 blocks.
+  assert compile_tpu.linear_fit({4: 120_000, 8: 220_000}) == (20_000, 25_000)
+
+
+def test_tpu_grid_and_rows_of_the_mosaic_call():
+  result = dict(blocks=[dict(grid=[4], rows=32)])
+  assert (compile_tpu._grid(result), compile_tpu._rows(result)) == (4, 32)
+  assert compile_tpu._grid(dict(blocks=[dict(grid=[4], rows=32), dict(grid=[2], rows=32)])) is None
+
+
+def test_tpu_kernel_estimate_extrapolates_to_the_kernels_own_grid():
+  case = compile_tpu.all_cases()["kd_loss"]
+  result = dict(rows=64, grid=256, kernel_profile=dict(fixed=1000.0, per_block=100.0))
+  assert compile_tpu.kernel_estimate(case, "v5e", result)["cycles"] == 1000 + 256 * 100
+  del result["grid"]  # From the rows per block: 16384 tokens in blocks of 64.
+  assert compile_tpu.kernel_estimate(case, "v5e", result)["cycles"] == 1000 + 256 * 100
+  result["rows"] = 32
+  assert compile_tpu.kernel_estimate(case, "v5e", result)["cycles"] == 1000 + 512 * 100
+
+
+def test_tpu_first_error_keeps_the_vmem_figures():
+  error = ("JaxRuntimeError: RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of "
+           "memory in memory space vmem. Used 200.12M of 128.00M vmem. Exceeded vmem capacity "
+           "by 72.12M.\n\nProgram vmem requirement 200.12M:")
+  assert compile_tpu._first_error(dict(error=error)) == (
+      "Ran out of memory in memory space vmem. Used 200.12M of 128.00M vmem.")
