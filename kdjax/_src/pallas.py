@@ -3,16 +3,16 @@
 A kernel computes what the blocked engine's block function ``dense.teacher_logits_block``
 computes -- per-token values and the gradient of ``sum(weights * value)`` with respect to the
 student logits -- for every row of materialised student and teacher logits, in one call. Each
-program of its grid takes a block of rows and walks their vocabulary tile by tile, so a row never
-has to fit in registers or VMEM at once:
+program of its grid takes a block of rows and walks their vocabulary tile by tile with
+:func:`recipe.lanes`, so a row never has to fit in registers or VMEM at once:
 
-1. the row statistics of both logits, folded tile by tile with :func:`recipe.combine` (an
-   online log-sum-exp; a third fold at temperature 1 for the cross entropy when ``T`` may
-   differ from 1);
-2. the sums over the vocabulary of the divergence's terms (:func:`recipe.terms`) and, for the
-   cross entropy, of the label's entry (:func:`recipe.label_entry`);
+1. per-lane statistics of both logits (a lane's max moves once per tile, one ``exp`` an entry)
+   and, when the divergence's value folds online (its ``DIVERGENCES`` entry), the value's sums
+   -- combined across the lanes once, at the end of the walk;
+2. only where the value needs the final normalisers, a second walk sums the divergence's terms
+   (:func:`recipe.terms`) per lane;
 3. :func:`recipe.finish`: the per-token values and the gradient's row coefficients;
-4. with the gradient, a third walk writes it tile by tile (:func:`recipe.student_grad`), rounded
+4. with the gradient, a last walk writes it tile by tile (:func:`recipe.student_grad`), rounded
    once to the logits' dtype, over the logits' buffer (``input_output_aliases``: in a train
    step, where the logits are dead after the loss, no second ``[tokens, vocab]`` buffer).
 
@@ -23,19 +23,22 @@ points -- is ``dense.py``'s: a kernel is a ``dense.Loop`` (:func:`loop`).
 Variants (:class:`Variant`):
 
 * :data:`TRITON` (GPU, Pallas' Triton backend): one row per program, tiles of :data:`GPU_TILE`
-  entries (Triton's arrays have power-of-two sizes). The last, ragged tile is read with a mask
-  -- entries past the vocabulary read as ``-inf``, which every term counts as 0 -- and written
-  with one. The three walks read the row three times; the second and third reads cost HBM
-  bandwidth unless the row is still in L2.
-* :data:`MOSAIC` (TPU): blocks of 8 rows or more (16 for 16-bit logits, a packed vreg), whole
-  rows in VMEM (about :data:`TPU_BLOCK_BYTES` per array), read once from HBM by the pipeline;
-  tiles ``ref[:, pl.ds(start, width)]`` of :data:`TPU_TILE` lanes and a static remainder tile.
-  A vocabulary whose double-buffered blocks exceed :data:`TPU_VMEM_FRACTION` of the core's VMEM
-  is not supported (the blocked engine runs instead).
+  entries read as chunks of :data:`GPU_LANES` (Triton's arrays have power-of-two sizes). The
+  last, ragged tile is read with a mask -- entries past the vocabulary read as ``-inf``, which
+  every term counts as 0 -- and written with one. Two walks read the row twice, three walks
+  three times: the re-reads cost HBM bandwidth unless the row is still in L2.
+* :data:`MOSAIC` (TPU): blocks of as many rows as VMEM holds (:func:`_tpu_rows`), read once
+  from HBM by the pipeline and walked :data:`TPU_GROUP` rows at a time, tiles of
+  :data:`TPU_TILE` lanes in chunks of :data:`TPU_LANES`; a vocabulary of which not even
+  :data:`TPU_GROUP` rows fit is not supported (the blocked engine runs instead).
 * :data:`INTERPRET`: the Triton variant in Pallas interpret mode, plain XLA operations on any
   backend: what ``implementation="pallas"`` runs on CPU. A testing aid -- as exact as the
   kernel, much slower than the blocked engine. Either variant runs interpreted with
   ``Variant(..., interpret=True)``.
+
+The compilers' own reports on these kernels (registers, spills, instructions per tile, bytes
+moved, VMEM, cycle estimates) come from ``benchmarks/compile_gpu.py`` and
+``benchmarks/compile_tpu.py``.
 """
 
 from __future__ import annotations
@@ -56,10 +59,11 @@ from kdjax._src.config import Config
 
 Array = jax.Array
 
-# GPU: vocabulary entries per tile (a power of two) and Triton's launch parameters: 2048
-# entries are 8 per thread with 8 warps, enough loads in flight per thread while the
-# divergences' float32 temporaries still fit in registers. To be tuned on the device
-# (benchmarks/bench_accelerator.py).
+# GPU: vocabulary entries per tile and per chunk (powers of two) and Triton's launch parameters.
+# 2048-entry tiles in 4 chunks of 512 (2 entries per thread a chunk with 8 warps): the compiled
+# kd_loss kernel takes 56 registers (4 programs per SM) and 414 instructions per tile and warp
+# over its two walks; tiles of 4096 or chunks of 1024 issue within 5% of that with 64-110
+# registers (benchmarks/compile_gpu.py). The device sweep is benchmarks/bench_accelerator.py's.
 GPU_TILE = 2048
 GPU_LANES = 512
 GPU_WARPS = 8
@@ -119,10 +123,10 @@ def _tpu_rows(vocab: int, dtypes) -> int | None:
 def supports(variant: Variant, config: Config, logits: Array, teacher_logits: Array) -> bool:
   """Whether ``variant`` computes the loss of ``config`` on these ``[tokens, vocab]`` logits.
 
-  The kernels need a whole row's vocabulary on one device (no vocabulary mesh axis, and no mesh
-  that XLA partitions the program over -- XLA cannot split a Pallas call; the inputs' shardings
-  tell, even with ``Auto`` axes and no mesh set) and 32- or 16-bit floats; on TPU the blocks
-  must fit VMEM.
+  The kernels need a whole row's vocabulary on one device and arrays that are this device's own
+  (no vocabulary mesh axis, no mesh that XLA would partition the call over: under ``jax.jit``
+  on a mesh the kernels run inside a ``shard_map`` over the tokens, where each device's inputs
+  pass this test), and 32- or 16-bit floats; on TPU the blocks must fit VMEM.
   """
   num_tokens, vocab = logits.shape
   if (config.axis_name is not None or vocab == 0 or num_tokens == 0
