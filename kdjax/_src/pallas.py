@@ -75,8 +75,11 @@ GPU_STAGES = 2
 # 128256-entry bfloat16 vocabulary on a 128 MiB v5e or v6e, 32 on a 64 MiB v5p. The kernel walks
 # a block TPU_GROUP rows at a time, tiles of TPU_TILE lanes, keeping its statistics per lane in
 # [TPU_GROUP, TPU_LANES] float32 arrays (2 of the 64 vector registers each), reduced across
-# lanes once per walk.
-TPU_TILE = 512
+# lanes once per walk; TPU_UNROLL tiles per loop iteration, which the scheduler overlaps. By
+# libtpu's static estimate of kd_loss on v5e (benchmarks/compile_tpu.py), 1024-lane tiles
+# unrolled 5 times take 0.90x the cycles of 512-lane ones and 0.71x of 2048-lane ones unrolled
+# twice.
+TPU_TILE = 1024
 TPU_LANES = 128
 TPU_GROUP = 16
 TPU_MAX_ROWS = 256
