@@ -41,12 +41,13 @@ Numerical conventions (documented once, used everywhere):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+_T = TypeVar("_T")
 Scalar = Any  # a Python float or a float32 scalar array (traced under jit).
 
 
@@ -183,6 +184,10 @@ class OnlineValue(NamedTuple):
   student: float
   dvalue: float
   dmass: float
+
+  def by_weight(self, teacher: _T, student: _T) -> tuple[_T, _T]:
+    """``(teacher, student)`` reordered as (weight side, other side)."""
+    return (teacher, student) if self.weight == "teacher" else (student, teacher)
 
 
 _FORWARD_KL_ONLINE = OnlineValue("teacher", 1.0, -1.0, 0.0, -1.0)

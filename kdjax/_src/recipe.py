@@ -11,8 +11,9 @@ differ only in how they obtain a block of logits and how they reduce a row over 
   summing the tiles' terms.
 
 The recipe, for one block of rows (``x`` raw float32 logits, ``T`` the temperature), is written
-out twice, once per way of walking a row: :func:`block` for rows held whole, :func:`tiled` for
-rows walked tile by tile (the fused head's vocabulary blocks, the Pallas kernels):
+out for each way of walking a row: :func:`block` for rows held whole, :func:`tiled` for rows
+walked tile by tile (the fused head's vocabulary blocks), :func:`lanes` for rows a kernel walks
+tile by tile with statistics per lane (the Pallas kernels):
 
 1. **Row statistics** (:func:`statistics`): ``m = max_v x_v`` and ``S = sum_v exp((x_v - m) / T)``.
 2. **Distributions** (:func:`distribution`): ``log q = (x - m) / T - log S``, exactly 0 at a
@@ -568,10 +569,11 @@ def _exp_scaled(x: Array, inv_temperature, exp2=jnp.exp2) -> Array:
 def _kernel_distribution(x: Array, stats: Stats, inv_temperature, exp2=jnp.exp2) -> div.Dist:
   """:func:`distribution`, its probabilities through :func:`_exp_scaled`, its mass read from
   the logits (``x > -inf``: the same entries, one comparison fewer down the chain)."""
+  log = shifted(x, stats.max, inv_temperature) - _safe_log(stats.sum_exp)[..., None]
   exps = _exp_scaled(x - _finite(stats.max)[..., None], inv_temperature, exp2)
-  dist = distribution(x, stats, inv_temperature, exps)
   has_mass = x > -jnp.inf
-  return dist._replace(has_mass=has_mass, safe_log=jnp.where(has_mass, dist.log, 0.0))
+  return div.Dist(log, exps * _safe_reciprocal(stats.sum_exp)[..., None], has_mass,
+                  jnp.where(has_mass, log, 0.0))
 
 
 def _lane_scale(lane_max: Array, row_max: Array, inv_temperature) -> Array:
@@ -597,11 +599,9 @@ def reduce_lanes(lanes: Lanes, online: div.OnlineValue | None, inv_temperature) 
     return Lanes(student, teacher, cross_entropy, None, None, None, label)
   assert lanes.mass is not None
   mass_lanes = lanes.mass
-  by_teacher = online.weight == "teacher"
-  weight_lanes, other_lanes = ((lanes.teacher, lanes.student) if by_teacher
-                               else (lanes.student, lanes.teacher))
-  weight_rows, other_rows = (teacher, student) if by_teacher else (student, teacher)
-  scale = teacher_scale if by_teacher else student_scale
+  weight_lanes, other_lanes = online.by_weight(lanes.teacher, lanes.student)
+  weight_rows, other_rows = online.by_weight(teacher, student)
+  scale = online.by_weight(teacher_scale, student_scale)[0]
   has_mass = mass_lanes > 0
 
   def offset(sums: Array | None, lane_max: Array, row_max: Array) -> Array | None:
@@ -618,10 +618,9 @@ def reduce_lanes(lanes: Lanes, online: div.OnlineValue | None, inv_temperature) 
 def online_sums(online: div.OnlineValue, rows: Lanes, inv_temperature) -> tuple[Array, Array]:
   """The divergence's value and ``sum_v dlog_q`` per row from reduced :class:`Lanes`."""
   assert rows.mass is not None
-  by_teacher = online.weight == "teacher"
-  weight_stats = rows.teacher if by_teacher else rows.student
-  teacher_offset, student_offset = ((rows.weight_offset, rows.other_offset) if by_teacher
-                                    else (rows.other_offset, rows.weight_offset))
+  weight_stats = online.by_weight(rows.teacher, rows.student)[0]
+  # by_weight is its own inverse: (weight, other) back to (teacher, student).
+  teacher_offset, student_offset = online.by_weight(rows.weight_offset, rows.other_offset)
   inverse_sum = _safe_reciprocal(weight_stats.sum_exp)
   mass = rows.mass * inverse_sum
   log_sums: Array | float = 0.0
@@ -700,8 +699,7 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
     if online is not None:
       both = tuple((s > -jnp.inf) & (t > -jnp.inf) for s, t in zip(xs, xt, strict=True))
       mass, weight_offset, other_offset = _fold_offsets(
-          state, *((teacher, student) if online.weight == "teacher" else (student, teacher)),
-          both)
+          state, *online.by_weight(teacher, student), both)
     label = state.label
     if label is not None:
       label = with_label(label, tile, xs, masks)
@@ -712,12 +710,9 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
     return zeros if online is not None and coefficient else None
 
   offsets: tuple[Array | None, Array | None] = (None, None)
-  if online is None:
-    pass
-  elif online.weight == "teacher":
-    offsets = (fold(online.teacher), fold(online.student))
-  else:
-    offsets = (fold(online.student), fold(online.teacher))
+  if online is not None:
+    weight_coefficient, other_coefficient = online.by_weight(online.teacher, online.student)
+    offsets = (fold(weight_coefficient), fold(other_coefficient))
   first = Lanes(empty, empty, empty if separate else None,
                 None if online is None else zeros, *offsets,
                 zeros if config.cross_entropy and online is not None else None)
@@ -751,8 +746,8 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
   ce: dict[str, Any] = {}
   if config.cross_entropy:
     assert label is not None and ce_stats is not None
-    label_entry_sum = jnp.where(labels_inside(labels, vocab_width),
-                                label - _finite(student.max), 0.0)
+    # A label outside the vocabulary matched no entry (0); finish makes its token NaN.
+    label_entry_sum = label - _finite(student.max)
     ce = dict(labels=labels, vocab_size=vocab_width, cross_entropy_sum_exp=ce_stats.sum_exp)
   sums = Sums(value, dlog_q if emit is not None else None, label_entry_sum)
   result, scale = finish(config, hp, student, teacher, sums, weights=weights, **ce)
@@ -773,9 +768,3 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
     return emit(tile, context, tuple(grads), carry)
 
   return result, walk(grad_step, emit_init)
-
-
-def labels_inside(labels: Array | None, vocab_width: int) -> Array:
-  """bool ``[rows]``: the label is a vocabulary id."""
-  assert labels is not None
-  return (labels >= 0) & (labels < vocab_width)
