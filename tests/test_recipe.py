@@ -197,3 +197,40 @@ def test_folds_only_where_the_value_needs_no_final_normaliser():
   assert {name for name, fold in online.items() if fold is not None} == {
       "forward_kl", "reverse_kl", "soft_cross_entropy"}
   assert div.DIVERGENCES["generalized_jsd"].online({"beta": jnp.float32(0.0)}) is None
+
+
+@pytest.mark.parametrize("implementation", ["reference", "blocked", "pallas"])
+@pytest.mark.parametrize("traced", [False, True])
+def test_kd_coef_zero_and_one_drop_the_other_term_exactly(implementation, traced):
+  # A counted label on a -inf student logit: its cross entropy is +inf, and kd_coef = 1 must
+  # not turn 0 * inf into NaN; kd_coef = 0 gives the cross entropy alone (+inf here).
+  logits = np.array([[0.0, 1.0, -np.inf, 2.0], [1.0, 0.0, -np.inf, 0.0]], np.float32)
+  teacher = np.array([[0.5, 0.0, 1.0, 2.0], [0.0, 1.0, 0.0, 0.0]], np.float32)
+  labels = np.array([2, 0])
+  forward_kl = reference.per_token("forward_kl", logits, teacher)
+  cross_entropy = reference.cross_entropy(logits.astype(np.float64), labels)
+  # The fused head with one-hot hidden states: the logits are the kernels' rows plus the bias,
+  # -inf on the entry both rows mask.
+  hidden = np.eye(4, dtype=np.float32)[:2]
+  bias = np.array([0.0, 0.0, -np.inf, 0.0], np.float32)
+  student_kernel = np.concatenate([np.where(np.isinf(logits), 0.0, logits), np.zeros((2, 4))])
+  teacher_kernel = np.concatenate([teacher, np.zeros((2, 4))])
+
+  def dense(kd_coef, logits):
+    return kdjax.distill_with_cross_entropy(logits, teacher, labels, kd_coef=kd_coef,
+                                            implementation=implementation)
+
+  def fused(kd_coef, kernel):
+    return kdjax.fused_linear_distill_with_cross_entropy(
+        hidden, kernel, hidden, teacher_kernel, labels, kd_coef=kd_coef, student_bias=bias,
+        implementation=None if implementation == "pallas" else implementation)
+
+  for kd_coef, expected in ((1.0, forward_kl.mean()), (0.0, cross_entropy.mean())):
+    assert np.isfinite(expected) == (kd_coef == 1.0)
+    coef = jnp.float32(kd_coef) if traced else kd_coef
+    for loss, argument in ((dense, logits), (fused, student_kernel.astype(np.float32))):
+      run = jax.value_and_grad(loss, argnums=1)
+      value, grad = (jax.jit(run) if traced else run)(coef, argument)
+      np.testing.assert_allclose(value, expected, rtol=1e-5)
+      if kd_coef == 1.0:
+        assert np.isfinite(grad).all()

@@ -300,7 +300,11 @@ def finish(config: Config, hp: Mapping[str, Any], student: Stats, teacher: Stats
   valid_label = (labels >= 0) & (labels < vocab_size)
   cross_entropy = jnp.where(
       valid_label, _safe_log(cross_entropy_sum_exp) - sums.label, jnp.nan)
-  value = kd_coef * divergence + (1.0 - kd_coef) * cross_entropy
+  # kd_coef 0 or 1 drops the other term exactly: 0 * inf (a label on a -inf student logit)
+  # would be NaN. An invalid label stays NaN whatever the weight.
+  hard = jnp.where(kd_coef == 1, jnp.where(valid_label, 0.0, jnp.nan),
+                   (1.0 - kd_coef) * cross_entropy)
+  value = jnp.where(kd_coef == 0, 0.0, kd_coef * divergence) + hard
   return (Rows(value, divergence, cross_entropy),
           GradScale(kd_coef * grad_divergence * row_weights,
                     jnp.where(valid_label, (1.0 - kd_coef) * row_weights, jnp.nan), live))

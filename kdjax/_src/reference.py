@@ -79,7 +79,10 @@ def per_token(config: Config, traced: Mapping[str, Array], logits: Array,
   label_log_prob = jnp.take_along_axis(
       log_softmax(student, 1.0), jnp.clip(labels, 0, vocab - 1)[..., None], axis=-1)[..., 0]
   cross_entropy = jnp.where(valid, -label_log_prob, jnp.nan)
-  value = hp["kd_coef"] * divergence + (1.0 - hp["kd_coef"]) * cross_entropy
+  kd_coef = hp["kd_coef"]
+  # kd_coef 0 or 1 drops the other term exactly (0 * inf is NaN); an invalid label stays NaN.
+  hard = jnp.where(kd_coef == 1, jnp.where(valid, 0.0, jnp.nan), (1.0 - kd_coef) * cross_entropy)
+  value = jnp.where(kd_coef == 0, 0.0, kd_coef * divergence) + hard
   return Rows(value, lax.stop_gradient(divergence), lax.stop_gradient(cross_entropy))
 
 
