@@ -5,6 +5,8 @@ definitions (full-vocabulary softmax, then the tail policy), and float64 central
 differences of those references for the gradients.
 """
 
+import re
+
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -139,6 +141,14 @@ def test_topk_teacher_has_no_gradient():
 def test_topk_teacher_bad_k(k, match):
   with pytest.raises(ValueError, match=match):
     topk_teacher(jnp.zeros((2, 6)), k)
+
+
+def test_topk_teacher_traced_k_says_it_must_be_static():
+  teacher = random_logits(np.random.default_rng(2), (3, 16))
+  with pytest.raises(TypeError, match=r"k must be a static argument.*static_argnames='k'"):
+    jax.jit(kdjax.topk_teacher)(teacher, 8)
+  ids, logprobs = jax.jit(kdjax.topk_teacher, static_argnames="k")(teacher, 8)
+  np.testing.assert_array_equal(ids, np_topk(teacher, 8)[0])
 
 
 def test_topk_teacher_bad_inputs():
@@ -538,3 +548,103 @@ def test_zero_tail_is_forward_kl_only():
     sparse_distill_loss(logits, ids, logprobs, tail="zero", divergence="reverse_kl")
   with pytest.raises(ValueError, match="divergence must be one of"):
     sparse_distill_loss(logits, ids, logprobs, tail="bucket", divergence="kl")
+
+
+# ----------------------------------------------------------------------------------------------
+# A concrete teacher that cannot be log-probabilities is refused
+# ----------------------------------------------------------------------------------------------
+
+
+def _valid_teacher():
+  """Two tokens over a 6-id vocabulary, top 3 of hand-written probabilities."""
+  ids = np.array([[1, 4, 0], [5, 2, 3]], np.int32)
+  probs = np.array([[0.5, 0.25, 0.125], [0.4, 0.3, 0.2]])
+  return ids, np.log(probs).astype(np.float32)
+
+
+@pytest.mark.parametrize("loss", [sparse_distill_loss, sparse_distill_loss_sum_and_count])
+def test_raw_logits_are_refused_and_point_at_topk_teacher(loss):
+  rng = np.random.default_rng(20)
+  teacher = random_logits(rng, (2, 3, 16), scale=4.0)
+  top_logits, ids = jax.lax.top_k(jnp.asarray(teacher), 4)  # the mistake: no normalisation
+  row = int(np.argmax(np.max(np.asarray(top_logits), -1).reshape(-1) > 2.0**-6))
+  at = re.escape(f"teacher_logprobs[{row // 3}, {row % 3}]")
+  with pytest.raises(ValueError, match=at + r" holds log-probabilities above 0.*raw logits"
+                     r".*kdjax\.topk_teacher"):
+    loss(teacher, ids, top_logits)
+  # The same arrays under jit are traced: not checked, as documented (a number, no error).
+  assert np.isfinite(np.asarray(jax.jit(loss)(teacher, ids, top_logits))).all()
+
+
+def test_probabilities_instead_of_their_logs_are_refused():
+  ids, logprobs = _valid_teacher()
+  with pytest.raises(ValueError, match=r"teacher_logprobs\[0\] .*look like probabilities"
+                     r".*kdjax\.topk_teacher"):
+    sparse_distill_loss(np.zeros((2, 6), np.float32), ids, np.exp(logprobs))
+  # Also for the gradient: the teacher arrays are concrete there.
+  with pytest.raises(ValueError, match="look like probabilities"):
+    jax.grad(lambda x: sparse_distill_loss(x, ids, np.exp(logprobs)))(np.zeros((2, 6)))
+
+
+def test_probabilities_summing_past_one_are_refused():
+  ids, logprobs = _valid_teacher()
+  # Token 1's probabilities 0.4 + 0.3 + 0.2 times e^0.2: they sum to 0.9 * 1.2214 = 1.0993.
+  shifted = logprobs.copy()
+  shifted[1] += 0.2
+  with pytest.raises(ValueError, match=r"exp\(teacher_logprobs\[1\]\) sum to 1\.099\d* > 1"):
+    sparse_distill_loss(np.zeros((2, 6), np.float32), ids, shifted)
+  with pytest.raises(ValueError, match=r"exp\(teacher_logprobs\[1\]\) sum to"):
+    sparse_distill_loss_sum_and_count(np.zeros((2, 6), np.float32), ids, shifted)
+
+
+def test_repeated_ids_are_refused_also_on_neg_inf_entries():
+  ids, logprobs = _valid_teacher()
+  repeated = ids.copy()
+  repeated[1, 2] = 5  # token 1 holds id 5 at entries 0 and 2
+  with pytest.raises(ValueError, match=r"teacher_ids\[1\] repeats id 5 \(entries 0 and 2\)"):
+    sparse_distill_loss(np.zeros((2, 6), np.float32), repeated, logprobs)
+  no_mass = logprobs.copy()
+  no_mass[1, 2] = NEG_INF  # no teacher mass there, but the student's side still reads the id
+  with pytest.raises(ValueError, match=r"teacher_ids\[1\] repeats id 5"):
+    sparse_distill_loss(np.zeros((2, 6), np.float32), repeated, no_mass, tail="renormalize")
+
+
+def test_the_first_bad_token_is_named():
+  ids, logprobs = _valid_teacher()
+  ids = np.stack([ids, ids])  # tokens [2, 2]
+  logprobs = np.stack([logprobs, logprobs])
+  ids[1, 1, 1] = ids[1, 1, 0]  # token (1, 1): a repeated id
+  logprobs[1, 0, 2] = 0.5  # token (1, 0), earlier: a log-probability above 0
+  with pytest.raises(ValueError, match=re.escape("teacher_logprobs[1, 0] holds")):
+    sparse_distill_loss(np.zeros((2, 2, 6), np.float32), ids, logprobs)
+
+
+def test_rounding_within_the_tolerance_is_accepted():
+  """What rounding can do passes: a log-probability a little above 0 from float32 arithmetic,
+  and full-vocabulary teachers rounded to the 16-bit formats a cache stores."""
+  logits = np.zeros((2, 6), np.float32)
+  ids, logprobs = _valid_teacher()
+  # log(0.5) + 0.01 next to log(0.5): the sum is 0.5 * e^0.01 + 0.5 = 1.005, log 0.005 < 2^-6.
+  nearly = np.log(np.array([[0.5, 0.5, 1e-30], [0.4, 0.3, 0.2]], np.float32))
+  nearly[0, 0] += 0.01
+  nearly[0, 2] = NEG_INF
+  assert np.isfinite(float(sparse_distill_loss(logits, ids, nearly)))
+  positive = logprobs.copy()
+  positive[0] = [1e-3, NEG_INF, NEG_INF]  # one id with all the mass, 1e-3 over: rounding
+  assert np.isfinite(float(sparse_distill_loss(logits, ids, positive)))
+  # ... but 2^-5 above 0 is not rounding.
+  positive[0, 0] = 2.0**-5
+  with pytest.raises(ValueError, match=r"teacher_logprobs\[0\] holds log-probabilities above 0"):
+    sparse_distill_loss(logits, ids, positive)
+  # Every id of near-uniform teachers, rounded: the sum lands a little above 1.
+  teacher = random_logits(np.random.default_rng(21), (64, 50), scale=0.01)
+  full_ids, full = topk_teacher(teacher, 50)
+  for dtype in (jnp.float16, jnp.bfloat16):
+    rounded = full.astype(dtype)
+    mass = np.exp(np.asarray(rounded, np.float64)).sum(-1)
+    assert mass.max() > 1.0  # the case at hand
+    student = jnp.zeros((64, 50))
+    assert np.isfinite(float(sparse_distill_loss(student, full_ids, rounded)))
+    if dtype == jnp.float16:  # read back from a float16 cache and upcast
+      assert np.isfinite(float(sparse_distill_loss(student, full_ids,
+                                                   rounded.astype(jnp.float32))))

@@ -36,7 +36,11 @@ entries are all ``-inf`` is an empty teacher distribution and contributes 0 unde
 (no remainder category is invented for it); a student ``-inf`` logit among the ``k`` ids
 contributes 0 (``x log(x / 0) := 0``). Ids must be valid (``0 <= id < vocab``) and distinct
 within a token, which ``topk_teacher`` guarantees; an out-of-range id makes that token's value
-NaN rather than silently reading another entry; so does a NaN logit or log-probability.
+NaN rather than silently reading another entry; so does a NaN logit or log-probability. A
+teacher given as concrete arrays (not traced) is checked at the call
+(:func:`sparse_teacher_problem`): a log-probability above 0, probabilities summing to more than
+1 (each beyond rounding: :func:`logprob_tolerance`) or an id repeated within a token is a
+``ValueError`` naming the first such token; traced teachers are not checked.
 
 The blocked implementation runs in the engine of materialised logits (``dense.py``): the
 gradient with respect to the student logits is analytic, computed with the values and written
@@ -53,6 +57,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
@@ -114,7 +119,8 @@ def topk_teacher(
 
   Args:
     teacher_logits: ``[..., vocab]`` teacher logits, any float dtype.
-    k: number of ids to keep per token, ``1 <= k <= vocab``.
+    k: number of ids to keep per token, ``1 <= k <= vocab``: a Python int (it sets the output
+      shape; under ``jax.jit`` pass it as a static argument, ``static_argnames="k"``).
     temperature: ``T > 0``. Use the temperature the student will be distilled at: the stored
       log-probabilities cannot be re-tempered later.
     token_block: rows per block (default: about 1 MiB of float32 per block).
@@ -130,6 +136,11 @@ def topk_teacher(
     ([[1, 2]], [0.6, 0.3])
   """
   teacher_logits = checks.logits("teacher_logits", teacher_logits)
+  if isinstance(k, jax.core.Tracer):
+    raise TypeError(
+        "k must be a static argument (a Python int: it sets the output's shape), got a traced "
+        f"value {k!r}. Under jax.jit, mark it static: jax.jit(kdjax.topk_teacher, "
+        "static_argnames='k').")
   k = checks.positive_int("k", k)
   vocab = teacher_logits.shape[-1]
   if k > vocab:
@@ -141,6 +152,126 @@ def topk_teacher(
       lax.stop_gradient(teacher_logits), jnp.asarray(1.0 / temperature, jnp.float32), k=k,
       token_block=token_block)
   return lax.stop_gradient(ids), lax.stop_gradient(logprobs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking a concrete sparse teacher
+# ----------------------------------------------------------------------------------------------
+
+
+def logprob_tolerance(dtype) -> float:
+  """How far above 0 rounding alone may take a stored log-probability, or the log of a token's
+  total stored probability: ``max(2**-6, 16 * eps(dtype))`` nats.
+
+  That is 2**-6 (0.0156) for float64, float32 and float16, 2**-3 for bfloat16. Rounding to a
+  float format never makes a log-probability <= 0 positive; it moves the log of a row's total by
+  at most the dtype's unit roundoff times ``log k`` (bfloat16: 2**-8 * 12 < 0.05 for ``k`` up to
+  150k ids; float16: < 0.006), and float32 arithmetic (``logits - logsumexp(logits)``) by about
+  ``6e-8`` times the logits' magnitude. 2**-6 also covers float16 values read back as float32.
+  """
+  return max(2.0 ** -6, 16 * float(np.finfo(dtype).eps))
+
+
+def _entry(name: str, token_shape: tuple[int, ...], row: int) -> str:
+  if not token_shape:
+    return name
+  index = np.unravel_index(row, token_shape)
+  return f"{name}[{', '.join(str(int(i)) for i in index)}]"
+
+
+def _row_text(values: np.ndarray) -> str:
+  shown = ", ".join(f"{v:.4g}" for v in values[:6])
+  return f"[{shown}{', ...' if values.size > 6 else ''}]"
+
+
+_TOPK_HINT = ("kdjax.topk_teacher(teacher_logits, k, temperature=T) computes both from the "
+              "teacher's logits")
+
+
+def sparse_teacher_problem(
+    teacher_ids: ArrayLike | None,
+    teacher_logprobs: ArrayLike | None,
+    *,
+    names: tuple[str, str] = ("teacher_ids", "teacher_logprobs"),
+) -> str | None:
+  """What is wrong with a concrete sparse teacher ``[..., k]``, or None if nothing is.
+
+  NumPy only, so any caller can use it on host arrays. A token (row of ``k`` entries) is
+  refused when one of its log-probabilities is above 0, or the log of its total probability
+  ``log(sum(exp(logprobs)))`` is above 0, by more than :func:`logprob_tolerance` of the
+  log-probabilities' dtype; or when an id repeats within it (``-inf`` entries included: the
+  student's side still reads each id). ``-inf`` entries, empty (all ``-inf``) tokens and NaN
+  are not problems here (the losses' conventions cover them). Either argument may be None to
+  skip its checks. The message names the first bad token, with ``names`` as the arguments.
+  """
+  ids_name, logprobs_name = names
+  problems: list[tuple[int, str]] = []
+  if teacher_logprobs is not None:
+    logprobs = np.asarray(teacher_logprobs)
+    if logprobs.size:
+      problem = _logprob_problem(logprobs, logprobs_name)
+      if problem is not None:
+        problems.append(problem)
+  if teacher_ids is not None:
+    ids = np.asarray(teacher_ids)
+    if ids.size:
+      problem = _repeated_id_problem(ids, ids_name)
+      if problem is not None:
+        problems.append(problem)
+  return min(problems, key=lambda problem: problem[0])[1] if problems else None
+
+
+def _logprob_problem(logprobs: np.ndarray, name: str) -> tuple[int, str] | None:
+  k, token_shape = logprobs.shape[-1], logprobs.shape[:-1]
+  tolerance = logprob_tolerance(logprobs.dtype)
+  rows = logprobs.reshape(-1, k).astype(np.float64)
+  with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    row_max = np.max(rows, axis=-1)  # NaN rows compare False below: NaN is not judged here.
+    shift = np.where(np.isfinite(row_max), row_max, 0.0)
+    log_mass = shift + np.log(np.sum(np.exp(rows - shift[:, None]), axis=-1))
+  above = row_max > tolerance
+  over = log_mass > tolerance
+  bad = above | over
+  if not bad.any():
+    return None
+  row = int(np.argmax(bad))
+  values = rows[row]
+  at = _entry(name, token_shape, row)
+  rule = (f"up to rounding ({tolerance:g} nats for {logprobs.dtype} log-probabilities)")
+  if row_max[row] > 1.0:
+    hint = (f"Values above 1 look like raw logits (for example from jax.lax.top_k), not "
+            f"log-probabilities: {_TOPK_HINT}.")
+  elif above[row] and np.all(values[~np.isnan(values)] >= 0.0):
+    hint = (f"Values in [0, 1] look like probabilities rather than their logarithms: pass "
+            f"log-probabilities ({_TOPK_HINT}).")
+  else:
+    hint = (f"They must be one distribution's log-probabilities over the teacher's full "
+            f"vocabulary, of distinct ids: {_TOPK_HINT}.")
+  if above[row]:
+    entry = int(np.argmax(values > tolerance))
+    message = (f"{at} holds log-probabilities above 0: {_row_text(values)} (entry {entry} is "
+               f"{values[entry]:.4g}); a log-probability is <= 0 {rule}. {hint}")
+  else:
+    message = (f"the probabilities exp({at}) sum to {float(np.exp(log_mass[row])):.6g} > 1 "
+               f"({_row_text(values)}): a token's probabilities sum to <= 1 {rule}. {hint}")
+  return row, message
+
+
+def _repeated_id_problem(ids: np.ndarray, name: str) -> tuple[int, str] | None:
+  k, token_shape = ids.shape[-1], ids.shape[:-1]
+  rows = ids.reshape(-1, k)
+  ordered = np.sort(rows, axis=-1)
+  repeated = np.any(ordered[:, 1:] == ordered[:, :-1], axis=-1)
+  if not repeated.any():
+    return None
+  row = int(np.argmax(repeated))
+  same = ordered[row, 1:] == ordered[row, :-1]
+  value = ordered[row, 1:][same][0]
+  first, second = np.flatnonzero(rows[row] == value)[:2]
+  return row, (
+      f"{_entry(name, token_shape, row)} repeats id {int(value)} (entries {int(first)} and "
+      f"{int(second)}): the k ids of a token must be distinct, also where their "
+      f"log-probability is -inf. {_TOPK_HINT}, with distinct ids.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,6 +373,13 @@ def _sparse(config, traced, logits, teacher_ids, teacher_logprobs, labels, where
   return reductions.outputs(output, loss, rows, mask)
 
 
+def _concrete(x: Array) -> Array | None:
+  """``x`` if its values can be read here (not traced, all on this host), else None."""
+  if isinstance(x, jax.core.Tracer) or not getattr(x, "is_fully_addressable", True):
+    return None
+  return x
+
+
 def _call(logits, teacher_ids, teacher_logprobs, labels, *, tail, divergence, beta, alpha,
           temperature, temperature_squared, ignore_index, where, token_weights, reduction,
           normalizer, token_block, implementation, output):
@@ -263,6 +401,9 @@ def _call(logits, teacher_ids, teacher_logprobs, labels, *, tail, divergence, be
       hp, divergence=divergence, tail=tail, temperature_squared=bool(temperature_squared),
       reduction=reduction, ignore_index=ignore_index,
       implementation=implementations.check(implementation), token_block=tokens.token_block)
+  problem = sparse_teacher_problem(_concrete(teacher_ids), _concrete(teacher_logprobs))
+  if problem is not None:
+    raise ValueError(problem)
   return _sparse(config, traced, logits, teacher_ids, teacher_logprobs, tokens.labels,
                  tokens.where, tokens.normalizer, tokens.token_weights, output=output)
 
@@ -318,6 +459,10 @@ def sparse_distill_loss(
     teacher_logprobs: float ``[..., k]``: the teacher's full-vocabulary log-probabilities of
       those ids at ``temperature`` (any float dtype, for example bfloat16 from a cache).
       ``-inf`` marks an entry without teacher mass. No gradient flows to the teacher arrays.
+      Concrete (untraced) teacher arrays are checked: a log-probability above 0 or a token's
+      probabilities summing to more than 1, beyond rounding (``2**-6`` nats; ``2**-3`` for
+      bfloat16), or a repeated id is a ``ValueError`` naming the first bad token (raw logits,
+      for example from ``jax.lax.top_k``, are refused so). Traced ones are used as given.
     labels: optional integer ``logits.shape[:-1]``; tokens equal to ``ignore_index`` are
       excluded (the values are not used otherwise).
     tail: what to do with the teacher's mass outside the top ``k``: ``"bucket"`` (the
