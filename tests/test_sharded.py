@@ -76,10 +76,26 @@ def _collectives(hlo_text, *, with_groups=False):
     groups = re.search(r"replica_groups=\{(\{[\d,{}]*\})\}", line)
     groups = groups and [tuple(int(d) for d in g.split(",") if d)
                          for g in re.findall(r"\{([\d,]*)\}", groups.group(1))]
+    groups = groups or _mesh_groups(line)
     if groups and all(len(group) <= 1 for group in groups):
       continue
     found.append((match.group(2), shapes, groups) if with_groups else (match.group(2), shapes))
   return found
+
+
+def _mesh_groups(line):
+  """The device id groups of the mesh form of replica groups (jax >= 0.12), as in
+  ``replica_groups=mesh['data'=2,'model'=4] {'model'}``: one group per coordinate of the axes not
+  named, spanning the named ones, devices numbered in mesh order. None for any other form."""
+  match = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+  if not match:
+    return None
+  sizes = {name: int(size) for name, size in re.findall(r"'(\w+)'=(\d+)", match.group(1))}
+  spanned = [list(sizes).index(name) for name in re.findall(r"'(\w+)'", match.group(2))]
+  ids = np.arange(np.prod(list(sizes.values()), dtype=int)).reshape(tuple(sizes.values()))
+  ids = np.moveaxis(ids, spanned, range(ids.ndim - len(spanned), ids.ndim))
+  group_size = int(np.prod([ids.shape[i] for i in range(ids.ndim - len(spanned), ids.ndim)]))
+  return [tuple(int(d) for d in group) for group in ids.reshape(-1, group_size)]
 
 
 def _assert_only_statistics_move(hlo_text, mesh_shape):
