@@ -62,3 +62,24 @@ def test_api_reference_lists_every_public_name():
 def test_pages_use_the_public_api(page):
   text = page.read_text()
   assert "_src" not in text, f"{page.name} refers to a private module"
+
+
+def test_supported_versions_are_declared_and_tested():
+  """No upper bound on jax, Python 3.11-3.13 in the classifiers, and CI running the whole suite
+  on the newest releases on Python 3.13 as well as the floors (the policy the docs state)."""
+  import tomllib
+
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  jax_requirement = next(r for r in project["dependencies"] if re.match(r"jax\b", r))
+  assert re.fullmatch(r"jax>=[\d.]+", jax_requirement.replace(" ", "")), jax_requirement
+  assert project["requires-python"] == ">=3.11"
+  versions = {c.rsplit(" :: ", 1)[1] for c in project["classifiers"]
+              if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)}
+  assert versions == {"3.11", "3.12", "3.13"}, versions
+  ci = (ROOT / ".ci" / "run").read_text()
+  assert "bash .ci/floors" in ci and "make test" in ci and "bash .ci/newest" in ci
+  newest = (ROOT / ".ci" / "newest").read_text()
+  assert "3.13" in newest and "--upgrade" in newest
+  assert re.search(r'pip install .*-e "\.\[test\]" jax jaxlib flax optax', newest, flags=re.S)
+  assert re.search(r"^\"\$py\" -m pytest -q -p no:cacheprovider -n 2$", newest, flags=re.M)
+  assert "| newest | 3.13 |" in (ROOT / "docs" / "implementations.md").read_text()
