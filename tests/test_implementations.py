@@ -271,3 +271,38 @@ def test_reference_is_not_offered_for_a_split_vocabulary():
       in_specs=(jax.P(None, "model"),) * 2, out_specs=jax.P())
   with pytest.raises(ValueError, match="reference.*axis_name"):
     fn(jnp.zeros((2, 4)), jnp.zeros((2, 4)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lowering_for_cpu_traces_the_block_recipe_once(monkeypatch, dtype):
+  """A default program lowered for CPU traces the recipe once: the CPU block size and, for
+  16-bit logits, the CPU way through the loop, not the accelerators' as well. The program is the
+  one implementation="blocked" compiles to on CPU, and computes the reference's value."""
+  from kdjax._src import dense
+
+  calls = []
+  block = dense.recipe.block
+  monkeypatch.setattr(dense.recipe, "block", lambda *a, **k: calls.append(1) or block(*a, **k))
+  # 1024 x 32000: 8-row blocks on CPU, 512 on accelerators.
+  shapes = (jax.ShapeDtypeStruct((1024, 32000), dtype),) * 2 + (
+      jax.ShapeDtypeStruct((1024,), jnp.int32),)
+
+  def step(implementation):
+    return jax.jit(jax.value_and_grad(lambda x, t, y: kdjax.kd_loss(
+        x, t, y, implementation=implementation)))
+
+  traced = step(None).trace(*shapes)
+  assert not calls  # the default's loop is traced when the program is lowered
+  traced.lower(lowering_platforms=("cpu",))
+  assert len(calls) == 1
+
+  logits, teacher, labels = _data(3, (2, 4, 64))
+  logits, teacher = jnp.asarray(logits, dtype), jnp.asarray(teacher, dtype)
+  want_value = reference.reduce(reference.per_token(
+      "soft_cross_entropy", np.asarray(logits, np.float64), np.asarray(teacher, np.float64)),
+      labels != -100, "mean")
+  value, grad = step(None)(logits, teacher, labels)
+  np.testing.assert_allclose(value, want_value, rtol=1e-5 if dtype == jnp.float32 else 1e-2)
+  blocked_value, blocked_grad = step("blocked")(logits, teacher, labels)
+  assert value == blocked_value
+  np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(blocked_grad, np.float32))

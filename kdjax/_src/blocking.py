@@ -147,6 +147,7 @@ def map_token_blocks(
     sums: Sequence[Array] = (),
     strided: bool = True,
     weights: int | None = None,
+    platform: str | None = None,
 ) -> tuple[Array, ...]:
   """Writes ``fn(*row_blocks(inputs))`` into row blocks of ``outputs``; adds up its ``sums``.
 
@@ -179,6 +180,8 @@ def map_token_blocks(
   compiler cannot slice a bfloat16 array in place and would otherwise upcast the whole loop
   operand to float32 before the loop -- a ``[tokens, vocab]`` float32 temporary. The bits cost
   one 16-bit copy of each such input instead (half of that). Other backends slice in place.
+  ``platform="cpu"``: the program is known to be lowered for CPU, so only the CPU way is traced
+  (None: both, ``lax.platform_dependent`` picking one when the program is lowered).
   """
   overwrite = dict(overwrite or {})
   for i, o in overwrite.items():
@@ -209,6 +212,8 @@ def map_token_blocks(
   def direct(*arrays):
     return _map_blocks(fn, *_split(arrays, len(inputs), len(outputs)), **loop)
 
+  if platform == "cpu":
+    return through_bits(*inputs, *outputs, *sums)
   return lax.platform_dependent(*inputs, *outputs, *sums, cpu=through_bits, default=direct)
 
 

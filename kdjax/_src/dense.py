@@ -61,24 +61,37 @@ def teacher_logits_block(config: Config, hp: Mapping, logits: Array, teacher_log
 
 
 @functools.cache
-def blocked(block_fn: BlockFn) -> Loop:
+def blocked(block_fn: BlockFn, *, platform: str | None = None) -> Loop:
   """The loop that runs ``block_fn`` over token blocks: ``config.token_block`` rows, or as many
-  as ``blocking.DENSE`` gives on CPU and ``blocking.ACCELERATOR`` on GPUs and TPUs."""
-  return functools.partial(_blocked_loop, block_fn)
+  as ``blocking.DENSE`` gives on CPU and ``blocking.ACCELERATOR`` on GPUs and TPUs.
+
+  ``platform="cpu"``: the loop of a program known to be lowered for CPU (the CPU lowering rule
+  of ``platforms.per_platform``): the same program, without tracing the accelerators' block
+  size and loop as well (``lax.platform_dependent`` traces every branch), which halves the time
+  that lowering spends tracing it.
+  """
+  return functools.partial(_blocked_loop, block_fn, platform)
 
 
-def _blocked_loop(block_fn: BlockFn, config: Config, traced, logits, weights, others, *,
-                  with_grad: bool):
+def _blocked_loop(block_fn: BlockFn, platform: str | None, config: Config, traced, logits,
+                  weights, others, *, with_grad: bool):
   num_tokens, vocab = logits.shape
-  return blocking.per_platform(
-      lambda block: _map_blocks(block_fn, config, traced, logits, weights, others, block=block,
-                                with_grad=with_grad),
-      num_tokens, vocab, cpu=blocking.DENSE, accelerator=blocking.ACCELERATOR,
-      block=config.token_block, groups=blocking.mesh_devices(logits, *others))
+  groups = blocking.mesh_devices(logits, *others)
+
+  def run(block):
+    return _map_blocks(block_fn, config, traced, logits, weights, others, block=block,
+                       with_grad=with_grad, platform=platform)
+
+  if platform == "cpu":
+    return run(config.token_block or blocking.token_block(num_tokens, vocab, blocking.DENSE,
+                                                          groups=groups))
+  return blocking.per_platform(run, num_tokens, vocab, cpu=blocking.DENSE,
+                               accelerator=blocking.ACCELERATOR, block=config.token_block,
+                               groups=groups)
 
 
 def _map_blocks(block_fn: BlockFn, config: Config, traced, logits, weights, others, *,
-                block: int, with_grad: bool):
+                block: int, with_grad: bool, platform: str | None):
   hp = config.hyperparameters_with(traced)
   num_tokens = logits.shape[0]
 
@@ -94,7 +107,8 @@ def _map_blocks(block_fn: BlockFn, config: Config, traced, logits, weights, othe
   if with_grad:  # The gradient is written over the logits (see map_token_blocks).
     outputs += (logits,)
     overwrite = {0: len(outputs) - 1}
-  return blocking.map_token_blocks(fn, inputs, outputs, block=block, overwrite=overwrite)
+  return blocking.map_token_blocks(fn, inputs, outputs, block=block, overwrite=overwrite,
+                                  platform=platform)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -93,7 +93,8 @@ def dense_loop(config: Config, block_fn: dense.BlockFn, *, kernels: bool) -> den
         cuda=kernel_loop(pallas.TRITON, blocked, strict=True),
         tpu=kernel_loop(pallas.MOSAIC, blocked, strict=True), default=blocked, jvp=None))
   return platforms.per_platform(
-      cpu=blocked, cuda=kernel_loop(pallas.TRITON, blocked, strict=False),
+      cpu=dense.blocked(block_fn, platform="cpu"),
+      cuda=kernel_loop(pallas.TRITON, blocked, strict=False),
       tpu=kernel_loop(pallas.MOSAIC, blocked, strict=False), default=blocked, jvp=blocked)
 
 
