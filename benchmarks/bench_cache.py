@@ -266,8 +266,12 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   rng = np.random.default_rng(0)
-  ids = rng.integers(0, VOCAB, size=(args.tokens, args.k), dtype=np.uint32)
-  logprobs = np.sort(-rng.exponential(2.0, size=(args.tokens, args.k)), axis=1)[:, ::-1]
+  # A valid sparse teacher (the writer refuses anything else): k distinct ids per token, and
+  # log-probabilities whose probabilities sum to 0.8 (the rest is outside the top k).
+  offsets = rng.choice(VOCAB, size=args.k, replace=False)
+  ids = ((rng.integers(0, VOCAB, size=(args.tokens, 1)) + offsets) % VOCAB).astype(np.uint32)
+  logits = np.sort(-rng.exponential(2.0, size=(args.tokens, args.k)), axis=1)[:, ::-1]
+  logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True) / 0.8)
   logprobs = np.ascontiguousarray(logprobs.astype(np.float16))
   print(f"{args.tokens:,} tokens x k={args.k}: uint32 ids + float16 log-probabilities, "
         f"{(ids.nbytes + logprobs.nbytes) / 1e6:.0f} MB; random batches of "

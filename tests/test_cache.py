@@ -1,14 +1,20 @@
 """Tests for kdjax/_src/cache.py: the offline teacher cache."""
 
+import contextlib
+import errno
 import json
+import math
 import os
 import pathlib
 import re
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import zlib
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -74,13 +80,14 @@ def test_batches_span_shards_and_resume(tmp_path):
   np.testing.assert_array_equal(np.concatenate([r.reshape(-1, 3) for r in resumed]),
                                 all_ids[30:])
   # A final partial batch: dropped by default, yielded with whole rows otherwise.
-  assert len(list(read_teacher_cache(tmp_path, batch_shape=(4, 5), start_token=50))) == 0
+  assert len(list(read_teacher_cache(tmp_path, batch_shape=(4, 5), start_token=40))) == 1
   (tail,) = read_teacher_cache(tmp_path, batch_shape=(4, 5), start_token=50,
                                drop_remainder=False)
   np.testing.assert_array_equal(tail[0].reshape(-1, 3), all_ids[50:])
   assert tail[0].shape == (2, 5, 3)
-  with pytest.raises(ValueError, match="do not fill whole rows"):
-    list(read_teacher_cache(tmp_path, batch_shape=(4, 7), drop_remainder=False))
+  # Rows of 5 tokens, read in batches of 7 rows: the last 60 - 35 = 25 tokens are 5 rows.
+  (_, tail) = read_teacher_cache(tmp_path, batch_shape=(7, 5), drop_remainder=False)
+  assert tail[0].shape == (5, 5, 3)
 
 
 def test_cached_teacher_gives_the_same_loss(tmp_path):
@@ -161,8 +168,8 @@ def test_writer_errors(tmp_path):
   with pytest.raises(FileExistsError, match="overwrite=True"):
     _write_small(tmp_path)
   other = tmp_path / "other"
-  ids = np.zeros((2, 3), np.int32)
-  logprobs = np.zeros((2, 3), np.float32)
+  ids = np.array([[0, 1, 2], [2, 3, 4]], np.int32)
+  logprobs = np.full((2, 3), -2.0, np.float32)
   with pytest.raises(ValueError, match=r"ids must be in \[0, vocab_size=5\)"):
     write_teacher_cache(other, [(ids + 5, logprobs)], vocab_size=5, temperature=1.0)
   with pytest.raises(ValueError, match="k changed from 3 to 2"):
@@ -300,6 +307,15 @@ def _shard_entry(index):
     (lambda m: m.update(temperature=0), "temperature"),
     (lambda m: m.update(temperature=10**400), "temperature"),
     (lambda m: m.update(metadata=[1]), "metadata"),
+    (lambda m: m.pop("batch_shape"), "batch_shape"),
+    (lambda m: m.update(batch_shape=3), "batch_shape"),
+    (lambda m: m.update(batch_shape=[]), "batch_shape"),
+    (lambda m: m.update(batch_shape=[3.0]), "batch_shape"),
+    (lambda m: m.update(batch_shape=[True]), "batch_shape"),
+    (lambda m: m.update(batch_shape=[0]), "batch_shape"),
+    (lambda m: m.update(batch_shape=[1] * 33), "batch_shape"),
+    (lambda m: m.update(batch_shape=[7]), "batch_shape"),  # more than the 6 tokens
+    (lambda m: m.update(batch_shape=[1, 4]), "batch_shape"),  # 6 tokens are not rows of 4
     (lambda m: m.pop("shards"), "shards"),
     (lambda m: m.update(shards={"file": "shard-00000.bin"}), "shards"),
     (lambda m: m["shards"].__setitem__(0, ["shard-00000.bin", 4]), "shards[0]"),
@@ -394,10 +410,17 @@ _GOOD = teacher_batches(1, (3,), vocab=9, k=4, seed=8)[0]
 
 @pytest.mark.parametrize("batches, kwargs, error", [
     ([], dict(vocab_size=300), "batches is empty"),
+    # Batches that hold no token at all (a filter that drops everything) must not empty it.
+    ([(np.zeros((0, 2), int), np.zeros((0, 2)))], dict(vocab_size=4), "nothing to cache"),
+    ([(np.zeros((0, 5, 4), int), np.zeros((0, 5, 4)))] * 3, {}, "3 batches, each of size 0"),
     ([_GOOD, (_GOOD[0][:, :2], _GOOD[1][:, :2])], {}, "k changed from 4 to 2"),
     ([_GOOD], dict(metadata={"teacher": object()}), "metadata must be JSON-serialisable"),
     ([_GOOD], dict(metadata={"loss": float("nan")}), "metadata must be JSON-serialisable"),
     (_raising_batches(), {}, "the teacher crashed"),
+    # Not a teacher's log-probabilities (see the test below): the old cache is kept.
+    ([_GOOD, (_GOOD[0], np.exp(_GOOD[1]))], {}, "batch 1: logprobs[0] holds log-probabilities"),
+    ([(_GOOD[0], np.log(np.full((3, 4), 0.3)))], {}, "batch 0: the probabilities exp(logprobs"),
+    ([(np.zeros((3, 4), np.int32), _GOOD[1])], {}, "batch 0: ids[0] repeats id 0"),
 ])
 def test_failed_overwrite_keeps_the_existing_cache(tmp_path, batches, kwargs, error):
   original = teacher_batches(2, (3,), vocab=9, k=4)
@@ -412,6 +435,69 @@ def test_failed_overwrite_keeps_the_existing_cache(tmp_path, batches, kwargs, er
   assert error in str(raised.value)
 
 
+def _raw_topk_logits(seed=0, shape=(2, 3), vocab=50, k=4):
+  logits = np.random.default_rng(seed).normal(size=shape + (vocab,)).astype(np.float32) * 3 + 5
+  values, ids = jax.lax.top_k(logits, k)
+  return np.asarray(ids), np.asarray(values), logits
+
+
+def test_values_that_are_not_log_probabilities_are_refused_with_a_hint(tmp_path):
+  # Float64 reference for what the writer must refuse: each row's max > 0, or log-sum-exp > 0.
+  ids, raw, logits = _raw_topk_logits()
+  assert (raw.max(-1) > 1).all()
+  original = teacher_batches(1, (3,), vocab=50, k=4)
+  write_teacher_cache(tmp_path, original, vocab_size=50, temperature=1.0)
+  before = _snapshot(tmp_path)
+  probabilities = np.exp(np.asarray(topk_teacher(logits, 4)[1], np.float64))
+  for logprobs, needles in [
+      (raw, ["logprobs[0, 0] holds log-probabilities above 0", "look like raw logits",
+             "jax.lax.top_k", "kdjax.topk_teacher"]),
+      (probabilities, ["look like probabilities rather than their logarithms",
+                       "kdjax.topk_teacher"]),
+  ]:
+    with pytest.raises(TeacherCacheError) as raised:
+      write_teacher_cache(tmp_path, [(ids, logprobs)], vocab_size=50, temperature=1.0,
+                          overwrite=True)
+    for needle in needles:
+      assert needle in str(raised.value), raised.value
+    assert "Nothing was written" in str(raised.value)
+    assert _snapshot(tmp_path) == before
+  _assert_reads_back(tmp_path, original)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_rounding_of_true_log_probabilities_is_accepted_and_more_is_refused(tmp_path, dtype):
+  # k = 2 ids holding all the mass, log(0.5) each, rounded to the dtype: the sum's log may be a
+  # little above 0, never by more than the rounding allows.
+  ids = np.array([[0, 1], [2, 3]], np.int32)
+  halves = np.full((2, 2), np.log(0.5)).astype(dtype)
+  assert abs(np.log(np.exp(halves.astype(np.float64)).sum(-1))).max() < 2.0**-6
+  info = write_teacher_cache(tmp_path / "ok", [(ids, halves)], vocab_size=4, temperature=1.0)
+  assert info.num_tokens == 2
+  # 0.6 + 0.6 = 1.2: the log of the sum, log(1.2) = 0.18, is beyond rounding in every dtype.
+  over = np.full((2, 2), np.log(0.6)).astype(dtype)
+  total = np.exp(over.astype(np.float64)).sum(-1)[0]
+  with pytest.raises(TeacherCacheError, match=r"batch 0: the probabilities exp\(logprobs\[0\]\) "
+                     rf"sum to {total:.6g} > 1"):
+    write_teacher_cache(tmp_path / "over", [(ids, over)], vocab_size=4, temperature=1.0)
+  assert not (tmp_path / "over" / cache.MANIFEST).exists()
+
+
+def test_repeated_ids_within_a_token_are_refused(tmp_path):
+  good = np.array([[[0, 1, 2], [3, 4, 0]]], np.int32)
+  ids = np.array([[[0, 1, 2], [3, 4, 3]]], np.int32)  # token [0, 1] repeats id 3
+  logprobs = np.full((1, 2, 3), -2.0, np.float32)
+  with pytest.raises(TeacherCacheError, match=r"batch 1: ids\[0, 1\] repeats id 3 \(entries 0 "
+                     r"and 2\).*distinct"):
+    write_teacher_cache(tmp_path, [(good, logprobs), (ids, logprobs)], vocab_size=5,
+                        temperature=1.0, tokens_per_shard=1)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [cache.LOCK_FILE]  # nothing written
+  # -inf entries still need distinct ids: the student's side reads each id.
+  logprobs[0, 1, 2] = -np.inf
+  with pytest.raises(TeacherCacheError, match="repeats id 3"):
+    write_teacher_cache(tmp_path, [(ids, logprobs)], vocab_size=5, temperature=1.0)
+
+
 _KILLED_WRITER = """
 import sys, time
 import numpy as np
@@ -419,7 +505,7 @@ from kdjax._src.cache import write_teacher_cache
 
 def batches():
   for i in range(3):
-    yield np.full((4, 2), i, np.int32), np.full((4, 2), -1.0, np.float32)
+    yield np.full((4, 2), i, np.int32) + [0, 3], np.full((4, 2), -1.0, np.float32)
   print("3 shards written", flush=True)
   time.sleep(600)
 
@@ -504,6 +590,300 @@ def test_writer_never_replaces_a_file_with_a_shard_name(tmp_path, monkeypatch):
                              temperature=1.0)
   assert [s.file for s in info.shards] == ["shard-0000cafe-00000.bin"]
   assert (tmp_path / "shard-0000beef-00000.bin").read_bytes() == b"mine"
+
+
+# ----------------------------------------------------------------------------------------------
+# The recorded batch shape: a read whose rows are not the written rows is an error, never
+# misaligned batches; so are arguments that are not integers, and a read that yields nothing.
+# ----------------------------------------------------------------------------------------------
+
+
+def _write_in_batches_of_4x8(path):
+  """80 tokens: two (4, 8) batches and a shorter last one, (2, 8)."""
+  batches = (teacher_batches(2, (4, 8), vocab=9, k=3, seed=5)
+             + teacher_batches(1, (2, 8), vocab=9, k=3, seed=6))
+  return batches, write_teacher_cache(path, batches, vocab_size=9, temperature=1.0,
+                                      tokens_per_shard=24)
+
+
+def test_the_written_batch_shape_is_recorded(tmp_path):
+  batches, info = _write_in_batches_of_4x8(tmp_path)
+  manifest = json.loads((tmp_path / cache.MANIFEST).read_text())
+  assert manifest["version"] == 2 and manifest["batch_shape"] == [4, 8]
+  assert manifest["num_tokens"] == 80
+  assert info.batch_shape == (4, 8) == open_teacher_cache(tmp_path).batch_shape
+  # One token per batch ([k] arrays) is a stream of tokens: rows of ().
+  single = write_teacher_cache(tmp_path / "single", [(np.arange(3), np.full(3, -2.0))] * 2,
+                               vocab_size=9, temperature=1.0)
+  assert single.batch_shape == (1,) and single.num_tokens == 2
+  # Empty batches hold no rows: they neither set nor break the recorded shape.
+  empty = (np.zeros((0, 3), np.int32), np.zeros((0, 3), np.float32))
+  info = write_teacher_cache(tmp_path / "empty_first", [empty, *batches], vocab_size=9,
+                             temperature=1.0)
+  assert info.batch_shape == (4, 8) and info.num_tokens == 80
+
+
+def test_batches_with_other_rows_are_refused_when_written(tmp_path):
+  original = teacher_batches(2, (3,), vocab=9, k=4)
+  write_teacher_cache(tmp_path, original, vocab_size=9, temperature=1.0)
+  before = _snapshot(tmp_path)
+  for shapes in [((4, 8), (4, 7)), ((4, 8), (32,)), ((8,), (2, 4))]:
+    batches = [teacher_batches(1, shape, vocab=9, k=4)[0] for shape in shapes]
+    with pytest.raises(ValueError, match=rf"batch 1: its token shape \({shapes[1][0]}"):
+      write_teacher_cache(tmp_path, batches, vocab_size=9, temperature=1.0, overwrite=True)
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("batch_shape", [(4, 7), (5, 9), (7,), (32,), (4, 8, 1), (2, 4, 8)])
+def test_a_read_with_other_rows_than_written_is_an_error(tmp_path, batch_shape):
+  _write_in_batches_of_4x8(tmp_path)
+  # Raised by the call itself, before any batch is asked for.
+  with pytest.raises(TeacherCacheError) as raised:
+    read_teacher_cache(tmp_path, batch_shape=batch_shape)
+  message = str(raised.value)
+  assert "written in batches of token shape (4, 8)" in message, message
+  assert f"batch_shape={batch_shape} was asked" in message, message
+  assert "or (n, 8) for n rows per batch" in message, message
+
+
+def test_a_read_with_the_written_rows_and_another_first_axis_is_aligned(tmp_path):
+  batches, _ = _write_in_batches_of_4x8(tmp_path)
+  rows = np.concatenate([ids.reshape(-1, 8, 3) for ids, _ in batches])  # 10 rows of 8
+  for batch_shape, count in [((4, 8), 2), ((2, 8), 5), ((5, 8), 2), ((10, 8), 1)]:
+    read = [ids for ids, _ in read_teacher_cache(tmp_path, batch_shape=batch_shape)]
+    assert len(read) == count and read[0].shape == batch_shape + (3,)
+    np.testing.assert_array_equal(np.concatenate(read), rows[:count * batch_shape[0]])
+  (last,) = [ids for ids, _ in read_teacher_cache(tmp_path, batch_shape=(4, 8), start_token=64,
+                                                     drop_remainder=False)]
+  np.testing.assert_array_equal(last, rows[8:])  # the short last batch, as it was written
+  with pytest.raises(TeacherCacheError, match=r"start_token=12 is inside a row .* multiple of 8"):
+    read_teacher_cache(tmp_path, batch_shape=(2, 8), start_token=12)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(batch_shape=32), r"batch_shape must be a tuple of positive integers such as \(batch, "
+     r"seq\), got 32 of type int \(for one axis: \(32,\)\)"),
+    (dict(batch_shape=(4.5, 8)), r"got \(4\.5, 8\): axis 0 is 4\.5 of type float"),
+    (dict(batch_shape=(True, 8)), r"got \(True, 8\): axis 0 is True of type bool"),
+    (dict(batch_shape=(4, np.float32(8))), r"axis 1 is np\.float32\(8\.0\) of type float32"),
+    (dict(batch_shape="48"), r"got '48' of type str"),
+    (dict(batch_shape=None), r"got None of type NoneType"),
+    (dict(batch_shape=(4, 8), start_token=2.5), r"start_token must be an integer .* got 2\.5 "
+     r"of type float"),
+    (dict(batch_shape=(4, 8), start_token=True), r"got True of type bool"),
+    (dict(batch_shape=(4, 8), start_token=np.bool_(True)), r"of type bool"),
+    (dict(batch_shape=(4, 8), start_token="8"), r"got '8' of type str"),
+])
+def test_batch_shape_and_start_token_must_be_integers(tmp_path, kwargs, pattern):
+  _write_in_batches_of_4x8(tmp_path)
+  with pytest.raises(TypeError, match=pattern):
+    read_teacher_cache(tmp_path, **kwargs)
+  # Checked before the folder is read: the same error where there is no cache.
+  with pytest.raises(TypeError, match=pattern):
+    read_teacher_cache(tmp_path / "missing", **kwargs)
+
+
+def test_numpy_integers_are_integers(tmp_path):
+  batches, _ = _write_in_batches_of_4x8(tmp_path)
+  read = list(read_teacher_cache(tmp_path, batch_shape=(np.int64(2), np.int32(8)),
+                                 start_token=np.uint8(16)))
+  assert len(read) == 4 and read[0][0].shape == (2, 8, 3)
+  np.testing.assert_array_equal(read[0][0], batches[0][0][2:])
+  for bad in [(0, 8), (-2, 8), ()]:
+    with pytest.raises(ValueError, match="batch_shape must be a non-empty tuple of positive"):
+      read_teacher_cache(tmp_path, batch_shape=bad)
+  for bad in (-8, 88):
+    with pytest.raises(ValueError, match=r"start_token must be in \[0, num_tokens=80\]"):
+      read_teacher_cache(tmp_path, batch_shape=(2, 8), start_token=bad)
+
+
+def test_a_batch_larger_than_the_cache_is_an_error_not_an_empty_read(tmp_path):
+  ids, logprobs = np.tile(np.arange(2, dtype=np.int32), (10, 1)), np.full((10, 2), -1.0)
+  write_teacher_cache(tmp_path, [(ids, logprobs)], vocab_size=4, temperature=1.0)
+  with pytest.raises(TeacherCacheError, match=r"batch_shape=\(20,\) takes 20 tokens per batch, "
+                     r"but .* holds 10 tokens from start_token=0 \(num_tokens=10\): the read "
+                     r"would yield no batch.*drop_remainder=False"):
+    read_teacher_cache(tmp_path, batch_shape=(20,))
+  with pytest.raises(TeacherCacheError, match="holds 3 tokens from start_token=7"):
+    read_teacher_cache(tmp_path, batch_shape=(4,), start_token=7)
+  with pytest.raises(TeacherCacheError, match="holds 0 tokens from start_token=10"):
+    read_teacher_cache(tmp_path, batch_shape=(1,), start_token=10, drop_remainder=False)
+  # drop_remainder=False yields what there is, in one shorter batch.
+  ((got_ids, _),) = read_teacher_cache(tmp_path, batch_shape=(20,), drop_remainder=False)
+  assert got_ids.shape == (10, 2)
+  assert len(list(read_teacher_cache(tmp_path, batch_shape=(10,)))) == 1
+
+
+def _as_version_1(path):
+  """The manifest a writer of format version 1 wrote: no batch_shape."""
+  def edit(manifest):
+    manifest["version"] = 1
+    del manifest["batch_shape"]
+  _edit_manifest(path, edit)
+
+
+def test_a_version_1_cache_reads_with_any_batch_shape_as_before(tmp_path):
+  batches, _ = _write_in_batches_of_4x8(tmp_path)
+  _as_version_1(tmp_path)
+  info = open_teacher_cache(tmp_path)
+  assert info.batch_shape is None and info.num_tokens == 80
+  all_ids = np.concatenate([ids.reshape(-1, 3) for ids, _ in batches])
+  for batch_shape, start_token in [((4, 8), 0), ((5, 4), 4), ((7,), 3), ((2, 2, 2), 0)]:
+    read = [ids for ids, _ in read_teacher_cache(tmp_path, batch_shape=batch_shape,
+                                                  start_token=start_token)]
+    tokens = math.prod(batch_shape)
+    assert len(read) == (80 - start_token) // tokens
+    np.testing.assert_array_equal(np.concatenate([r.reshape(-1, 3) for r in read]),
+                                  all_ids[start_token:start_token + len(read) * tokens])
+  with pytest.raises(ValueError, match="the last 5 cached tokens do not fill whole rows"):
+    read_teacher_cache(tmp_path, batch_shape=(5, 3), drop_remainder=False)
+  # Types and the empty read are checked as for a version-2 cache.
+  with pytest.raises(TypeError, match="axis 0 is True"):
+    read_teacher_cache(tmp_path, batch_shape=(True, 8))
+  with pytest.raises(TeacherCacheError, match="would yield no batch"):
+    read_teacher_cache(tmp_path, batch_shape=(81,))
+  # A version the reader does not know is refused.
+  _edit_manifest(tmp_path, lambda manifest: manifest.update(version=3))
+  with pytest.raises(TeacherCacheError, match="manifest of version 1 or 2 .*version=3"):
+    open_teacher_cache(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files that are not regular files never block the reader.
+# ----------------------------------------------------------------------------------------------
+
+
+def _returns_within(call, seconds=20.0):
+  """``call()``'s exception, raised in a thread that must finish within ``seconds`` (a reader
+  that blocks fails the test instead of hanging the suite)."""
+  outcome = {}
+
+  def run():
+    try:
+      call()
+    except BaseException as error:  # noqa: BLE001  # reported to the test
+      outcome["error"] = error
+
+  thread = threading.Thread(target=run, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  return thread, outcome
+
+
+def _release_blocked_readers(fifo):
+  # A reader blocked in open() on a FIFO returns once a writer opens it.
+  with contextlib.suppress(OSError):
+    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+@pytest.mark.parametrize("reader", [
+    lambda path: open_teacher_cache(path),
+    lambda path: read_teacher_cache(path, batch_shape=(2,)),
+    lambda path: write_teacher_cache(path, teacher_batches(1, (3,), vocab=9, k=4), vocab_size=9,
+                                     temperature=1.0, overwrite=True),
+])
+def test_a_fifo_manifest_is_refused_without_blocking(tmp_path, reader):
+  _write_small(tmp_path)
+  manifest = tmp_path / cache.MANIFEST
+  os.remove(manifest)
+  os.mkfifo(manifest)
+  thread, outcome = _returns_within(lambda: reader(tmp_path))
+  if thread.is_alive():
+    _release_blocked_readers(manifest)
+    thread.join(10)
+    pytest.fail("the call blocked on a FIFO named manifest.json")
+  assert isinstance(outcome.get("error"), TeacherCacheError), outcome
+  assert re.search(r"manifest\.json' is not a regular file", str(outcome["error"]))
+  assert stat.S_ISFIFO(os.lstat(manifest).st_mode)  # nothing replaced it
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_a_shard_replaced_by_a_fifo_after_open_is_refused_without_blocking(tmp_path):
+  info = _write_small(tmp_path)
+  shard = tmp_path / info.shards[0].file
+  os.remove(shard)
+  os.mkfifo(shard)
+  thread, outcome = _returns_within(lambda: cache.read_shard(info, 0))
+  if thread.is_alive():
+    _release_blocked_readers(shard)
+    thread.join(10)
+    pytest.fail("read_shard blocked on a FIFO shard")
+  assert isinstance(outcome.get("error"), TeacherCacheError), outcome
+  assert "is not a regular file (a FIFO)" in str(outcome["error"])
+
+
+# ----------------------------------------------------------------------------------------------
+# A full disk or a file-size limit: a TeacherCacheError naming the file, the old cache kept.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code, hint", [
+    (errno.ENOSPC, "No space left on device (ENOSPC); the disk or the quota is full"),
+    (errno.EFBIG, "File too large (EFBIG); the file would exceed the file-size limit"),
+    (errno.EIO, "Input/output error (EIO)"),
+])
+@pytest.mark.parametrize("target", ["shard", "manifest"])
+def test_a_disk_error_is_a_teacher_cache_error_naming_the_file(tmp_path, monkeypatch, code,
+                                                               hint, target):
+  original = teacher_batches(2, (3,), vocab=9, k=4)
+  write_teacher_cache(tmp_path, original, vocab_size=9, temperature=1.0, tokens_per_shard=4)
+  before = _snapshot(tmp_path)
+  write = os.write
+  written = []
+
+  def failing_write(fd, data):
+    # Shards hold ids < 9; the staged manifest is JSON, so its first byte is "{".
+    if written or (bytes(data[:1]) == b"{") == (target == "manifest"):
+      if not written:  # part of the file first: a partial file must be removed too
+        written.append(write(fd, data[:len(data) // 2]))
+        return written[-1]
+      raise OSError(code, os.strerror(code))
+    return write(fd, data)
+
+  monkeypatch.setattr(cache.os, "write", failing_write)
+  with pytest.raises(TeacherCacheError) as raised:
+    write_teacher_cache(tmp_path, teacher_batches(3, (3,), vocab=9, k=4, seed=3), vocab_size=9,
+                        temperature=1.0, tokens_per_shard=4, overwrite=True)
+  monkeypatch.undo()
+  message = str(raised.value)
+  name = r"\.manifest-[0-9a-f]{8}\.json\.tmp" if target == "manifest" else (
+      r"shard-[0-9a-f]{8}-00000\.bin")
+  assert re.search(rf"cannot write '{re.escape(str(tmp_path))}/{name}': ", message), message
+  assert hint in message and "a cache already in the folder is kept" in message, message
+  assert written and _snapshot(tmp_path) == before  # partial files removed, nothing replaced
+  _assert_reads_back(tmp_path, original)
+
+
+_FILE_SIZE_LIMITED_WRITER = """
+import resource, sys
+import numpy as np
+from kdjax._src.cache import TeacherCacheError, write_teacher_cache
+
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+batches = [(np.tile(np.int32([1, 2]), (4096, 1)), np.full((4096, 2), -1.0, np.float32))]
+try:
+  write_teacher_cache(sys.argv[1], batches, vocab_size=9, temperature=1.0, overwrite=True)
+except TeacherCacheError as error:
+  print(error)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs the resource module")
+def test_a_file_size_limit_is_a_teacher_cache_error_and_keeps_the_old_cache(tmp_path):
+  # A real limit (RLIMIT_FSIZE, as `ulimit -f` sets): the 24 KiB shard cannot be written.
+  original = teacher_batches(2, (3,), vocab=9, k=4)
+  write_teacher_cache(tmp_path, original, vocab_size=9, temperature=1.0)
+  before = _snapshot(tmp_path)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+  result = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMITED_WRITER, str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert re.search(r"cannot write '.*/shard-[0-9a-f]{8}-00000\.bin': File too large \(EFBIG\); "
+                   r"the file would exceed the file-size limit", result.stdout), result.stdout
+  assert _snapshot(tmp_path) == before
+  _assert_reads_back(tmp_path, original)
 
 
 def test_teacher_cache_example_runs(tmp_path):

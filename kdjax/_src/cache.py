@@ -7,8 +7,8 @@ Run the teacher over the training tokens once, keep :func:`kdjax.topk_teacher`'s
 On disk a cache is a directory::
 
     manifest.json                format, version, k, vocab_size, dtypes, temperature, num_tokens,
-                                 and per shard: file name, number of tokens, number of bytes,
-                                 CRC-32 of the bytes
+                                 batch_shape (the written batches' token shape), and per shard:
+                                 file name, number of tokens, number of bytes, CRC-32 of the bytes
     shard-1f0c9a2e-00000.bin     ids of the shard's tokens ([tokens, k], little endian), then
     shard-1f0c9a2e-00001.bin     their log-probabilities ([tokens, k], little endian)
     ...
@@ -24,7 +24,10 @@ On disk a cache is a directory::
 
 Tokens are stored in the order the writer received them (the leading axes of each batch
 flattened in C order), so a reader with the same batch shape yields batches aligned with the
-token batches.
+token batches. The manifest records that shape (format version 2): batches may differ in their
+first axis only, and a reader must ask for the same rows (the axes after the first) or fails
+with :class:`TeacherCacheError`. Version-1 caches, written before the shape was recorded, are
+read with any batch shape, as they always were.
 
 What is guaranteed:
 
@@ -32,8 +35,10 @@ What is guaranteed:
   they never replace a file; the manifest that makes them a cache is written to a temporary file
   and renamed over ``manifest.json`` last. A write that fails (bad batch, metadata that is not
   JSON, an exception in the batch stream) removes the files it created; one that is killed
-  leaves them behind (shards that no manifest lists: never read, safe to delete). Either way a
-  cache already in the folder is untouched and reads as before. After an ``overwrite``
+  leaves them behind (shards that no manifest lists: never read, safe to delete). A full disk
+  or a file-size limit is a :class:`TeacherCacheError` naming the file. Batches that hold no
+  token at all are refused like an empty stream, so an overwrite never empties a cache. Either
+  way a cache already in the folder is untouched and reads as before. After an ``overwrite``
   commits, the old cache's shards are removed: only the files its (valid) manifest lists; no
   other file in the folder is ever removed or replaced.
 * **One writer at a time.** A writer holds an ``flock`` on ``.kdjax-cache.lock``; a second
@@ -45,8 +50,10 @@ What is guaranteed:
   use, and the counts must agree with each other and with the file sizes, so a hostile or
   damaged manifest cannot make the reader loop or allocate without bound; shard entries must
   be plain file names of the writer's form, opened inside the folder without following
-  symbolic links. Each shard's size and (unless ``verify=False``) CRC-32 are checked before any
-  of it is returned, and ids out of range or NaN log-probabilities are reported as corruption.
+  symbolic links; a file's type is checked before it is opened, so a FIFO or a device cannot
+  block the reader. Each shard's size and (unless ``verify=False``) CRC-32 are checked before
+  any of it is returned, and ids out of range or NaN log-probabilities are reported as
+  corruption.
   Every failure is a :class:`TeacherCacheError` naming the file (and the field), never wrong
   data.
 """
@@ -69,13 +76,20 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
+from kdjax._src.sparse import sparse_teacher_problem
+
 try:
   import fcntl
 except ImportError:  # Windows
   fcntl = None  # type: ignore[assignment]  # no lock where the module does not exist
 
 FORMAT = "kdjax-teacher-cache"
-VERSION = 1
+# Version 2 records the token shape of the written batches ("batch_shape"); version 1 caches
+# (without it) are still read, without the check of the reader's batch shape.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# A recorded batch shape has at most this many axes (a bound on what a manifest can ask for).
+MAX_BATCH_RANK = 32
 MANIFEST = "manifest.json"
 LOCK_FILE = ".kdjax-cache.lock"
 DEFAULT_SHARD_BYTES = 1 << 28  # 256 MiB: few files, and a shard is cheap to read and check.
@@ -88,6 +102,9 @@ MAX_MANIFEST_BYTES = 1 << 26
 _SHARD_FILE = re.compile(r"shard-(?:[0-9a-f]{8}-)?[0-9]{5,}\.bin")
 # Not following symbolic links keeps every read inside the cache folder.
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# Opening a FIFO for reading blocks until a writer opens it; with O_NONBLOCK it returns at once
+# and the file's type is checked on the open file. (No effect on reads of regular files.)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 _LOGPROB_DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -116,6 +133,9 @@ class CacheInfo(NamedTuple):
   temperature: float
   shards: tuple[ShardInfo, ...]
   metadata: dict[str, Any]
+  # The token shape of the written batches (the first one's; later ones may have a shorter first
+  # axis), or None for a cache written before it was recorded (format version 1).
+  batch_shape: tuple[int, ...] | None = None
 
   @property
   def bytes_per_token(self) -> int:
@@ -202,7 +222,11 @@ class _Writer:
     return f"shard-{self.write_id}-{index:05d}.bin"
 
   def create(self, name: str, chunks: Iterable[bytes]) -> str:
-    """Writes a new file (never an existing one) and flushes it to the disk."""
+    """Writes a new file (never an existing one) and flushes it to the disk.
+
+    An operating-system error (a full disk, a file-size limit, a quota) is a
+    :class:`TeacherCacheError` naming the file; the caller removes what was created.
+    """
     path = os.path.join(self.directory, name)
     try:
       fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -210,18 +234,30 @@ class _Writer:
       raise TeacherCacheError(
           f"{path!r} already exists: the writer never replaces a file that it did not "
           "write.") from None
+    except OSError as e:
+      raise _write_error(path, "create", e) from None
     self.created.append(path)
-    with os.fdopen(fd, "wb") as f:
-      for chunk in chunks:
-        f.write(chunk)
-      f.flush()
-      os.fsync(f.fileno())
+    try:
+      try:
+        for chunk in chunks:
+          view = memoryview(chunk)
+          while view:  # os.write may write less than it is given.
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    except OSError as e:
+      raise _write_error(path, "write", e) from None
     return path
 
   def commit(self, manifest: dict[str, Any]) -> None:
     staged = self.create(f".manifest-{self.write_id}.json.tmp",
                          [json.dumps(manifest, indent=1, allow_nan=False).encode()])
-    os.replace(staged, os.path.join(self.directory, MANIFEST))
+    path = os.path.join(self.directory, MANIFEST)
+    try:
+      os.replace(staged, path)
+    except OSError as e:
+      raise _write_error(path, f"rename {staged!r} to", e) from None
     self.created.remove(staged)
     _sync_directory(self.directory)
 
@@ -230,6 +266,22 @@ class _Writer:
       with contextlib.suppress(OSError):
         os.remove(path)
     self.created.clear()
+
+
+def _write_error(path: str, action: str, error: OSError) -> TeacherCacheError:
+  """A failed write of ``path`` as the error the writer raises: the file, the cause, a hint."""
+  code = errno.errorcode.get(error.errno or 0, "")
+  cause = f"{error.strerror or error}" + (f" ({code})" if code else "")
+  if error.errno == errno.EFBIG:
+    hint = ("the file would exceed the file-size limit (ulimit -f) or the file system's "
+            "largest file: pass a smaller tokens_per_shard")
+  elif error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+    hint = "the disk or the quota is full: free space or write the cache elsewhere"
+  else:
+    hint = "check the folder's file system"
+  return TeacherCacheError(
+      f"cannot {action} {path!r}: {cause}; {hint}. Nothing was committed: the files of this "
+      "write were removed and a cache already in the folder is kept.")
 
 
 def _sync_directory(directory: str) -> None:
@@ -284,7 +336,9 @@ def write_teacher_cache(
       ``overwrite``.
     batches: iterable of ``(ids, logprobs)``, NumPy or JAX arrays ``[..., k]`` (for example
       :func:`kdjax.topk_teacher` of a ``[batch, seq, vocab]`` teacher batch); the leading axes
-      are flattened into tokens in C order, batch after batch.
+      are flattened into tokens in C order, batch after batch. The first batch's token shape
+      is recorded (:attr:`CacheInfo.batch_shape`); later batches may have another first axis
+      (a shorter last batch), not other rows. At least one token in all.
     vocab_size: the teacher's (aligned) vocabulary size; every id must be in ``[0, vocab_size)``.
     temperature: required: the temperature the log-probabilities were computed at (the
       ``temperature`` given to :func:`kdjax.topk_teacher`), recorded in the manifest so that
@@ -301,8 +355,10 @@ def write_teacher_cache(
 
   Raises:
     FileExistsError: ``directory`` holds a cache and ``overwrite`` is false.
-    TeacherCacheError: another writer is writing to ``directory``.
-    ValueError, TypeError: a bad argument or batch (nothing is left behind).
+    TeacherCacheError: another writer is writing to ``directory``, or a file cannot be written
+      (a full disk, a file-size limit: the error names the file; nothing is left behind).
+    ValueError, TypeError: a bad argument or batch, or batches that hold no token (nothing is
+      left behind).
 
   Example:
     >>> import tempfile, jax.numpy as jnp
@@ -367,6 +423,9 @@ def _write_shards(writer: _Writer, batches: Iterable[tuple[Any, Any]], *, vocab_
   """Writes the batches as shards; returns the manifest without temperature and metadata."""
   lp_dtype = _logprob_dtype(logprob_dtype)
   k = None
+  # The token shape of the first batch that holds tokens (a single [k] token counts as (1,)).
+  # Later batches may have another first axis (a shorter last batch), never other rows.
+  batch_shape: tuple[int, ...] | None = None
   shards: list[ShardInfo] = []
   pending_ids: list[np.ndarray] = []
   pending_lp: list[np.ndarray] = []
@@ -410,15 +469,32 @@ def _write_shards(writer: _Writer, batches: Iterable[tuple[Any, Any]], *, vocab_
         tokens_per_shard = max(1, DEFAULT_SHARD_BYTES // (k * (ids_dtype.itemsize + 2)))
     elif ids.shape[-1] != k:
       raise ValueError(f"batch {batch_index}: k changed from {k} to {ids.shape[-1]}.")
+    if ids.size:
+      token_shape = ids.shape[:-1] or (1,)
+      if batch_shape is None:
+        batch_shape = token_shape
+      elif token_shape[1:] != batch_shape[1:]:
+        raise ValueError(
+            f"batch {batch_index}: its token shape {token_shape} has other rows than the first "
+            f"batch's {batch_shape}: batches may differ in their first axis only (a shorter "
+            "last batch), since the cache is read back in batches of one shape.")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
       raise ValueError(
           f"batch {batch_index}: ids must be in [0, vocab_size={vocab_size}), got values in "
           f"[{ids.min()}, {ids.max()}].")
+    given = logprobs
     logprobs = logprobs.reshape(-1, k).astype(np.float32)
     if np.isnan(logprobs).any() or np.isposinf(logprobs).any():
       raise ValueError(
           f"batch {batch_index}: logprobs must be finite or -inf, got NaN or +inf (check the "
           "teacher's logits for NaN).")
+    # What the losses refuse at the call is never stored: log-probabilities above 0, rows whose
+    # probabilities sum past 1, repeated ids (each beyond the rounding of the given dtype).
+    problem = sparse_teacher_problem(ids, given, names=("ids", "logprobs"))
+    if problem is not None:
+      raise TeacherCacheError(
+          f"batch {batch_index}: {problem} Nothing was written; a cache already in the folder "
+          "is kept.")
     pending_ids.append(ids.reshape(-1, k).astype(ids_dtype))
     pending_lp.append(logprobs.astype(lp_dtype))
     pending += pending_ids[-1].shape[0]
@@ -426,13 +502,18 @@ def _write_shards(writer: _Writer, batches: Iterable[tuple[Any, Any]], *, vocab_
       flush(tokens_per_shard)  # type: ignore[arg-type]  # set with k, at the first batch
   if k is None:
     raise ValueError("batches is empty: there is nothing to cache.")
+  if batch_shape is None:  # Batches that all hold zero tokens would write an empty cache.
+    raise ValueError(
+        f"batches hold no tokens ({batch_index + 1} batches, each of size 0): there is nothing "
+        "to cache.")
   if pending:
     flush(pending)
 
   return {
       "format": FORMAT, "version": VERSION, "num_tokens": sum(s.num_tokens for s in shards),
-      "k": k, "vocab_size": int(vocab_size), "id_dtype": ids_dtype.name,
-      "logprob_dtype": logprob_dtype, "shards": [shard._asdict() for shard in shards],
+      "batch_shape": list(batch_shape), "k": k, "vocab_size": int(vocab_size),
+      "id_dtype": ids_dtype.name, "logprob_dtype": logprob_dtype,
+      "shards": [shard._asdict() for shard in shards],
   }
 
 
@@ -468,19 +549,42 @@ class _Manifest:
 
 
 def _open_regular_file(path: str, name: str):
-  """Opens ``path`` for reading if it is a regular file, not a folder or a symbolic link."""
+  """Opens ``path`` for reading if it is a regular file, not a folder, a symbolic link, a FIFO or
+  a device.
+
+  The type is checked before the file is opened (opening a FIFO or a device can block or act),
+  and again on the open file, in case the path was replaced in between.
+  """
   try:
-    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW)
+    status = os.lstat(path)
+  except FileNotFoundError:
+    raise TeacherCacheError(f"{name} is missing.") from None
+  except OSError as e:
+    raise TeacherCacheError(f"{name} cannot be opened: {e.strerror}.") from None
+  if not stat.S_ISREG(status.st_mode):
+    raise TeacherCacheError(f"{name} is not a regular file ({_file_kind(status.st_mode)}).")
+  try:
+    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK)
   except FileNotFoundError:
     raise TeacherCacheError(f"{name} is missing.") from None
   except OSError as e:
     if e.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link.
       raise TeacherCacheError(f"{name} is not a regular file (a symbolic link).") from None
     raise TeacherCacheError(f"{name} cannot be opened: {e.strerror}.") from None
-  if not stat.S_ISREG(os.fstat(fd).st_mode):
+  mode = os.fstat(fd).st_mode
+  if not stat.S_ISREG(mode):
     os.close(fd)
-    raise TeacherCacheError(f"{name} is not a regular file.")
+    raise TeacherCacheError(f"{name} is not a regular file ({_file_kind(mode)}).")
   return os.fdopen(fd, "rb")
+
+
+def _file_kind(mode: int) -> str:
+  for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"),
+                     (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                     (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+    if test(mode):
+      return kind
+  return "not a plain file"
 
 
 def _read_manifest(directory: str) -> CacheInfo:
@@ -501,13 +605,17 @@ def _read_manifest(directory: str) -> CacheInfo:
         f"{path!r} is corrupted: it is not valid JSON ({_short(str(e))}).") from None
   manifest = _Manifest(path, data)
   fmt, version = data.get("format"), data.get("version")
-  if fmt != FORMAT or type(version) is not int or version != VERSION:
+  if fmt != FORMAT or type(version) is not int or version not in READABLE_VERSIONS:
     raise TeacherCacheError(
-        f"{path!r} is not a {FORMAT} version {VERSION} manifest (format={_short(fmt)}, "
+        f"{path!r} is not a {FORMAT} manifest of version "
+        f"{' or '.join(map(str, READABLE_VERSIONS))} (format={_short(fmt)}, "
         f"version={_short(version)}).")
   vocab_size = manifest.integer(data, "vocab_size", "vocab_size", 1, 2**32)
   k = manifest.integer(data, "k", "k", 1, 2**31 - 1)
   num_tokens = manifest.integer(data, "num_tokens", "num_tokens", 0, 2**63 - 1)
+  batch_shape = None
+  if version >= 2:
+    batch_shape = _recorded_batch_shape(manifest, data, num_tokens)
   ids_name = manifest.get(data, "id_dtype", "id_dtype")
   if ids_name != id_dtype(vocab_size).name:
     raise manifest.error("id_dtype", f"{id_dtype(vocab_size).name!r} for vocab_size={vocab_size}",
@@ -553,7 +661,22 @@ def _read_manifest(directory: str) -> CacheInfo:
         f"{path!r} is corrupted: field 'num_tokens' is {num_tokens} but the shard token counts "
         f"do not add up to it.")
   return CacheInfo(directory, num_tokens, k, vocab_size, ids_name, logprob_dtype,
-                   float(temperature), tuple(shards), metadata)
+                   float(temperature), tuple(shards), metadata, batch_shape)
+
+
+def _recorded_batch_shape(manifest: _Manifest, data: dict, num_tokens: int) -> tuple[int, ...]:
+  """The manifest's ``batch_shape``: positive integers, the first batch within the cache's tokens
+  and the tokens whole rows of it (what every cache the writer commits satisfies)."""
+  value = manifest.get(data, "batch_shape", "batch_shape")
+  if (not isinstance(value, list) or not 1 <= len(value) <= MAX_BATCH_RANK
+      or any(type(d) is not int or d < 1 for d in value)):
+    raise manifest.error(
+        "batch_shape", f"a list of 1 to {MAX_BATCH_RANK} positive integers", value)
+  if math.prod(value) > num_tokens or num_tokens % math.prod(value[1:]):
+    raise TeacherCacheError(
+        f"{manifest.path!r} is corrupted: field 'batch_shape' is {value}, which "
+        f"num_tokens={num_tokens} cannot hold (one batch, whole rows of {value[1:]}).")
+  return tuple(value)
 
 
 def _is_positive_finite(value: Any) -> bool:
@@ -655,11 +778,21 @@ def read_teacher_cache(
   when the cache was written, and ``zip`` the two. Shards are read one at a time (and checked:
   see :func:`read_shard`); batches may span shard boundaries.
 
+  The cache records the token shape of the batches it was written with
+  (:attr:`CacheInfo.batch_shape`). ``batch_shape`` must have the same rows: the same number of
+  axes and the same axes after the first (for a cache written in ``(4, 8)`` batches,
+  ``(4, 8)``, ``(2, 8)`` or ``(16, 8)``, never ``(4, 7)`` or ``(32,)``), and ``start_token``
+  must be a whole number of rows, so that every row read is a row written. Caches written
+  before the shape was recorded are read with any ``batch_shape``.
+
+  The arguments and the manifest are checked when this is called, before the first batch.
+
   Args:
     directory: the cache directory.
-    batch_shape: token shape of one batch, for example ``(batch, seq)``.
+    batch_shape: token shape of one batch, for example ``(batch, seq)``: a tuple (or list) of
+      positive integers.
     start_token: first token to yield (to resume a run; a multiple of ``prod(batch_shape)``
-      keeps the alignment).
+      keeps the alignment with the batches of the run).
     drop_remainder: drop a final batch with fewer tokens. Otherwise it is yielded with a shorter
       first axis when it holds whole rows of ``batch_shape[1:]``, and an error is raised if not.
     verify: check each shard's CRC-32 before using it.
@@ -669,15 +802,77 @@ def read_teacher_cache(
     ``batch_shape + (k,)``; pass them to :func:`kdjax.sparse_distill_loss` as they are.
 
   Raises:
-    TeacherCacheError: a missing, truncated or corrupted manifest or shard.
+    TypeError: ``batch_shape`` or ``start_token`` is not made of integers (``bool`` included).
+    ValueError: ``batch_shape`` has an axis < 1, or ``start_token`` is outside the cache.
+    TeacherCacheError: a missing, truncated or corrupted manifest or shard; a ``batch_shape``
+      whose rows are not those of the written batches, or a ``start_token`` inside a row; or a
+      read that would yield no batch at all (a batch larger than the tokens left).
   """
+  batch_shape = _check_batch_shape(batch_shape)
+  if not _is_integer(start_token):
+    raise TypeError(
+        f"start_token must be an integer (the number of cached tokens to skip), got "
+        f"{_short(start_token)} of type {type(start_token).__name__}.")
+  start_token = int(start_token)
   info = open_teacher_cache(directory)
-  batch_shape = tuple(int(d) for d in batch_shape)
-  if not batch_shape or any(d < 1 for d in batch_shape):
-    raise ValueError(f"batch_shape must be a non-empty tuple of positive ints, got {batch_shape}.")
   if not 0 <= start_token <= info.num_tokens:
     raise ValueError(
         f"start_token must be in [0, num_tokens={info.num_tokens}], got {start_token}.")
+  written = info.batch_shape
+  if written is not None:
+    if len(batch_shape) != len(written) or batch_shape[1:] != written[1:]:
+      rows = "(n,)" if len(written) == 1 else f"(n, {', '.join(map(str, written[1:]))})"
+      raise TeacherCacheError(
+          f"{info.directory!r} was written in batches of token shape {written}, but "
+          f"batch_shape={batch_shape} was asked: its rows would not line up with the written "
+          f"ones. Read with batch_shape={written}, or {rows} for n rows per batch.")
+    row_tokens = math.prod(written[1:])
+    if start_token % row_tokens:
+      raise TeacherCacheError(
+          f"start_token={start_token} is inside a row of {info.directory!r}, which was written "
+          f"in batches of token shape {written} ({row_tokens} tokens per row): pass a multiple "
+          f"of {row_tokens}.")
+  batch_tokens = math.prod(batch_shape)
+  left = info.num_tokens - start_token
+  if left < batch_tokens and (drop_remainder or not left):
+    raise TeacherCacheError(
+        f"batch_shape={batch_shape} takes {batch_tokens} tokens per batch, but "
+        f"{info.directory!r} holds {left} tokens from start_token={start_token} "
+        f"(num_tokens={info.num_tokens}): the read would yield no batch. Pass a smaller "
+        "batch_shape" + (", or drop_remainder=False for a shorter batch." if left else "."))
+  remainder = left % batch_tokens
+  if remainder and not drop_remainder and remainder % math.prod(batch_shape[1:]):
+    raise ValueError(
+        f"the last {remainder} cached tokens do not fill whole rows of batch_shape[1:] = "
+        f"{batch_shape[1:]}; pass drop_remainder=True to drop them.")
+  return _batches(info, batch_shape, start_token, drop_remainder=drop_remainder, verify=verify)
+
+
+def _is_integer(value: Any) -> bool:
+  """A Python or NumPy integer, not a bool (``True`` is not a count)."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_batch_shape(batch_shape: Any) -> tuple[int, ...]:
+  if not isinstance(batch_shape, (tuple, list)):
+    raise TypeError(
+        f"batch_shape must be a tuple of positive integers such as (batch, seq), got "
+        f"{_short(batch_shape)} of type {type(batch_shape).__name__} (for one axis: "
+        f"({_short(batch_shape)},)).")
+  for axis, size in enumerate(batch_shape):
+    if not _is_integer(size):
+      raise TypeError(
+          f"batch_shape must be a tuple of positive integers, got {_short(batch_shape)}: axis "
+          f"{axis} is {_short(size)} of type {type(size).__name__}.")
+  shape = tuple(int(size) for size in batch_shape)
+  if not shape or any(size < 1 for size in shape):
+    raise ValueError(f"batch_shape must be a non-empty tuple of positive ints, got {shape}.")
+  return shape
+
+
+def _batches(info: CacheInfo, batch_shape: tuple[int, ...], start_token: int, *,
+             drop_remainder: bool, verify: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """The batches of :func:`read_teacher_cache`, whose arguments are checked."""
   batch_tokens = math.prod(batch_shape)
   buffered_ids: list[np.ndarray] = []
   buffered_lp: list[np.ndarray] = []
@@ -703,11 +898,6 @@ def read_teacher_cache(
              all_lp[offset:offset + batch_tokens].reshape(batch_shape + (info.k,)))
     buffered_ids, buffered_lp = [all_ids[full:]], [all_lp[full:]]
     buffered -= full
-  if buffered and not drop_remainder:
-    row = math.prod(batch_shape[1:])
-    if buffered % row:
-      raise ValueError(
-          f"the last {buffered} cached tokens do not fill whole rows of batch_shape[1:] = "
-          f"{batch_shape[1:]}; pass drop_remainder=True to drop them.")
-    shape = (buffered // row,) + batch_shape[1:] + (info.k,)
+  if buffered and not drop_remainder:  # Whole rows (checked by read_teacher_cache).
+    shape = (buffered // math.prod(batch_shape[1:]),) + batch_shape[1:] + (info.k,)
     yield np.concatenate(buffered_ids).reshape(shape), np.concatenate(buffered_lp).reshape(shape)
