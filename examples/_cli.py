@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 
+import numpy as np
+
+_FLOAT32 = np.finfo(np.float32)
+
 
 class Parser(argparse.ArgumentParser):
   """An ``ArgumentParser`` that shows every default in ``--help`` and reports a bad flag in one
@@ -57,4 +61,18 @@ def unit_interval(text: str) -> float:
   value = finite_float(text)
   if not 0.0 <= value <= 1.0:
     raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+  return value
+
+
+def temperature(text: str) -> float:
+  """A temperature the losses accept: ``T > 0`` whose reciprocal is a finite, normal float32
+  (they multiply logits by ``1 / T`` in float32), as ``kdjax`` checks it at the call."""
+  value = positive_float(text)
+  with np.errstate(over="ignore"):
+    inverse = np.float32(1.0 / value)
+  if not (np.isfinite(inverse) and inverse >= _FLOAT32.tiny):
+    raise argparse.ArgumentTypeError(
+        f"expected a temperature whose reciprocal is a finite, normal float32 (about "
+        f"[{1 / _FLOAT32.max:.3g}, {1 / _FLOAT32.tiny:.3g}]) as kdjax's losses require, got "
+        f"{value!r}: they multiply logits by 1 / temperature in float32")
   return value

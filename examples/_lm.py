@@ -273,7 +273,8 @@ def make_evaluate(graphdef, batches: list[np.ndarray]) -> Callable[[Any], float]
 @functools.partial(jax.jit, static_argnums=0, static_argnames="length")
 def sample_continuation(graphdef, params, prompts, key, *, length: int, temperature):
   """``[batch, prompt_len + length]`` int32: the prompts followed by ``length`` tokens sampled
-  one at a time from the model at ``temperature``.
+  one at a time from the model at ``temperature`` (as it goes to 0, greedy decoding: ties among
+  the largest logits are drawn uniformly).
 
   A ``lax.scan`` over the generated positions; each step runs the causal model on the whole
   (fixed-size) window and samples from the logits at the last filled position. The positions
@@ -288,11 +289,18 @@ def sample_continuation(graphdef, params, prompts, key, *, length: int, temperat
   tokens = jnp.concatenate(
       [jnp.asarray(prompts, jnp.int32), jnp.zeros((batch, length), jnp.int32)], axis=1)
 
+  def tempered(logits):
+    # Shifted by the row's max before scaling, so the largest logit is 0 and the others are <= 0
+    # at any temperature: a tiny one (whose float32 value may even flush to 0) gives -inf to
+    # every other entry and greedy decoding, never inf - inf = NaN.
+    shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+    return jnp.where(shifted == 0, 0.0, shifted / temperature)
+
   def generate(tokens, position_and_key):
     position, step_key = position_and_key
     logits = apply(graphdef, params, tokens)
     last = jax.lax.dynamic_index_in_dim(logits, position - 1, axis=1, keepdims=False)
-    token = jax.random.categorical(step_key, last.astype(jnp.float32) / temperature)
+    token = jax.random.categorical(step_key, tempered(last.astype(jnp.float32)))
     return jax.lax.dynamic_update_index_in_dim(tokens, token.astype(jnp.int32), position,
                                                axis=1), None
 

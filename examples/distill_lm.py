@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="attention head size; widths must be multiples of it")
   add("--divergence", choices=DIVERGENCES, default="forward_kl",
       help="kdjax divergence between teacher and student")
-  add("--temperature", type=_cli.positive_float, default=1.0, help="distillation temperature > 0")
+  add("--temperature", type=_cli.temperature, default=1.0,
+      help="distillation temperature > 0 (its reciprocal a normal float32)")
   add("--kd-coef", type=_cli.unit_interval, default=0.5,
       help="weight of the distillation term in [0, 1]; 0 is cross entropy only")
   add("--on-policy-fraction", type=_cli.unit_interval, default=0.5,
@@ -85,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="generalized_jsd's teacher weight in [0, 1] (0: forward KL, 1: reverse KL)")
   add("--sample-length", type=_cli.positive_int, default=32,
       help="bytes the student generates per sequence (the rest of the window is the prompt)")
-  add("--sample-temperature", type=_cli.positive_float, default=1.0,
-      help="temperature of the student's samples, in training and in the evaluation")
+  add("--sample-temperature", type=_cli.temperature, default=1.0,
+      help="temperature of the student's samples, in training and in the evaluation (the "
+      "range of --temperature; near its low end, greedy decoding)")
   add("--teacher-learning-rate", type=_cli.positive_float, default=2e-3,
       help="teacher's peak learning rate (AdamW, warmup then cosine decay)")
   add("--student-learning-rate", type=_cli.positive_float, default=3e-3,

@@ -24,8 +24,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "distill_lm.py"
 sys.path.insert(0, str(ROOT / "examples"))
 
+import _cli  # noqa: E402
 import _lm  # noqa: E402
 import distill_lm  # noqa: E402
+
+import kdjax  # noqa: E402
 
 # A tiny configuration: every phase compiles and runs in seconds.
 TINY = [
@@ -232,11 +235,38 @@ def _expect_usage_error(argv, capsys, *needles):
     (["--on-policy-beta", "-1"], ["--on-policy-beta", "[0, 1]"]),
     (["--on-policy-divergence", "jsd"], ["--on-policy-divergence", "generalized_jsd"]),
     (["--sample-temperature", "0"], ["--sample-temperature", "> 0"]),
+    # Positive, but outside the float32 range the losses check (1 / T a finite, normal float32).
+    (["--temperature", "1e-50"], ["--temperature", "normal float32", "got 1e-50"]),
+    (["--temperature", "1e39"], ["--temperature", "normal float32", "got 1e+39"]),
+    (["--sample-temperature", "1e-50"], ["--sample-temperature", "normal float32", "1e-50"]),
+    (["--sample-temperature", "1e39"], ["--sample-temperature", "normal float32", "1e+39"]),
     (["--sample-length", "0"], ["--sample-length", "positive integer"]),
     (["--sample-length", "128"], ["--sample-length", "less than --seq-len"]),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, needles, capsys):
   _expect_usage_error(argv, capsys, *needles)
+
+
+@pytest.mark.parametrize("temperature", [
+    1e-50, 1e-45, 2.9e-39, 2.95e-39, 3e-39, 1e-38, 1.2e-38, 1e-30, 0.5, 1.0, 1e30, 8.5e37, 8.52e37,
+    1e38, 3e38, 1e39])
+def test_temperature_flags_accept_exactly_what_the_losses_accept(temperature):
+  # The reference is kdjax itself: a concrete temperature is checked at the call.
+  logits = jnp.zeros((2, 4))
+  try:
+    kdjax.distill_loss(logits, logits, temperature=temperature)
+    losses_accept = True
+  except ValueError:
+    losses_accept = False
+  try:
+    _cli.temperature(repr(temperature))
+    flag_accepts = True
+  except argparse.ArgumentTypeError:
+    flag_accepts = False
+  assert flag_accepts == losses_accept
+  # By hand: 1 / T between float32's smallest normal, 2**-126, and its largest, (2 - 2**-23) *
+  # 2**127 (no value above is within rounding of either end).
+  assert losses_accept == (2.0**-126 <= 1 / temperature <= (2 - 2.0**-23) * 2.0**127)
 
 
 def test_output_folder_under_a_file(tmp_path, capsys):
@@ -274,7 +304,8 @@ def test_valid_flags_create_the_output_folder(tmp_path):
 def test_bad_flags_as_a_process_exit_2_without_traceback(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("")
-  for argv in (["--kd-coef", "2"], ["--out", str(blocker / "x")]):
+  for argv in (["--kd-coef", "2"], ["--out", str(blocker / "x")], ["--temperature", "1e-50"],
+               ["--sample-temperature", "1e39"]):
     result = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True,
                             text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 2, result

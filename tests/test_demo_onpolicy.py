@@ -15,6 +15,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
+import _cli  # noqa: E402
 import _lm  # noqa: E402
 
 apply = jax.jit(_lm.apply, static_argnums=0)
@@ -62,6 +63,28 @@ def test_sampler_at_low_temperature_is_greedy_decoding_with_full_recompute():
     logits = np.asarray(apply(graphdef, params, tokens))
     tokens[:, position] = logits[:, position - 1].argmax(-1)
   np.testing.assert_array_equal(samples, tokens)
+
+
+def test_sampler_at_the_smallest_accepted_temperature_is_greedy_decoding():
+  # The smallest temperature the demo's flags accept is about 1 / float32 max: dividing logits
+  # by it overflows (and its float32 value is subnormal, flushed to 0 on CPU). The sampler must
+  # still pick the argmax, as a host loop of greedy decoding does.
+  smallest = 3e-39
+  assert _cli.temperature(repr(smallest)) == smallest
+  graphdef, params = _model(seed=4)
+  # A sharper head as well: logits of tens, which 1 / 1e-37 takes past float32 max.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: 40 * x if "head" in jax.tree_util.keystr(path) else x, params)
+  prompts = _prompts(seed=4)
+  tokens = np.concatenate([prompts, np.zeros((3, 7), np.int32)], axis=1)
+  for position in range(5, 12):
+    logits = np.asarray(apply(graphdef, params, tokens))
+    assert np.abs(logits[:, position - 1]).max() > 10
+    tokens[:, position] = logits[:, position - 1].argmax(-1)
+  for temperature in (smallest, 1e-37, 1e-30):
+    samples = np.asarray(_lm.sample_continuation(
+        graphdef, params, prompts, jax.random.key(0), length=7, temperature=temperature))
+    np.testing.assert_array_equal(samples, tokens, err_msg=f"temperature {temperature}")
 
 
 def test_sampler_draws_from_the_softmax_at_the_temperature():
