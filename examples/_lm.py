@@ -16,6 +16,8 @@ from the latest step that passes, or starts afresh.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -506,6 +508,53 @@ def _set_aside(phase: Phase, checkpoints: pathlib.Path, digests: pathlib.Path,
   return destination
 
 
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+  """An event loop that, as ``asyncio.run`` does, cancels the tasks still running on it and waits
+  for them before it closes, and drops the completions that arrive after it closed.
+
+  orbax runs each restore on a fresh loop that it closes as soon as the restore returns or
+  raises, without cancelling what still runs on it. When one array fails to read, the reads of
+  the other arrays are still in flight: their tasks are destroyed unfinished ("Task exception
+  was never retrieved", "coroutine ... was never awaited"), and TensorStore's threads, finishing
+  those reads, hand the results to the closed loop, which raises "Event loop is closed" in each
+  of them. Nothing awaits that work once the loop is closed, so its completion is dropped.
+  """
+
+  def close(self) -> None:
+    if not self.is_closed() and not self.is_running():
+      pending = [task for task in asyncio.all_tasks(self) if not task.done()]
+      for task in pending:
+        task.cancel()
+      if pending:
+        self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+      self.run_until_complete(self.shutdown_asyncgens())
+    super().close()
+
+  def call_soon_threadsafe(self, callback, *args, context=None):
+    try:
+      return super().call_soon_threadsafe(callback, *args, context=context)
+    except RuntimeError:
+      if self.is_closed():  # the completion of abandoned work: nothing awaits it any more
+        return None
+      raise
+
+
+class _DrainingEventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    return _DrainingEventLoop()
+
+
+@contextlib.contextmanager
+def _loops_that_finish_their_tasks():
+  """Within the block, new event loops (orbax's) finish their tasks before they close."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_DrainingEventLoopPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
+
+
 def _restore_latest_good_step(phase: Phase, manager, digests: pathlib.Path, abstract):
   """``(step, restored)`` of the latest saved step that passes its digest check and restores,
   or ``(0, None)``. Steps that fail are moved aside, each with a one-line warning."""
@@ -515,8 +564,9 @@ def _restore_latest_good_step(phase: Phase, manager, digests: pathlib.Path, abst
     problem = step_problem(checkpoints, digests, step)
     if problem is None:
       try:
-        return step, manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+        with _loops_that_finish_their_tasks():
+          return step, manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
       except Exception as error:  # Whatever the cause, this step is unusable.
         reason = (str(error).splitlines() or [""])[0][:200]
         problem = f"it does not restore ({type(error).__name__}: {reason})"

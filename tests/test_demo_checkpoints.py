@@ -4,10 +4,14 @@ one warning line and the run resumes from the step before, as an uninterrupted r
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import pathlib
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -137,3 +141,76 @@ def test_truncated_checkpoint_gives_one_line_not_tracebacks(tmp_path):
   for noise in ("Traceback", "Event loop is closed", "Error"):
     assert noise not in result.stderr, result.stderr[-3000:]
   assert "tiny: resuming from the checkpoint at step 3" in result.stdout
+
+
+def _truncate_every_data_file(step_folder: pathlib.Path) -> int:
+  """Halves every array data file of a saved step (TensorStore's ``d/`` chunk files)."""
+  data = [p for p in step_folder.rglob("*") if p.is_file() and p.parent.name == "d"]
+  for path in data:
+    _truncate(path)
+  return len(data)
+
+
+def test_a_step_that_matches_its_digest_but_does_not_restore_gives_one_line(tmp_path):
+  # A step whose files match their digest and still do not restore (a save that wrote bad
+  # files, a checkpoint of another model): orbax fails in the middle of reading many arrays at
+  # once. That used to print dozens of "Event loop is closed" tracebacks from TensorStore's
+  # threads after the warning.
+  _train_killed_before_step_9(tmp_path)
+  checkpoints, digests = tmp_path / "checkpoints", tmp_path / "checkpoint_digests"
+  assert _truncate_every_data_file(checkpoints / "6") > 1
+  _lm.record_step_digest(checkpoints, digests, 6)
+  assert _lm.step_problem(checkpoints, digests, 6) is None
+  result = subprocess.run(
+      [sys.executable, "-c", _RESUME, str(ROOT / "tests"), str(ROOT / "examples"), str(tmp_path)],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  (warning,) = _warnings(result.stderr)
+  assert "step 6: it does not restore" in warning, warning
+  assert result.stderr.count("\n") == 1, result.stderr[-3000:]
+  for noise in ("Traceback", "Event loop is closed", "never retrieved", "never awaited"):
+    assert noise not in result.stderr, result.stderr[-3000:]
+  assert "tiny: resuming from the checkpoint at step 3" in result.stdout
+  assert (tmp_path / "unusable_checkpoints" / "step-6").is_dir()
+
+
+def test_restore_loops_finish_their_tasks_and_drop_late_completions(caplog):
+  # The pattern behind those tracebacks, without orbax: a gather in which one read fails while
+  # another waits for a result that a worker thread delivers after the loop is closed.
+  thread_errors = []
+  previous_hook = threading.excepthook
+  threading.excepthook = lambda args: thread_errors.append(args.exc_value)
+  try:
+    with _lm._loops_that_finish_their_tasks():
+      loop = asyncio.new_event_loop()
+      started = threading.Event()
+
+      async def read_from_a_worker():
+        future = loop.create_future()
+
+        def worker():
+          started.wait()
+          time.sleep(0.2)
+          loop.call_soon_threadsafe(future.set_result, "late")
+
+        threading.Thread(target=worker).start()
+        return await future
+
+      async def failing_read():
+        started.set()
+        raise OSError("a truncated chunk")
+
+      async def restore():
+        return await asyncio.gather(read_from_a_worker(), failing_read())
+
+      with pytest.raises(OSError, match="a truncated chunk"):
+        loop.run_until_complete(restore())
+      loop.close()
+      assert not asyncio.all_tasks(loop)
+    time.sleep(0.5)  # the worker delivers its result to the closed loop
+    gc.collect()
+  finally:
+    threading.excepthook = previous_hook
+  assert not thread_errors, thread_errors
+  assert "never retrieved" not in caplog.text and "destroyed" not in caplog.text
+  assert asyncio.get_event_loop_policy().__class__ is not _lm._DrainingEventLoopPolicy
