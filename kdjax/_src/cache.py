@@ -706,7 +706,11 @@ def open_teacher_cache(directory: str | os.PathLike) -> CacheInfo:
 
   Every field of the manifest is checked (types, ranges, and that the byte and token counts
   agree with each other and with the files), and shard files must be plain file names of the
-  writer's form, inside ``directory``, and regular files (not symbolic links).
+  writer's form, inside ``directory``, and regular files (not symbolic links or FIFOs).
+
+  Returns:
+    The :class:`CacheInfo`; its ``batch_shape`` is the token shape the cache was written in, or
+    None for a cache of format version 1 (written before the shape was recorded).
 
   Raises:
     TeacherCacheError: no manifest (missing or unfinished cache), an unreadable or
@@ -721,7 +725,8 @@ def open_teacher_cache(directory: str | os.PathLike) -> CacheInfo:
     except FileNotFoundError:
       raise TeacherCacheError(f"shard {shard_path!r} is missing.") from None
     if not stat.S_ISREG(status.st_mode):
-      raise TeacherCacheError(f"shard {shard_path!r} is not a regular file.")
+      raise TeacherCacheError(
+          f"shard {shard_path!r} is not a regular file ({_file_kind(status.st_mode)}).")
     if status.st_size != shard.num_bytes:
       raise TeacherCacheError(
           f"shard {shard_path!r} is "
