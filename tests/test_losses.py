@@ -291,3 +291,79 @@ def test_kd_loss_is_at_least_teacher_entropy(logits, teacher):
 def test_errors_name_the_argument(call, match, error):
   with pytest.raises(error, match=match):
     call()
+
+
+# ----------------------------------------------------------------------------------------------
+# distill_with_cross_entropy_sum_and_count
+# ----------------------------------------------------------------------------------------------
+
+
+def _combined_float64(x, teacher, labels, counted, weights, *, kd_coef, temperature):
+  """float64: per-token (1 - kd_coef) CE + kd_coef T**2 reverse KL, times the token weights,
+  summed over the counted tokens; and their number."""
+  per_token = ((1 - kd_coef) * reference.cross_entropy(x, labels) + kd_coef * temperature**2
+               * reference.per_token("reverse_kl", x, teacher, temperature=temperature))
+  return np.sum(np.where(counted, weights * per_token, 0.0)), counted.sum()
+
+
+@pytest.mark.parametrize("implementation", ["blocked", "reference"])
+def test_distill_with_cross_entropy_sum_and_count_against_float64(implementation):
+  rng = np.random.default_rng(4)
+  logits, teacher, labels = _inputs(rng, (2, 7, 13), neg_inf=0.05)
+  logits = np.where(np.arange(13) == labels[..., None], 1.0, logits)  # Labels never -inf.
+  where = rng.random((2, 7)) < 0.85
+  weights = rng.choice([0.0, 0.5, 1.0, 2.0], (2, 7)).astype(np.float32)
+  counted = (labels != IGNORE) & where
+  kw = dict(kd_coef=0.3, divergence="reverse_kl", temperature=2.0, temperature_squared=True,
+            where=where, token_weights=weights, implementation=implementation)
+
+  def fn(x):
+    return kdjax.distill_with_cross_entropy_sum_and_count(x, teacher, labels, **kw)
+
+  total, count = jax.jit(fn)(logits)
+  want_total, want_count = _combined_float64(logits, teacher, labels, counted, weights,
+                                             kd_coef=0.3, temperature=2.0)
+  assert total.dtype == count.dtype == jnp.float32
+  np.testing.assert_allclose(total, want_total, rtol=1e-5)
+  assert count == want_count
+  grad = jax.jit(jax.grad(lambda x: fn(x)[0]))(logits)
+  want_grad = reference.numerical_grad(lambda x: _combined_float64(
+      x, teacher, labels, counted, weights, kd_coef=0.3, temperature=2.0)[0], logits)
+  np.testing.assert_allclose(grad, want_grad, rtol=2e-4, atol=2e-6)
+  assert np.all(np.asarray(grad)[~counted] == 0)
+  # The mean form is the sum over the count, and a traced kd_coef is the same loss.
+  np.testing.assert_allclose(
+      kdjax.distill_with_cross_entropy(logits, teacher, labels, **kw), total / count,
+      rtol=1e-6)
+  traced = jax.jit(lambda k: kdjax.distill_with_cross_entropy_sum_and_count(
+      logits, teacher, labels, **dict(kw, kd_coef=k)))(jnp.float32(0.3))
+  np.testing.assert_allclose(traced, (total, count), rtol=1e-6)
+
+
+def test_distill_with_cross_entropy_sum_and_count_of_micro_batches_is_the_global_mean():
+  """Two micro-batches with 5 and 1 counted tokens: summed, then divided once, they give the
+  mean over the six (the mean of the two means does not); no counted token gives (0, 0)."""
+  rng = np.random.default_rng(5)
+  logits, teacher, labels = _inputs(rng, (2, 6, 9), ignore=0.0)
+  labels[1, 1:] = IGNORE
+  labels[0, 5] = IGNORE
+  pairs = [kdjax.distill_with_cross_entropy_sum_and_count(logits[i], teacher[i], labels[i],
+                                                          kd_coef=0.5) for i in range(2)]
+  total, count = (sum(x) for x in zip(*pairs, strict=True))
+  counted = labels != IGNORE
+  per_token = 0.5 * reference.cross_entropy(logits, labels) + 0.5 * reference.per_token(
+      "forward_kl", logits, teacher)
+  want_mean = per_token[counted].mean()
+  assert count == 6
+  np.testing.assert_allclose(total / count, want_mean, rtol=1e-5)
+  np.testing.assert_allclose(
+      kdjax.distill_with_cross_entropy(logits, teacher, labels, kd_coef=0.5), want_mean,
+      rtol=1e-5)
+  mean_of_means = np.mean([per_token[i][counted[i]].mean() for i in range(2)])
+  assert abs(mean_of_means - want_mean) > 1e-2
+  ignored = np.full((6,), IGNORE, np.int32)
+  value, grad = jax.value_and_grad(
+      lambda x: kdjax.distill_with_cross_entropy_sum_and_count(x, teacher[0], ignored)[0])(
+          logits[0])
+  assert value == 0 and not np.any(grad)
+  assert kdjax.distill_with_cross_entropy_sum_and_count(logits[0], teacher[0], ignored)[1] == 0

@@ -307,6 +307,54 @@ def distill_with_cross_entropy(
   return loss
 
 
+def distill_with_cross_entropy_sum_and_count(
+    logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    kd_coef: float | ArrayLike = 0.5,
+    divergence: str = "forward_kl",
+    beta: float | ArrayLike = 0.5,
+    alpha: float | ArrayLike = 0.1,
+    temperature: float | ArrayLike = 1.0,
+    temperature_squared: bool = False,
+    ignore_index: int = -100,
+    where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    token_block: int | None = None,
+    implementation: str | None = None,
+) -> tuple[Array, Array]:
+  r"""``(sum over counted tokens, number of counted tokens)`` of
+  :func:`distill_with_cross_entropy`.
+
+  .. math::
+
+      \text{sum} = \sum_{i:\ \text{counted}} w_i \big((1 - \text{kd\_coef})\,
+      \mathrm{CE}_i + \text{kd\_coef}\, T^{2[\text{temperature\_squared}]} D(p_i, q_i)\big)
+
+  Sum both over micro-batches (gradient accumulation), devices (``jax.lax.psum``) or hosts,
+  then divide once: the mean is then the one over every counted token, however they are spread
+  (see the docs' gradient accumulation recipe). Arguments as in
+  :func:`distill_with_cross_entropy`.
+
+  Returns:
+    Two float32 scalars ``(sum, count)``.
+
+  Example:
+    >>> import jax.numpy as jnp, kdjax
+    >>> total, count = kdjax.distill_with_cross_entropy_sum_and_count(
+    ...     jnp.zeros((3, 10)), jnp.zeros((3, 10)), jnp.array([1, 2, -100]), kd_coef=0.0)
+    >>> round(float(total / count), 4)  # a uniform student: log(10)
+    2.3026
+  """
+  return _call(
+      logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
+      temperature=temperature, temperature_squared=temperature_squared,
+      ignore_index=ignore_index, where=where, token_weights=token_weights, reduction="sum",
+      normalizer=None, token_block=token_block, implementation=implementation,
+      output="sum_count", kd_coef=kd_coef)
+
+
 def shift_labels(labels: ArrayLike, *, ignore_index: int = -100) -> Array:
   """Labels for next-token prediction: ``out[..., t] = labels[..., t + 1]``, last = ignored.
 
