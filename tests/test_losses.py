@@ -16,6 +16,10 @@ import kdjax
 from tests import reference
 
 IGNORE = -100
+# The divergences that read each hyperparameter (docs/divergences.md's table).
+_READS = {"generalized_jsd": ("beta",), "skew_forward_kl": ("alpha",),
+          "skew_reverse_kl": ("alpha",)}
+_READS = {name: _READS.get(name, ()) for name in kdjax.DIVERGENCES}
 
 
 def openrlhf_kd_loss(logits, teacher_logits, label):
@@ -145,8 +149,9 @@ def test_reductions_and_masks_match_numpy(divergence, reduction):
   logits, teacher, labels = _inputs(rng, (3, 5, 12), neg_inf=0.1)
   where = rng.random((3, 5)) < 0.8
   labels[1] = IGNORE  # A sequence with no valid token.
-  kw = dict(divergence=divergence, temperature=1.5, beta=0.4, alpha=0.2, where=where,
-            reduction=reduction)
+  kw = dict(divergence=divergence, temperature=1.5, where=where, reduction=reduction,
+            **{name: value for name, value in (("beta", 0.4), ("alpha", 0.2))
+               if name in _READS[divergence]})
   mask = (labels != IGNORE) & where
   per_token = reference.per_token(divergence, logits, teacher, temperature=1.5, beta=0.4,
                                   alpha=0.2)
@@ -291,6 +296,135 @@ def test_kd_loss_is_at_least_teacher_entropy(logits, teacher):
 def test_errors_name_the_argument(call, match, error):
   with pytest.raises(error, match=match):
     call()
+
+
+# ----------------------------------------------------------------------------------------------
+# Misuse that used to give a plausible number: a hyperparameter the divergence does not read,
+# labels outside the vocabulary.
+# ----------------------------------------------------------------------------------------------
+
+_RNG = np.random.default_rng(21)
+_S, _T = (jnp.asarray(reference.random_logits(_RNG, (2, 4, 12))) for _ in range(2))
+_Y = jnp.asarray([[1, 2, IGNORE, 3], [0, IGNORE, 5, 11]], jnp.int32)
+_H, _H_TEACHER = (jnp.asarray(_RNG.standard_normal((2, 4, 6)), jnp.float32) for _ in range(2))
+_W = jnp.asarray(_RNG.standard_normal((6, 12)), jnp.float32) / 2
+_IDS, _LOGPROBS = kdjax.topk_teacher(_T, 3)
+
+
+def _in_shard_map(loss, *arrays):
+  """``loss`` inside ``jax.shard_map`` over a one-device vocabulary axis, jitted."""
+  mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.jit(jax.shard_map(loss, mesh=mesh, in_specs=(jax.P(),) * len(arrays),
+                               out_specs=jax.P()))(*arrays)
+
+
+# Every public loss that takes beta and alpha, as a function of its divergence's keywords.
+_FAMILIES = {
+    "distill_loss": lambda **kw: kdjax.distill_loss(_S, _T, _Y, **kw),
+    "distill_loss_sum_and_count": lambda **kw: kdjax.distill_loss_sum_and_count(
+        _S, _T, _Y, **kw)[0],
+    "distill_with_cross_entropy": lambda **kw: kdjax.distill_with_cross_entropy(
+        _S, _T, _Y, **kw),
+    "distill_with_cross_entropy_sum_and_count": lambda **kw: (
+        kdjax.distill_with_cross_entropy_sum_and_count(_S, _T, _Y, **kw)[0]),
+    "fused_linear_distill_loss": lambda **kw: kdjax.fused_linear_distill_loss(
+        _H, _W, _H_TEACHER, _W, _Y, **kw),
+    "fused_linear_distill_with_cross_entropy": lambda **kw: (
+        kdjax.fused_linear_distill_with_cross_entropy(_H, _W, _H_TEACHER, _W, _Y, **kw)),
+    "sparse_distill_loss": lambda **kw: kdjax.sparse_distill_loss(
+        _S, _IDS, _LOGPROBS, _Y, **kw),
+    "vocab_parallel_distill_loss": lambda **kw: _in_shard_map(
+        lambda s, t, y: kdjax.vocab_parallel_distill_loss(s, t, y, axis_name="model", **kw),
+        _S, _T, _Y),
+    "vocab_parallel_fused_linear_distill_loss": lambda **kw: _in_shard_map(
+        lambda h, w, ht, y: kdjax.vocab_parallel_fused_linear_distill_loss(
+            h, w, ht, w, y, axis_name="model", **kw), _H, _W, _H_TEACHER, _Y),
+}
+_COMBINED = ("distill_with_cross_entropy", "distill_with_cross_entropy_sum_and_count",
+             "fused_linear_distill_with_cross_entropy")
+
+
+@pytest.mark.parametrize("family", list(_FAMILIES))
+def test_hyperparameter_the_divergence_does_not_read_is_an_error(family):
+  """beta with forward KL (a GKD user expecting the JSD), alpha with reverse KL: a ValueError
+  naming the divergences that read it, whether a number or an array, eagerly or traced; the
+  default, given explicitly, is the loss without it."""
+  loss = _FAMILIES[family]
+  cases = [(dict(beta=0.3), "beta", "'generalized_jsd'"),
+           (dict(divergence="reverse_kl", alpha=0.5), "alpha",
+            "'skew_forward_kl' or 'skew_reverse_kl'"),
+           (dict(divergence="skew_forward_kl", beta=jnp.float32(0.5)), "beta",
+            "'generalized_jsd'")]
+  for kwargs, name, readers in cases:
+    with pytest.raises(ValueError, match=(
+        f"^divergence='{kwargs.get('divergence', 'forward_kl')}' does not read {name}, but "
+        f".*read only by divergence={readers}")):
+      loss(**kwargs)
+  with pytest.raises(ValueError, match="does not read beta, but beta was given as an array"):
+    jax.jit(lambda beta: loss(beta=beta))(jnp.float32(0.3))
+  want = loss()
+  # The defaults (as numbers of any type) and None are what leaving them out gives.
+  np.testing.assert_array_equal(loss(beta=0.5, alpha=np.float32(0.1)), want)
+  np.testing.assert_array_equal(loss(beta=None, alpha=None), want)
+  # A divergence that reads it still takes any value, and arrays.
+  assert np.isfinite(loss(divergence="generalized_jsd", beta=jnp.float32(0.3)))
+  if family in _COMBINED:  # In Hinton-style code alpha is the distillation weight.
+    with pytest.raises(ValueError, match=r"the weight of the distillation term is kd_coef"):
+      loss(alpha=0.5)
+  else:
+    with pytest.raises(ValueError, match=r"leave alpha out \(its default, 0.1, is accepted\)"):
+      loss(alpha=0.5)
+
+
+@pytest.mark.parametrize("loss", [
+    lambda y, **kw: kdjax.distill_loss(_S, _T, y, **kw),
+    lambda y, **kw: kdjax.kd_loss(_S, _T, y, **kw),
+    lambda y, **kw: kdjax.distill_with_cross_entropy(_S, _T, y, **kw),
+    lambda y, **kw: kdjax.distill_loss_sum_and_count(_S, _T, y, **kw)[0],
+    lambda y, **kw: kdjax.distill_with_cross_entropy_sum_and_count(_S, _T, y, **kw)[0],
+], ids=["distill_loss", "kd_loss", "distill_with_cross_entropy", "distill_loss_sum_and_count",
+        "distill_with_cross_entropy_sum_and_count"])
+def test_labels_outside_the_vocabulary_are_an_error_at_the_call(loss):
+  """Known labels: a ValueError naming the first counted label outside [0, 12) and the
+  vocabulary size, with a hint for PyTorch's -100 under another ignore_index; traced labels
+  make the loss NaN (as the docs say); an uncounted one changes nothing."""
+  past = np.asarray(_Y).copy()
+  past[1, 2], past[1, 3] = 12, 40
+  with pytest.raises(ValueError, match=(
+      r"^labels must be vocabulary ids in \[0, 12\) \(logits.shape\[-1\] = 12\) or "
+      r"ignore_index=-100, got labels\[1, 2\] = 12 \(the first of 2 counted")):
+    loss(past)
+  with pytest.raises(ValueError, match=(
+      r"got labels\[0, 2\] = -100 .*-100 is the padding label of PyTorch and Hugging Face, but "
+      r"ignore_index=-1: pass ignore_index=-100")):
+    loss(_Y, ignore_index=-1)
+  padded = np.where(np.asarray(_Y) == IGNORE, -1, np.asarray(_Y))
+  with pytest.raises(ValueError, match=r"got labels\[0, 2\] = -1 .*ignore_index=-1 if -1 is"):
+    loss(padded)
+  # Every known form: a list, a NumPy array closed over inside jit, a jax array.
+  for labels in (past.tolist(), jnp.asarray(past)):
+    with pytest.raises(ValueError, match=r"got labels\[1, 2\] = 12"):
+      loss(labels)
+  with pytest.raises(ValueError, match=r"got labels\[1, 2\] = 12"):
+    jax.jit(lambda: loss(past))()
+  assert np.isnan(jax.jit(loss)(past))  # Traced: NaN, never a plausible number.
+  np.testing.assert_allclose(loss(padded, ignore_index=-1), loss(_Y), rtol=1e-6)
+
+
+def test_labels_outside_the_vocabulary_are_checked_on_counted_tokens_only():
+  labels = np.array([[1, 2, 99, 3], [0, -7, 5, 11]], np.int32)
+  where = labels >= 0
+  where[0, 2] = False
+  np.testing.assert_allclose(
+      kdjax.distill_loss(_S, _T, labels, where=where),
+      kdjax.distill_loss(_S, _T, np.where(where, labels, IGNORE)), rtol=1e-6)
+  with pytest.raises(ValueError, match=r"got labels\[0, 2\] = 99"):
+    kdjax.distill_loss(_S, _T, labels, where=labels >= 0)
+  # A traced mask: the labels' check waits for the program (NaN there).
+  assert np.isnan(jax.jit(lambda w: kdjax.distill_loss(_S, _T, labels, where=w))(labels >= 0))
+  scalar_labels = np.int32(12)
+  with pytest.raises(ValueError, match="got labels = 12"):
+    kdjax.distill_loss(_S[0, 0], _T[0, 0], scalar_labels)
 
 
 # ----------------------------------------------------------------------------------------------

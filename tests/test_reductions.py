@@ -165,3 +165,113 @@ def test_weighted_total_ignores_anything_at_zero_weight():
   assert float(reductions.weighted_total(values, weights)) == 4.5
   fn = functools.partial(reductions.weighted_total, weights=weights)
   np.testing.assert_array_equal(jax.grad(fn)(values), [0.5, 0.0, 0.0, 2.0])
+
+
+# ----------------------------------------------------------------------------------------------
+# A normalizer of 0: the global count of an all-padding step.
+# ----------------------------------------------------------------------------------------------
+
+_LOGITS = np.random.default_rng(8).standard_normal((2, 3, 10)).astype(np.float32)
+_TEACHER = np.random.default_rng(9).standard_normal((2, 3, 10)).astype(np.float32)
+_HIDDEN = np.random.default_rng(10).standard_normal((2, 3, 4)).astype(np.float32)
+_KERNEL = np.random.default_rng(11).standard_normal((4, 10)).astype(np.float32)
+_IGNORED = np.full((2, 3), -100, np.int32)
+_COUNTED = np.array([[1, 2, -100], [3, -100, -100]], np.int32)
+
+# Every path (dense, combined, fused, sparse, vocabulary-parallel), as a function of the student
+# logits (or hidden states), the labels and the keyword arguments of the reduction.
+_NORMALIZED = {
+    "distill_loss": (_LOGITS, lambda x, y, **kw: kdjax.distill_loss(x, _TEACHER, y, **kw)),
+    "distill_with_cross_entropy": (_LOGITS, lambda x, y, **kw: kdjax.distill_with_cross_entropy(
+        x, _TEACHER, y, kd_coef=0.5, **kw)),
+    "fused_linear_distill_loss": (_HIDDEN, lambda h, y, **kw: kdjax.fused_linear_distill_loss(
+        h, _KERNEL, h, _KERNEL + 1, y, **kw)),
+    "sparse_distill_loss": (_LOGITS, lambda x, y, **kw: kdjax.sparse_distill_loss(
+        x, *kdjax.topk_teacher(_TEACHER, 4), y, **kw)),
+    "vocab_parallel_distill_loss": (_LOGITS, lambda x, y, **kw: jax.shard_map(
+        lambda s, t, labels: kdjax.vocab_parallel_distill_loss(
+            s, t, labels, axis_name="model", **kw),
+        mesh=jax.make_mesh((2,), ("model",), axis_types=(jax.sharding.AxisType.Auto,)),
+        in_specs=(jax.P(None, None, "model"),) * 2 + (jax.P(),), out_specs=jax.P())(
+            x, _TEACHER, y)),
+}
+
+
+@pytest.mark.parametrize("path", list(_NORMALIZED))
+def test_normalizer_zero_with_no_counted_token_gives_zero(path):
+  """As the default mean does: a value of 0 and zero gradients (not NaN), whether the
+  normalizer is a number, an array or traced; the tokens uncounted by labels or by where."""
+  x, loss = _NORMALIZED[path]
+  # (shard_map runs op by op outside jit: the vocabulary-parallel loss is only jitted.)
+  eager = () if path.startswith("vocab_parallel") else (0, 0.0, jnp.float32(0))
+  for kwargs in (dict(y=_IGNORED), dict(y=_COUNTED, where=np.zeros((2, 3), bool))):
+    normalized = functools.partial(loss, **kwargs)
+    for normalizer in eager:
+      value, grad = jax.value_and_grad(lambda x, n, f=normalized: f(x, normalizer=n))(
+          x, normalizer)
+      assert value == 0 and np.all(np.asarray(grad) == 0), (kwargs, normalizer)
+    value, grad = jax.jit(jax.value_and_grad(lambda x, n, f=normalized: f(x, normalizer=n)))(
+        x, jnp.float32(0))
+    assert value == 0 and np.all(np.asarray(grad) == 0), kwargs
+    assert jax.jit(normalized)(x) == 0  # The default mean.
+
+
+def test_normalizer_zero_with_a_counted_token_and_invalid_normalizers():
+  """0 divides no counted token: a ValueError when the labels are known, NaN when traced; a
+  negative normalizer stays an error, a NaN one NaN, even with no counted token."""
+  _, loss = _NORMALIZED["distill_loss"]
+  for normalizer in (0, jnp.float32(0.0)):
+    with pytest.raises(ValueError, match=(
+        r"^normalizer must be > 0 when any token is counted, got 0 with 3 counted token")):
+      loss(_LOGITS, _COUNTED, normalizer=normalizer)
+  with pytest.raises(ValueError, match=r"got 0 with 6 counted token"):
+    loss(_LOGITS, None, normalizer=0.0)
+  traced = jax.jit(jax.value_and_grad(lambda x, y, n: loss(x, y, normalizer=n)))
+  value, grad = traced(_LOGITS, _COUNTED, jnp.float32(0))
+  assert np.isnan(value) and np.isnan(np.asarray(grad)[_COUNTED != -100]).all()
+  for bad in (-1.0, np.nan):
+    value, grad = traced(_LOGITS, _IGNORED, jnp.float32(bad))
+    assert np.isnan(value), bad
+  with pytest.raises(ValueError, match=r"^normalizer must be a finite number >= 0"):
+    loss(_LOGITS, _IGNORED, normalizer=-1.0)
+  # A positive one divides the sum, the counted tokens' float64 sum here.
+  per_token = reference.per_token("forward_kl", _LOGITS, _TEACHER)
+  np.testing.assert_allclose(loss(_LOGITS, _COUNTED, normalizer=jnp.float32(5.0)),
+                             per_token[_COUNTED != -100].sum() / 5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("counted_per_device", [(0, 0, 0, 0), (0, 3, 1, 0)])
+def test_sharding_recipe_normalizer_is_the_psum_of_the_count(counted_per_device):
+  """docs/sharding.md's recipe as written: each device's share is
+  ``distill_loss(..., normalizer=psum(count))``, the loss the psum of the shares. An
+  all-padding step (psum of the count = 0) gives 0 with zero gradients, as the default mean
+  does; otherwise the global mean and its gradient."""
+  devices, per_device, vocab = 4, 3, 16
+  rng = np.random.default_rng(12)
+  logits = rng.standard_normal((devices * per_device, vocab)).astype(np.float32)
+  teacher = rng.standard_normal((devices * per_device, vocab)).astype(np.float32)
+  labels = np.full((devices, per_device), -100, np.int32)
+  for device, counted in enumerate(counted_per_device):
+    labels[device, :counted] = rng.integers(0, vocab, counted)
+  labels = labels.reshape(-1)
+  mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+  def local_share(logits, teacher, labels):
+    _, count = kdjax.distill_loss_sum_and_count(logits, teacher, labels)
+    share = kdjax.distill_loss(logits, teacher, labels,
+                               normalizer=jax.lax.psum(count, "data"))
+    return jax.lax.psum(share, "data")
+
+  loss = jax.shard_map(local_share, mesh=mesh, in_specs=(jax.P("data"),) * 3,
+                       out_specs=jax.P())
+  value, grad = jax.jit(jax.value_and_grad(loss))(logits, teacher, labels)
+  counted = labels != -100
+  per_token = reference.per_token("forward_kl", logits, teacher)
+  want = per_token[counted].mean() if counted.any() else 0.0
+  np.testing.assert_allclose(value, want, rtol=1e-5, atol=0)
+  want_grad = reference.numerical_grad(
+      lambda x: reference.reduce(reference.per_token("forward_kl", x, teacher), counted, "mean"),
+      logits)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
+  assert np.isfinite(np.asarray(grad)).all() and np.all(np.asarray(grad)[~counted] == 0)
+

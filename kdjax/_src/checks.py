@@ -162,16 +162,19 @@ def unit_interval(name: str, x: Any) -> float | Array:
   return x
 
 
-def positive(name: str, x: Any, role: str = "") -> float | Array | None:
-  """An optional hyperparameter ``> 0`` (None: not used); ``role`` says what it is for in the
-  error message."""
+def positive(name: str, x: Any, role: str = "", *, zero: bool = False) -> float | Array | None:
+  """An optional hyperparameter ``> 0`` (``>= 0`` with ``zero``; None: not used); ``role`` says
+  what it is for in the error message."""
   if x is None:
     return None
   x = scalar(name, x)
-  requirement = f"a finite number > 0{role}"
+  requirement = f"a finite number {'>=' if zero else '>'} 0{role}"
   if not isinstance(x, float):
-    return _in_range(name, x, _positive_finite(x), requirement)
-  if not (x > 0 and math.isfinite(x)):
+    valid = _positive_finite(x)
+    if zero:
+      valid = valid | (jnp.asarray(x, jnp.float32) == 0)
+    return _in_range(name, x, valid, requirement)
+  if not ((x > 0 or (zero and x == 0)) and math.isfinite(x)):
     raise ValueError(f"{name} must be {requirement}, got {x!r}.")
   return x
 
@@ -205,17 +208,62 @@ def one_of(argument: str, value: Any, allowed: Sequence[Any]) -> Any:
 _labels, _where, _temperature = labels, where, temperature
 
 
-def hyperparameters(divergence_name: str, *, temperature: Any, beta: Any = 0.5,
-                    alpha: Any = 0.1, kd_coef: Any = None) -> dict[str, float | Array]:
-  """The validated hyperparameters ``divergence_name`` reads (and ``kd_coef`` when given)."""
+# The defaults of the hyperparameters only some divergences read, as the public signatures write
+# them, and what each is (for the error of a divergence that does not read it).
+DIVERGENCE_DEFAULTS = {"beta": 0.5, "alpha": 0.1}
+_ROLES = {
+    "beta": "the teacher's weight in the generalized JSD's mixture (TRL's convention: beta=0 "
+            "is forward KL, beta=1 reverse KL)",
+    "alpha": "the skew weight of DistiLLM's mixture",
+}
+
+
+def hyperparameters(divergence_name: str, *, temperature: Any,
+                    beta: Any = DIVERGENCE_DEFAULTS["beta"],
+                    alpha: Any = DIVERGENCE_DEFAULTS["alpha"],
+                    kd_coef: Any = None) -> dict[str, float | Array]:
+  """The validated hyperparameters ``divergence_name`` reads (and ``kd_coef`` when given).
+
+  One the divergence does not read must be left at its default (or None): any other value,
+  and any array, is a ``ValueError``, since the loss would silently ignore it.
+  """
   spec = divergences.DIVERGENCES[divergence(divergence_name)]
   hp = {"temperature": _temperature(temperature)}
   for name, value in (("beta", beta), ("alpha", alpha)):
     if name in spec.hyperparameters:
       hp[name] = unit_interval(name, value)
+    else:
+      _unread(name, value, divergence_name, combined=kd_coef is not None)
   if kd_coef is not None:
     hp["kd_coef"] = unit_interval("kd_coef", kd_coef)
   return hp
+
+
+def _unread(name: str, value: Any, divergence_name: str, *, combined: bool) -> None:
+  """Refuses a value of hyperparameter ``name``, which ``divergence_name`` does not read, other
+  than its default: a Python number equal to it, or None. An array is refused whatever it
+  holds: a traced one cannot be compared, and a step must behave alike eagerly and under jit."""
+  default = DIVERGENCE_DEFAULTS[name]
+  if value is None:
+    return
+  number = (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, (bool, np.bool_)))
+  if number and np.float32(value) == np.float32(default):
+    return
+  readers = [f"{reader!r}" for reader, spec in sorted(divergences.DIVERGENCES.items())
+             if name in spec.hyperparameters]
+  given = (f"{name} was given as an array" if isinstance(value, (jax.Array, np.ndarray))
+           else f"{name}={value!r} was given")
+  hint = ""
+  if name == "alpha" and combined:
+    hint = (" In the combined objective the weight of the distillation term is kd_coef "
+            "(loss = (1 - kd_coef) * cross_entropy + kd_coef * distillation), not alpha as in "
+            "Hinton-style code.")
+  which = "that divergence" if len(readers) == 1 else "one of them"
+  raise ValueError(
+      f"divergence={divergence_name!r} does not read {name}, but {given}. {name} is "
+      f"{_ROLES[name]}, read only by divergence={' or '.join(readers)}: pass {which} to use "
+      f"{name}, or leave {name} out (its default, {default}, is accepted).{hint}")
 
 
 def reduction(name: Any, normalizer: Any) -> tuple[str, Array | None]:
@@ -227,7 +275,9 @@ def reduction(name: Any, normalizer: Any) -> tuple[str, Array | None]:
     raise ValueError(
         f"normalizer replaces the token count of reduction='mean'; it cannot be used with "
         f"reduction={name!r}.")
-  normalizer = positive("normalizer", normalizer, " (the divisor of the mean)")
+  normalizer = positive(
+      "normalizer", normalizer, " (the divisor of the mean; 0 only where no token is counted)",
+      zero=True)
   return name, jnp.asarray(normalizer, jnp.float32)
 
 
@@ -252,19 +302,101 @@ class TokenArguments(NamedTuple):
 
 def token_arguments(token_shape, *, labels: Any, where: Any, reduction: Any, normalizer: Any,
                     ignore_index: Any, token_block: Any, token_weights: Any = None,
-                    labels_required: str | None = None,
-                    token_source: str = "logits") -> TokenArguments:
+                    labels_required: str | None = None, token_source: str = "logits",
+                    vocab_size: int | None = None) -> TokenArguments:
   """Checks the per-token arguments every loss shares; ``token_shape`` is
-  ``token_source.shape[:-1]`` (the argument the error messages name)."""
+  ``token_source.shape[:-1]`` (the argument the error messages name).
+
+  With ``vocab_size`` (the whole vocabulary's size, which the labels index), known labels are
+  checked against it (:func:`label_range`); known labels and masks also check that a
+  ``normalizer`` of 0 divides no counted token (:func:`zero_normalizer`).
+  """
   checked_labels = _labels(labels, token_shape, required=labels_required is not None,
                            why=labels_required or "", source=token_source)
-  _, normalizer = _reduction(reduction, normalizer)
+  _, checked_normalizer = _reduction(reduction, normalizer)
   _ignore_index(ignore_index)
   if token_weights is not None:
     token_weights = float_array("token_weights", token_weights, min_rank=0)
     _token_shape("token_weights", token_weights, token_shape, token_source)
-  return TokenArguments(checked_labels, _where(where, token_shape, token_source), normalizer,
+  checked_where = _where(where, token_shape, token_source)
+  # The arguments as given: a NumPy array is known even inside jax.jit, its jnp copy is not.
+  if vocab_size is not None:
+    label_range(labels, where, vocab_size=vocab_size, ignore_index=ignore_index,
+                source=token_source)
+  zero_normalizer(normalizer, token_shape, labels, where, ignore_index)
+  return TokenArguments(checked_labels, checked_where, checked_normalizer,
                         positive_int("token_block", token_block, optional=True), token_weights)
+
+
+def known(x: Any) -> np.ndarray | None:
+  """``x``'s values when they can be read at the call (not traced, every shard on this
+  process), else None."""
+  if x is None or isinstance(x, jax.core.Tracer):
+    return None
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return None
+  return np.asarray(x)
+
+
+def _counted(token_shape, labels: Any, where: Any, ignore_index: int) -> np.ndarray | None:
+  """The tokens that count (as ``reductions.token_mask``), when the labels and the mask (checked
+  arguments, as given) are known at the call; else None."""
+  known_labels, known_where = known(labels), known(where)
+  if (labels is not None and known_labels is None) or (where is not None and known_where is None):
+    return None
+  counted = np.ones(token_shape, np.bool_)
+  if known_labels is not None:
+    counted &= known_labels != ignore_index
+  if known_where is not None:
+    counted &= known_where != 0
+  return counted
+
+
+def label_range(labels: Any, where: Any, *, vocab_size: int, ignore_index: int,
+                source: str = "logits") -> None:
+  """A ``ValueError`` naming the first counted label outside ``[0, vocab_size)``, when the labels
+  and the mask (checked arguments, as given) are known at the call. Traced ones are known only
+  when the program runs: such a token makes the loss NaN (``reductions.invalid_tokens``)."""
+  ids = known(labels)
+  counted = None if ids is None else _counted(ids.shape, ids, where, ignore_index)
+  if ids is None or counted is None:
+    return
+  outside = counted & ((ids < 0) | (ids >= vocab_size))
+  if not outside.any():
+    return
+  position = tuple(int(i) for i in np.argwhere(outside)[0])
+  value = int(ids[position])
+  if value == -100:
+    hint = (f"-100 is the padding label of PyTorch and Hugging Face, but ignore_index="
+            f"{ignore_index}: pass ignore_index=-100 (the default) to ignore these tokens.")
+  elif value < 0:
+    hint = (f"Mark the tokens to ignore with ignore_index={ignore_index}, or pass "
+            f"ignore_index={value} if {value} is the padding label.")
+  else:
+    hint = (f"An id past the vocabulary: do the labels come from a tokenizer with more ids "
+            f"than {source}.shape[-1]?")
+  where_label = "labels" + (f"[{', '.join(str(i) for i in position)}]" if position else "")
+  raise ValueError(
+      f"labels must be vocabulary ids in [0, {vocab_size}) ({source}.shape[-1] = "
+      f"{vocab_size}) or ignore_index={ignore_index}, got {where_label} = {value} (the first "
+      f"of {int(outside.sum())} counted label(s) outside the vocabulary). {hint}")
+
+
+def zero_normalizer(normalizer: Any, token_shape, labels: Any, where: Any,
+                    ignore_index: int) -> None:
+  """A ``ValueError`` when a ``normalizer`` of 0 would divide counted tokens, all known at the
+  call (0 is the divisor only of a batch with no counted token, whose loss is then 0)."""
+  value = known(normalizer)
+  if value is None or value != 0:
+    return
+  counted = _counted(token_shape, labels, where, ignore_index)
+  if counted is None or not counted.any():
+    return
+  raise ValueError(
+      f"normalizer must be > 0 when any token is counted, got 0 with {int(counted.sum())} "
+      "counted token(s). A normalizer of 0 is accepted only for a batch with no counted token "
+      "(an all-padding step whose global count is 0): its loss is then 0, as the default "
+      "mean gives.")
 
 
 def sparse_teacher(logits_: Any, teacher_ids: Any,

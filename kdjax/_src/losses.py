@@ -51,7 +51,7 @@ def _call(logits, teacher_logits, labels, *, divergence, beta, alpha, temperatur
   tokens = checks.token_arguments(
       logits.shape[:-1], labels=labels, where=where, reduction=reduction,
       normalizer=normalizer, ignore_index=ignore_index, token_block=token_block,
-      token_weights=token_weights,
+      token_weights=token_weights, vocab_size=logits.shape[-1],
       labels_required=None if kd_coef is None else ": it holds the cross-entropy targets")
   hp = checks.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha,
                               kd_coef=kd_coef)
@@ -102,13 +102,16 @@ def distill_loss(
     teacher_logits: teacher logits, same shape. Treated as a constant: no gradient flows to it.
     labels: optional integer token ids ``logits.shape[:-1]``; tokens equal to ``ignore_index``
       are excluded. Not used otherwise (shift them with :func:`kdjax.shift_labels` for
-      next-token alignment).
+      next-token alignment). A counted label outside ``[0, vocab)`` is a ``ValueError`` when
+      the labels are known at the call, and makes the loss NaN when they are traced.
     divergence: ``"forward_kl"``, ``"reverse_kl"``, ``"generalized_jsd"``,
       ``"skew_forward_kl"``, ``"skew_reverse_kl"``, ``"total_variation"`` or
       ``"soft_cross_entropy"``.
     beta: generalized JSD mixture weight of the teacher, TRL's convention: ``0`` is forward KL,
-      ``1`` is reverse KL (special cases, as in TRL). Only read by ``"generalized_jsd"``.
-    alpha: skew KL mixing weight (DistiLLM). Only read by the two skew divergences.
+      ``1`` is reverse KL (special cases, as in TRL). Only read by ``"generalized_jsd"``: with
+      another divergence, a value other than the default (or any array) is a ``ValueError``.
+    alpha: skew KL mixing weight (DistiLLM). Only read by the two skew divergences; with
+      another, a value other than the default (or any array) is a ``ValueError``.
     temperature: softmax temperature ``T > 0`` applied to both logits. A Python number is a
       trace-time constant; pass a scalar array to schedule it without retracing. Like every
       hyperparameter, a value outside its range is a ``ValueError`` when known at the call,
@@ -126,7 +129,9 @@ def distill_loss(
       (per-token, invalid tokens set to 0) or ``"sequence_mean"`` (mean per sequence along the
       last token axis, then over sequences with any valid token).
     normalizer: optional scalar that replaces the valid-token count of ``"mean"``, for example a
-      global count across hosts or gradient-accumulation steps.
+      global count across hosts or gradient-accumulation steps. 0 is accepted where no token
+      is counted (an all-padding step whose global count is 0): the loss is then 0, with zero
+      gradients, as the default mean gives.
     token_block: rows per block of the blocked computation (default: about 1 MiB of float32
       per block on CPU, 64 MiB on GPUs and TPUs).
     implementation: ``"blocked"`` (token blocks, analytic gradient, temporaries
@@ -279,8 +284,11 @@ def distill_with_cross_entropy(
     logits, teacher_logits, labels: as in :func:`distill_loss`; ``labels`` is required (the
       cross-entropy targets, already aligned: see :func:`kdjax.shift_labels`). A label whose
       student logit is ``-inf`` gives an infinite cross entropy; a counted label outside
-      ``[0, vocab)`` gives a NaN loss (padding must use ``ignore_index``).
+      ``[0, vocab)`` is a ``ValueError`` when known at the call and gives a NaN loss when
+      traced (padding must use ``ignore_index``).
     kd_coef: weight of the distillation term in ``[0, 1]``; a scalar array may be scheduled.
+      (``alpha`` is not this weight, as it is in Hinton-style code: it is the skew divergences'
+      mixing weight.)
     return_components: also return ``(cross_entropy, distill)``, each reduced.
     Others: as in :func:`distill_loss`.
 

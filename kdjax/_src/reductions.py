@@ -7,7 +7,8 @@ per-token weights (:func:`reduction_weights`):
 
 * ``"mean"``: ``w = mask / N``, ``N`` the number of counted tokens (over every device of the
   data axes, when given) or ``normalizer``. 0 when ``N`` is 0, so an all-ignored batch gives a
-  loss of 0 and zero gradients.
+  loss of 0 and zero gradients; so does a ``normalizer`` of 0 (a global count of 0), which may
+  divide no counted token.
 * ``"sum"``: ``w = mask``.
 * ``"sequence_mean"``: the mean over each sequence's counted tokens (the last token axis is the
   sequence), then the mean over the sequences that have any counted token.
@@ -69,6 +70,16 @@ def _safe_divide(total: Array, count: Array) -> Array:
   return total / jnp.where(count > 0, count, 1).astype(jnp.float32)
 
 
+def _normalized(mask: Array, normalizer: Array) -> Array:
+  """``mask / normalizer``, with a normalizer of 0 dividing no counted token: 0 where the mask
+  is 0 (an all-padding step whose global count is 0 gives 0, as the default mean does) and NaN
+  where it is 1. Checked ``>= 0`` where known; a traced invalid one is NaN, and so is every
+  weight."""
+  divided = mask / jnp.where(normalizer > 0, normalizer, 1.0)
+  zero = jnp.where(mask > 0, jnp.nan, 0.0)
+  return jnp.where(normalizer > 0, divided, jnp.where(normalizer == 0, zero, jnp.nan))
+
+
 def global_sum(x: Array, data_axis_name: Hashable | None = None) -> Array:
   """``sum(x)`` over this device's tokens and, with ``data_axis_name``, every device's."""
   total = jnp.sum(x)
@@ -83,18 +94,18 @@ def reduction_weights(mask: Array, *, reduction: str, normalizer: Array | None =
   ``reduction="none"`` gives the mask (the per-token values are then multiplied, not summed).
   With ``data_axis_name`` (inside ``shard_map``) the mean's divisor and the number of sequences
   count the tokens of every device along it; each sequence must live on one device.
-  ``normalizer`` is used as given. ``token_weights`` (float ``mask.shape``, optional) multiply
-  each counted token's weight; they do not change the mean's divisor (the number of counted
-  tokens). ``invalid`` tokens (:func:`invalid_tokens`) get a NaN weight, so the loss and their
-  gradient are NaN. The weights are constants of the loss (no gradient flows through them, nor
-  to ``normalizer`` or ``token_weights``).
+  ``normalizer`` is used as given (0 only where no token counts). ``token_weights`` (float
+  ``mask.shape``, optional) multiply each counted token's weight; they do not change the mean's
+  divisor (the number of counted tokens). ``invalid`` tokens (:func:`invalid_tokens`) get a NaN
+  weight, so the loss and their gradient are NaN. The weights are constants of the loss (no
+  gradient flows through them, nor to ``normalizer`` or ``token_weights``).
   """
   weights = mask.astype(jnp.float32)
   if reduction == "mean":
     if normalizer is None:
       weights = _safe_divide(weights, global_sum(weights, data_axis_name))
-    else:  # Checked > 0 where known; a traced invalid one is NaN, and so is the loss.
-      weights = weights / jnp.asarray(normalizer, jnp.float32)
+    else:
+      weights = _normalized(weights, jnp.asarray(normalizer, jnp.float32))
   elif reduction == "sequence_mean":
     sequences = jnp.atleast_1d(weights)
     per_sequence = jnp.sum(sequences, axis=-1, keepdims=True)
