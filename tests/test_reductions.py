@@ -275,3 +275,76 @@ def test_sharding_recipe_normalizer_is_the_psum_of_the_count(counted_per_device)
   np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
   assert np.isfinite(np.asarray(grad)).all() and np.all(np.asarray(grad)[~counted] == 0)
 
+
+# ----------------------------------------------------------------------------------------------
+# Gradient accumulation: token-weighted (sum, count) against optax.MultiSteps.
+# ----------------------------------------------------------------------------------------------
+
+
+def _micro_batches(counts, *, seed=13, tokens=6, width=4, vocab=10):
+  rng = np.random.default_rng(seed)
+  batches = []
+  for counted in counts:
+    hidden = rng.standard_normal((tokens, width)).astype(np.float32)
+    teacher = rng.standard_normal((tokens, vocab)).astype(np.float32)
+    labels = rng.integers(0, vocab, tokens).astype(np.int32)
+    labels[counted:] = -100
+    batches.append((hidden, teacher, labels))
+  return batches
+
+
+def _objective_float64(kernel, batches):
+  """float64: the per-token (CE + forward KL) / 2 of a linear student ``hidden @ kernel``."""
+  values, counted = [], []
+  for hidden, teacher, labels in batches:
+    logits = np.asarray(hidden, np.float64) @ kernel
+    values.append(0.5 * reference.cross_entropy(logits, labels)
+                  + 0.5 * reference.per_token("forward_kl", logits, teacher))
+    counted.append(labels != -100)
+  return values, counted
+
+
+@pytest.mark.parametrize("counts", [(6, 1), (3, 3)])
+def test_gradient_accumulation_token_weighted_against_optax_multisteps(counts):
+  """Accumulating the gradients of each micro-batch's sum and its count, divided once, is the
+  gradient of the mean over every counted token; optax.MultiSteps averages the micro-batches'
+  gradients of their means. They differ when the counts differ and agree when equal."""
+  optax = pytest.importorskip("optax")
+  batches = _micro_batches(counts)
+  kernel = np.random.default_rng(14).standard_normal((4, 10)).astype(np.float32) / 2
+
+  def share(params, batch, fn):
+    hidden, teacher, labels = batch
+    return fn(hidden @ params, teacher, labels, kd_coef=0.5)
+
+  grad_sum, count = np.zeros_like(kernel), 0.0
+  for batch in batches:
+    (_, micro_count), micro_grad = jax.value_and_grad(
+        share, has_aux=True)(kernel, batch, kdjax.distill_with_cross_entropy_sum_and_count)
+    grad_sum, count = grad_sum + micro_grad, count + micro_count
+  token_weighted = grad_sum / count
+
+  optimizer = optax.MultiSteps(optax.sgd(1.0), every_k_schedule=len(batches))
+  state = optimizer.init(jnp.asarray(kernel))
+  for batch in batches:
+    micro_grad = jax.grad(share)(kernel, batch, kdjax.distill_with_cross_entropy)
+    updates, state = optimizer.update(micro_grad, state, jnp.asarray(kernel))
+  multi_steps = -np.asarray(updates)  # sgd(1.0) applies minus the gradient it is given.
+
+  def global_mean(k):
+    values, counted = _objective_float64(k, batches)
+    return np.concatenate(values)[np.concatenate(counted)].mean()
+
+  def mean_of_means(k):
+    values, counted = _objective_float64(k, batches)
+    return np.mean([v[c].mean() for v, c in zip(values, counted, strict=True)])
+
+  want_token_weighted = reference.numerical_grad(global_mean, kernel)
+  want_multi_steps = reference.numerical_grad(mean_of_means, kernel)
+  np.testing.assert_allclose(token_weighted, want_token_weighted, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(multi_steps, want_multi_steps, rtol=1e-4, atol=1e-6)
+  difference = np.abs(token_weighted - multi_steps).max()
+  if counts[0] == counts[1]:
+    assert difference < 1e-6
+  else:
+    assert difference > 0.05 and np.abs(want_token_weighted - want_multi_steps).max() > 0.05
