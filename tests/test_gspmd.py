@@ -267,3 +267,217 @@ def test_auto_axes_of_several_devices_keep_the_blocked_engine():
   for grad, want in zip(grads, want_grads, strict=True):
     assert _rel_err(grad, want) <= RTOL
   _check_program(compiled.as_text(), "distill_with_cross_entropy", (2, 4))
+
+
+# ----------------------------------------------------------------------------------------------
+# Every public loss on Explicit axes (jax.make_mesh's default in recent JAX), in one subprocess.
+# ----------------------------------------------------------------------------------------------
+
+#: Public names that are not losses (nor topk_teacher): nothing to run on a mesh.
+NOT_LOSSES = {"DIVERGENCES", "IMPLEMENTATIONS", "TAILS", "TeacherCacheError",
+              "align_tokenizations", "align_vocab", "open_teacher_cache", "read_teacher_cache",
+              "shift_labels", "write_teacher_cache"}
+PER_TOKEN = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_forward_kl", "skew_reverse_kl",
+             "soft_cross_entropy", "total_variation")
+MATERIALISED = ("distill_loss", "distill_loss_sum_and_count", "distill_with_cross_entropy",
+                "distill_with_cross_entropy_sum_and_count", "kd_loss", "uld_loss")
+FUSED_LOSSES = ("fused_linear_distill_loss", "fused_linear_distill_loss_sum_and_count",
+                "fused_linear_distill_with_cross_entropy",
+                "fused_linear_distill_with_cross_entropy_sum_and_count")
+SPARSE = ("sparse_distill_loss", "sparse_distill_loss_sum_and_count")
+OTHERS = ("topk_teacher", "vocab_parallel_distill_loss",
+          "vocab_parallel_fused_linear_distill_loss")
+
+
+def test_every_public_loss_has_an_explicit_axes_case():
+  covered = set(PER_TOKEN + MATERIALISED + FUSED_LOSSES + SPARSE + OTHERS)
+  missing = set(kdjax.__all__) - NOT_LOSSES - covered
+  assert not missing, f"add these to the Explicit-axes cases: {sorted(missing)}"
+
+
+_EXPLICIT_AXES = r'''
+import functools
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import kdjax
+import tests.test_gspmd as t
+
+T, D, V, K = 64, 8, 48, 8  # 48 columns: 4 vocabulary shards of 12, 6 tiles of 8.
+keys = jax.random.split(jax.random.key(1), 6)
+h = jax.random.normal(keys[0], (T, D))
+w = jax.random.normal(keys[1], (D, V)) / 2
+th = jax.random.normal(keys[2], (T, D))
+tw = jax.random.normal(keys[3], (D, V)) / 2
+y = jnp.where(jax.random.uniform(keys[5], (T,)) < 0.2, -100,
+              jax.random.randint(keys[4], (T,), 0, V))
+ids, lp = kdjax.topk_teacher(th @ tw, K)
+bias = jnp.linspace(-1.0, 1.0, V)
+ARGS = (h, w, th, tw, y, ids, lp, bias)
+FLOAT = (0, 1, 7)  # differentiated: hidden states, kernel, bias
+
+
+def scalar(out):  # a loss, a per-token array or a (sum, count) pair, as one differentiable number
+  if isinstance(out, tuple):
+    return out[0] + 0.5 * out[1]
+  return jnp.sum(out * jnp.linspace(0.5, 1.5, out.size).reshape(out.shape))
+
+
+def materialised(name, **kw):
+  fn = getattr(kdjax, name)
+  if name in t.PER_TOKEN:
+    return lambda h, w, th, tw, y, ids, lp, b: fn(h @ w + b, th @ tw, **kw)
+  return lambda h, w, th, tw, y, ids, lp, b: fn(h @ w + b, th @ tw, y, **kw)
+
+
+def fused(name, **kw):
+  fn = getattr(kdjax, name)
+  return lambda h, w, th, tw, y, ids, lp, b: fn(h, w, th, tw, y, student_bias=b, **kw)
+
+
+def sparse(name, **kw):
+  fn = getattr(kdjax, name)
+  return lambda h, w, th, tw, y, ids, lp, b: fn(h @ w + b, ids, lp, y, **kw)
+
+
+def topk(h, w, th, tw, y, ids, lp, b):
+  out_ids, out_lp = kdjax.topk_teacher(h @ w + b, K, temperature=1.5)
+  return out_lp + out_ids.astype(jnp.float32) * 1e-3  # ids and log-probabilities compared
+
+
+def vocab_parallel(mesh, fused_head):
+  model = "model" if "model" in mesh.axis_names else None
+  specs = (P("data"), P(None, model), P("data"), P(None, model), P("data"), P("data"),
+           P("data"), P(model))
+  def local(h, w, th, tw, y, ids, lp, b):
+    if fused_head:
+      return kdjax.vocab_parallel_fused_linear_distill_loss(
+          h, w, th, tw, y, student_bias=b, axis_name=model, data_axis_name="data",
+          divergence="reverse_kl", vocab_block=8)
+    return kdjax.vocab_parallel_distill_loss(
+        h @ w + b, th @ tw, y, axis_name=model, data_axis_name="data",
+        divergence="generalized_jsd")
+  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())
+
+
+CASES = {name: materialised(name) for name in t.PER_TOKEN + t.MATERIALISED if hasattr(kdjax, name)}
+CASES["uld_loss"] = materialised("uld_loss", teacher_temperature=2.0)
+CASES["uld_loss top_k"] = materialised("uld_loss", top_k=5)
+CASES["distill_loss none"] = materialised("distill_loss", reduction="none", divergence="reverse_kl")
+for name in t.FUSED_LOSSES:
+  CASES[name] = fused(name, softcap=4.0)
+  CASES[name + " vocab_block=8"] = fused(name, vocab_block=8, temperature=2.0)
+CASES["fused_linear_distill_loss vocab_block=8 none"] = fused(
+    "fused_linear_distill_loss", vocab_block=8, reduction="none")
+for name in t.SPARSE:
+  CASES[name] = sparse(name, divergence="reverse_kl")
+CASES["sparse_distill_loss renormalize none"] = sparse(
+    "sparse_distill_loss", tail="renormalize", reduction="none")
+CASES["topk_teacher"] = topk
+
+# What the shard_map losses compute, on one device.
+ONE_DEVICE = {
+    "vocab_parallel_distill_loss": materialised("distill_loss", divergence="generalized_jsd"),
+    "vocab_parallel_fused_linear_distill_loss": fused(
+        "fused_linear_distill_loss", divergence="reverse_kl", vocab_block=8)}
+
+MESHES = {"data (8,)": jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,)),
+          "data, model (2, 4)": jax.make_mesh((2, 4), ("data", "model"),
+                                              axis_types=(AxisType.Explicit,) * 2)}
+failures, wanted = [], {}
+for label, mesh in MESHES.items():
+  model = "model" if "model" in mesh.axis_names else None
+  shardings = [NamedSharding(mesh, s) for s in (
+      P("data"), P(None, model), P("data"), P(None, model), P("data"), P("data"), P("data"),
+      P(model))]
+  if model is None:  # tokens only: the cases that failed there before
+    cases = {name: CASES[name] for name in (
+        "sparse_distill_loss", "sparse_distill_loss_sum_and_count",
+        "fused_linear_distill_loss vocab_block=8", "topk_teacher", "uld_loss", "distill_loss")}
+  else:  # tokens and vocabulary: every public loss
+    cases = dict(CASES)
+  cases["vocab_parallel_distill_loss"] = vocab_parallel(mesh, False)
+  cases["vocab_parallel_fused_linear_distill_loss"] = vocab_parallel(mesh, True)
+  for replicated in (False, True):  # the teacher's ids and log-probabilities
+    args = [jax.device_put(x, s) for x, s in zip(ARGS, shardings)]
+    if replicated:
+      args[5:7] = [jax.device_put(x, NamedSharding(mesh, P())) for x in ARGS[5:7]]
+      names = [name for name in cases if name.startswith("sparse")]
+    else:
+      names = list(cases)
+    for name in names:
+      fn = cases[name]
+      step = jax.jit(jax.value_and_grad(lambda *a: scalar(fn(*a)), argnums=FLOAT))
+      if name not in wanted:
+        wanted[name] = jax.jit(jax.value_and_grad(
+            lambda *a: scalar(ONE_DEVICE.get(name, fn)(*a)), argnums=FLOAT))(*ARGS)
+      want_value, want_grads = wanted[name]
+      case = (label, name, "replicated teacher" if replicated else "")
+      try:
+        with jax.set_mesh(mesh):
+          compiled = step.lower(*args).compile()
+          value, grads = compiled(*args)
+        errors = [t._rel_err(value, want_value)] + [
+            t._rel_err(g, w) for g, w in zip(grads, want_grads)]
+        if max(errors) > t.RTOL:
+          failures.append((case, errors))
+        for g, x in zip(grads, (args[i] for i in FLOAT)):
+          if g.sharding.spec != jax.typeof(x).sharding.spec:
+            failures.append((case, "gradient sharded as", g.sharding.spec))
+        # ULD's sort needs each row whole on one device (and XLA:CPU's partitioner gathers the
+        # rows of lax.top_k, for its top_k, even on Auto axes). topk_teacher gathers only each
+        # vocabulary slice's k candidates of this device's rows.
+        allowed = {(T // mesh.shape["data"], K * mesh.shape.get("model", 1))}
+        if not name.startswith("uld_loss"):
+          for op, shapes in t._collectives(compiled.as_text()):
+            if op in ("all-gather", "all-to-all") and any(
+                (T in s or T // mesh.shape["data"] in s) and not (
+                    name == "topk_teacher" and s in allowed) for s in shapes):
+              failures.append((case, op, shapes))
+      except Exception as e:
+        failures.append((case, type(e).__name__, str(e).splitlines()[0][:200]))
+# With no mesh set: the arrays' types carry it.
+mesh = MESHES["data, model (2, 4)"]
+args = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(ARGS, (
+    P("data"), P(None, "model"), P("data"), P(None, "model"), P("data"), P("data"), P("data"),
+    P("model")))]
+for name in ("sparse_distill_loss", "fused_linear_distill_loss vocab_block=8", "topk_teacher",
+             "uld_loss"):
+  step = jax.jit(lambda *a, fn=CASES[name]: scalar(fn(*a)))
+  try:
+    error = t._rel_err(step(*args), step(*ARGS))
+    if error > t.RTOL:
+      failures.append(((name, "no mesh set"), error))
+  except Exception as e:
+    failures.append(((name, "no mesh set"), type(e).__name__, str(e).splitlines()[0][:200]))
+# topk_teacher's merge of the vocabulary slices' candidates: ties go to the lower id, an all -inf
+# row gives -inf, a row with fewer finite entries than k -inf after them.
+special = (th @ tw).at[3].set(-jnp.inf).at[5, :45].set(-jnp.inf).at[7].set(1.0)
+want_ids, want_lp = kdjax.topk_teacher(special, K, temperature=1.5)
+with jax.set_mesh(mesh):
+  got_ids, got_lp = jax.jit(lambda x: kdjax.topk_teacher(x, K, temperature=1.5))(
+      jax.device_put(special, NamedSharding(mesh, P("data", "model"))))
+got_ids, got_lp = np.asarray(got_ids), np.asarray(got_lp)
+if not (np.array_equal(got_ids, want_ids) and np.allclose(got_lp, want_lp, rtol=1e-6)
+        and np.array_equal(got_ids[7], np.arange(K)) and np.all(np.isinf(got_lp[3]))):
+  failures.append((("topk_teacher", "ties and -inf rows"), got_ids[[3, 5, 7]], got_lp[[3, 5]]))
+for failure in failures:
+  print("FAILED", failure)
+print("ok" if not failures else f"{len(failures)} failures")
+'''
+
+
+def test_every_public_loss_on_explicit_axes_equals_one_device():
+  """On Explicit axes with the tokens over "data" and the vocabulary over "model" on (2, 4)
+  (kernels, biases and so logits sharded along it), every public loss and topk_teacher give
+  the one-device value and gradients, each gradient sharded like its input: the sparse losses
+  also with the teacher's ids and log-probabilities replicated, the fused heads with whole rows
+  and with vocabulary tiles. No collective gathers the tokens (ULD's sort gathers rows;
+  topk_teacher only each vocabulary slice's k candidates). On (8,), tokens only, the losses
+  that failed there and the shard_map losses. One subprocess runs every case."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", _EXPLICIT_AXES], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (
+      result.stdout[-4000:] + result.stderr[-3000:])

@@ -37,9 +37,19 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from kdjax._src import blocking, checks, head, implementations, recipe, reductions, reference
+from kdjax._src import (
+    blocking,
+    checks,
+    head,
+    implementations,
+    meshes,
+    recipe,
+    reductions,
+    reference,
+)
 from kdjax._src import config as config_lib
 from kdjax._src.config import Config, zero_cotangents
 from kdjax._src.head import Grads, Inputs, Params
@@ -493,7 +503,18 @@ def _call(student_hidden, student_kernel, teacher_hidden, teacher_kernel, labels
       teacher_bias, labels=labels,
       vocab_mismatch_hint="If the larger vocabulary only adds padding columns, slice the "
       "kernel (and bias) to the shared vocabulary first.", **options)
-  return _loss(*prepared, output=output)
+  if prepared.config.vocab_block is None:
+    return _loss(*prepared, output=output)
+  # On Explicit axes the vocabulary tiles' loops carry per-row statistics and gradient
+  # accumulators whose sharding their bodies decide, and a tile sliced out of a
+  # vocabulary-sharded kernel has none: the partitioner decides, as on Auto axes.
+  if output == "sum_count" or prepared.config.reduction != "none":
+    out_specs: Any = (P(), P()) if output == "sum_count" else P()
+  else:
+    hidden = prepared.inputs.student_hidden
+    out_specs = meshes.token_spec(hidden, hidden.ndim - 1)
+  return meshes.on_auto_axes(functools.partial(_loss, prepared.config, output=output),
+                             tuple(prepared)[1:], out_specs)
 
 
 def fused_linear_distill_loss_sum_and_count(

@@ -54,14 +54,16 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from kdjax._src import blocking, checks, implementations, recipe, reductions, reference
+from kdjax._src import blocking, checks, implementations, meshes, recipe, reductions, reference
 from kdjax._src import config as config_lib
 from kdjax._src import divergences as div
 
@@ -87,13 +89,54 @@ def _topk(teacher_logits, inv_temperature, *, k, token_block):
   vocab = teacher_logits.shape[-1]
   flat = teacher_logits.reshape(-1, vocab)
   num_tokens = flat.shape[0]
-  block = token_block or blocking.token_block(num_tokens, vocab)
+  block = token_block or blocking.token_block(num_tokens, vocab,
+                                              groups=blocking.mesh_devices(flat))
   ids, logprobs = blocking.map_token_blocks(
       functools.partial(_topk_block, k, inv_temperature), (flat,),
       (jnp.zeros((num_tokens, k), jnp.int32), jnp.zeros((num_tokens, k), jnp.float32)),
       block=block)
   shape = teacher_logits.shape[:-1] + (k,)
   return ids.reshape(shape), logprobs.reshape(shape)
+
+
+def _topk_per_device(teacher_logits, inv_temperature, *, k, token_block, mesh):
+  """``_topk`` on a mesh with Explicit axes, each device on its own tokens (``shard_map``).
+
+  ``lax.top_k`` refuses a vocabulary-sharded row there, and XLA's partitioner would gather the
+  rows of every device to each (it does so on Auto axes on CPU). With the vocabulary whole on
+  each device, each runs ``_topk`` on its rows. With it split, each device takes the top ``k``
+  of its slice, the row's max and sum of exponentials are reduced over the vocabulary axes,
+  and the top ``k`` of the gathered candidates (``k`` per slice, ``[rows, k * slices]``) are
+  the row's: ties still go to the lower id, since slices and each slice's candidates are in id
+  order. Nothing of the vocabulary's size moves.
+  """
+  spec = tuple(jax.typeof(teacher_logits).sharding.spec)
+  spec = spec + (None,) * (teacher_logits.ndim - len(spec))
+  vocab_axes = spec[-1]
+  out_spec = P(*spec[:-1], None)
+
+  def local(x, inv):
+    if vocab_axes is None:
+      return _topk(x, inv, k=k, token_block=token_block)
+    x = x.astype(jnp.float32)
+    width = x.shape[-1]
+    top, ids = lax.top_k(x, min(k, width))
+    ids = ids.astype(jnp.int32) + lax.axis_index(vocab_axes).astype(jnp.int32) * width
+    row_max = lax.pmax(jnp.max(x, axis=-1, keepdims=True), vocab_axes)
+    shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # an all -inf row: -inf below
+    sum_exp = lax.psum(jnp.sum(jnp.exp((x - shift) * inv), axis=-1, keepdims=True), vocab_axes)
+    log_sum = jnp.where(sum_exp > 0, jnp.log(jnp.where(sum_exp > 0, sum_exp, 1.0)), jnp.inf)
+    top = lax.all_gather(top, vocab_axes, axis=x.ndim - 1, tiled=True)
+    ids = lax.all_gather(ids, vocab_axes, axis=x.ndim - 1, tiled=True)
+    top, order = lax.top_k(top, k)
+    ids = jnp.take_along_axis(ids, order, axis=-1)
+    return ids, (top - shift) * inv - log_sum
+
+  # The gathered candidates are the same on every device of the vocabulary axes, which the
+  # type system cannot infer from all_gather; nothing is differentiated here.
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(*spec), P()),
+                       out_specs=(out_spec, out_spec), check_vma=False)(
+                           teacher_logits, inv_temperature)
 
 
 def topk_teacher(
@@ -148,9 +191,14 @@ def topk_teacher(
         f"k must be <= the vocabulary size teacher_logits.shape[-1] = {vocab}, got k={k}.")
   temperature = checks.temperature(temperature)
   token_block = checks.positive_int("token_block", token_block, optional=True)
-  ids, logprobs = _topk(
-      lax.stop_gradient(teacher_logits), jnp.asarray(1.0 / temperature, jnp.float32), k=k,
-      token_block=token_block)
+  inv_temperature = jnp.asarray(1.0 / temperature, jnp.float32)
+  mesh, _ = meshes.explicit_mesh(teacher_logits)
+  if mesh is None:
+    ids, logprobs = _topk(lax.stop_gradient(teacher_logits), inv_temperature, k=k,
+                          token_block=token_block)
+  else:
+    ids, logprobs = _topk_per_device(lax.stop_gradient(teacher_logits), inv_temperature, k=k,
+                                     token_block=token_block, mesh=mesh)
   return lax.stop_gradient(ids), lax.stop_gradient(logprobs)
 
 
@@ -404,8 +452,16 @@ def _call(logits, teacher_ids, teacher_logprobs, labels, *, tail, divergence, be
   problem = sparse_teacher_problem(_concrete(teacher_ids), _concrete(teacher_logprobs))
   if problem is not None:
     raise ValueError(problem)
-  return _sparse(config, traced, logits, teacher_ids, teacher_logprobs, tokens.labels,
-                 tokens.where, tokens.normalizer, tokens.token_weights, output=output)
+  # On Explicit axes the gather and scatter at the ids along a (possibly vocabulary-sharded)
+  # row have no unambiguous sharding: the partitioner decides them, as on Auto axes.
+  if output == "sum_count" or reduction != "none":
+    out_specs: Any = (P(), P()) if output == "sum_count" else P()
+  else:
+    out_specs = meshes.token_spec(logits, logits.ndim - 1)
+  return meshes.on_auto_axes(
+      functools.partial(_sparse, config, output=output),
+      (traced, logits, teacher_ids, teacher_logprobs, tokens.labels, tokens.where,
+       tokens.normalizer, tokens.token_weights), out_specs)
 
 
 def sparse_distill_loss(

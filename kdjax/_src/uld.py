@@ -50,9 +50,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from kdjax._src import checks, implementations, recipe, reductions, reference
+from kdjax._src import checks, implementations, meshes, recipe, reductions, reference
 from kdjax._src import config as config_lib
 
 Array = jax.Array
@@ -272,8 +273,14 @@ def uld_loss(
       divergence="uld", top_k=checks.top_k(top_k), reduction=reduction,
       ignore_index=ignore_index, implementation=implementations.check(implementation),
       token_block=tokens.token_block)
-  return _uld(config, traced, logits, teacher_logits, tokens.labels, tokens.where,
-              tokens.normalizer, tokens.token_weights)
+  # On Explicit axes lax.sort and lax.top_k refuse a vocabulary-sharded row: the partitioner
+  # decides, as on Auto axes (a full sort needs each row whole on one device).
+  out_spec = (P() if reduction != "none"
+              else meshes.token_spec(logits, logits.ndim - 1))
+  return meshes.on_auto_axes(
+      functools.partial(_uld, config),
+      (traced, logits, teacher_logits, tokens.labels, tokens.where, tokens.normalizer,
+       tokens.token_weights), out_spec)
 
 
 # ----------------------------------------------------------------------------------------------
