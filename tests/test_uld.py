@@ -381,23 +381,54 @@ def test_align_unequal_lengths():
   assert s2.tolist() == s.tolist() and t2.tolist() == t.tolist()
 
 
-def test_align_no_common_boundary_empty_and_zero_width():
-  s, t = kdjax.align_tokenizations([2, 4], [1, 3, 5])
-  assert s.size == t.size == 0
+def test_align_empty_and_zero_width():
   s, t = kdjax.align_tokenizations([], np.zeros((0, 2), np.int32))
   assert s.size == t.size == 0
-  s, t = kdjax.align_tokenizations([], [1, 2])
-  assert s.size == t.size == 0
+  # Only the end of the text in common: the last tokens pair.
+  s, t = kdjax.align_tokenizations([2, 5], [1, 3, 5])
+  assert s.tolist() == [1] and t.tolist() == [2]
   # A BOS at (0, 0) on both sides pairs (both predict the first token from no text); a zero-width
   # EOS after the last token does not take the place of the token that completes the text.
   s, t = kdjax.align_tokenizations([(0, 0), (0, 3), (3, 6), (6, 6)], [(0, 0), (0, 6), (6, 6)])
   assert s.tolist() == [0, 2] and t.tolist() == [0, 1]
 
 
-@hypothesis.given(st.lists(st.integers(1, 4), max_size=30), st.lists(st.integers(1, 4),
-                                                                      max_size=30))
+def test_align_zero_width_special_tokens_follow_the_docstring():
+  # "hello" as BOS, "hel", "lo", EOS and as BOS, "he", "llo", EOS; the special tokens at (0, 0).
+  student = [(0, 0), (0, 3), (3, 5), (0, 0)]
+  teacher = [(0, 0), (0, 2), (2, 5), (0, 0)]
+  # By the docstring a token that covers no text ends where the token before it ends: the BOS at
+  # byte 0 (nothing before it), the EOS at byte 5, after "lo" / "llo". Ends: student
+  # [0, 3, 5, 5], teacher [0, 2, 5, 5]. Bytes where both sides end: 0 and 5; the first token of
+  # each side to end there is paired: the BOS (position 0) at 0, "lo" / "llo" (position 2) at 5,
+  # not the EOS after them.
+  s, t = kdjax.align_tokenizations(student, teacher)
+  assert s.tolist() == [0, 2] and t.tolist() == [0, 2]
+  # A zero-width token in the middle (an inserted special token) ends with the one before it.
+  s, t = kdjax.align_tokenizations([(0, 2), (0, 0), (2, 5)], [(0, 2), (2, 5)])
+  assert s.tolist() == [0, 2] and t.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("student, teacher, lengths", [
+    ([(0, 3), (3, 5)], [(0, 2), (2, 5), (5, 9)], (5, 9)),
+    ([2, 4], [1, 3, 5], (4, 5)),
+    ([], [1, 2], (0, 2)),
+    ([(0, 0), (0, 4), (0, 0)], [(0, 0), (0, 2), (2, 5)], (4, 5)),
+])
+def test_align_refuses_texts_of_different_lengths(student, teacher, lengths):
+  with pytest.raises(ValueError, match=(
+      f"texts of different lengths: the student's tokens end at byte {lengths[0]}, the "
+      f"teacher's at byte {lengths[1]}")):
+    kdjax.align_tokenizations(student, teacher)
+
+
+@hypothesis.given(st.lists(st.integers(1, 4), min_size=1, max_size=30),
+                  st.lists(st.integers(1, 4), max_size=30))
 def test_align_pairs_exactly_the_common_ends(student_lengths, teacher_lengths):
-  student_ends, teacher_ends = np.cumsum(student_lengths), np.cumsum(teacher_lengths)
+  student_ends = np.cumsum(student_lengths)
+  # The teacher splits the same text elsewhere: its own cuts inside it, then the text's end.
+  cuts = np.cumsum(teacher_lengths, dtype=np.int64)
+  teacher_ends = np.append(cuts[cuts < student_ends[-1]], student_ends[-1])
   s, t = kdjax.align_tokenizations(student_ends.astype(np.int32), teacher_ends)
   want = sorted(set(student_ends.tolist()) & set(teacher_ends.tolist()))
   assert student_ends[s].tolist() == teacher_ends[t].tolist() == want

@@ -302,6 +302,11 @@ def _token_ends(name: str, offsets) -> np.ndarray:
       raise ValueError(
           f"{name} has a token whose start is after its end: token {bad} is "
           f"{tuple(int(v) for v in array[bad])}; pairs are (start, end) byte offsets.")
+    # A token that covers no text (a special token such as BOS or EOS at (0, 0)) ends where
+    # the last token before it that covers text ends (at 0 if there is none).
+    covers = starts < ends
+    last_covering = np.maximum.accumulate(np.where(covers, np.arange(ends.size), -1))
+    ends = np.where(last_covering >= 0, ends[np.maximum(last_covering, 0)], 0)
   elif array.ndim == 1:
     ends = array.astype(np.int64)
   else:
@@ -315,7 +320,8 @@ def _token_ends(name: str, offsets) -> np.ndarray:
     raise ValueError(
         f"{name} must end in text order (non-decreasing end offsets), but token {bad} ends at "
         f"byte {int(ends[bad])}, before token {bad - 1} (byte {int(ends[bad - 1])}). Drop "
-        "padding positions first.")
+        "padding positions first; pass (start, end) pairs for special tokens that cover no "
+        "text, such as an EOS at (0, 0).")
   return ends
 
 
@@ -330,10 +336,12 @@ def align_tokenizations(student_offsets, teacher_offsets) -> tuple[np.ndarray, n
   Offsets are in bytes of the same text (UTF-8 for a string; a tokenizer's character offsets
   must be converted), per token either the end offset (exclusive) or the ``(start, end)`` pair
   that fast tokenizers return with ``return_offsets_mapping``; only ends are used. Ends must be
-  non-decreasing (text order: remove padding positions first). Tokens that cover no text
-  (special tokens, such as a BOS at ``(0, 0)``) end where the token before them ends; at a byte
-  where several tokens of one side end, the first of them is paired -- the one that completes
-  the text up to that byte.
+  non-decreasing (text order: remove padding positions first). Given as pairs, tokens that cover
+  no text (``start == end``: special tokens, such as a BOS or an EOS at ``(0, 0)``) end where the
+  token before them ends (at byte 0 if none does); at a byte where several tokens of one side
+  end, the first of them is paired -- the one that completes the text up to that byte. Both
+  sides must tokenize the same text: their last tokens must end at the same byte (the text's
+  length; 0 for no tokens), else a ``ValueError``.
 
   Runs on the host with NumPy, one sequence at a time.
 
@@ -357,6 +365,12 @@ def align_tokenizations(student_offsets, teacher_offsets) -> tuple[np.ndarray, n
   """
   student_ends = _token_ends("student_offsets", student_offsets)
   teacher_ends = _token_ends("teacher_offsets", teacher_offsets)
+  lengths = [int(ends[-1]) if ends.size else 0 for ends in (student_ends, teacher_ends)]
+  if lengths[0] != lengths[1]:
+    raise ValueError(
+        f"student_offsets and teacher_offsets tokenize texts of different lengths: the "
+        f"student's tokens end at byte {lengths[0]}, the teacher's at byte {lengths[1]}. Both "
+        "must tokenize the same text: truncate the text before tokenizing it, not the tokens.")
   # The first token of each side to end at each byte (the ends are sorted).
   student_bytes, student_first = np.unique(student_ends, return_index=True)
   teacher_bytes, teacher_first = np.unique(teacher_ends, return_index=True)
