@@ -54,8 +54,8 @@ def _make(seed=0, *, dtype=jnp.float32, vocab=VOCAB, d_student=D_STUDENT, d_teac
 def _transform(logits, scale, softcap):
   if scale is not None:
     logits = logits * scale
-  if softcap is not None:
-    logits = softcap * jnp.tanh(logits / softcap)
+  if softcap is not None:  # a -inf logit (a masked entry) stays -inf under the cap
+    logits = jnp.where(logits == -jnp.inf, -jnp.inf, softcap * jnp.tanh(logits / softcap))
   return logits
 
 
@@ -135,11 +135,52 @@ def test_every_divergence_matches_dense(divergence):
   data["teacher_bias"] = jnp.where(pad | (jnp.arange(VOCAB) == 3), -jnp.inf,
                                    data["teacher_bias"])
   vocab_block = VOCAB_BLOCK if ALL_DIVERGENCES.index(divergence) % 2 else None
+  hyper = {"beta": 0.3} if divergence == "generalized_jsd" else (
+      {"alpha": 0.2} if divergence.startswith("skew") else {})
   _, grads = _assert_matches_dense(
       data, labels, divergence=divergence, token_block=TOKEN_BLOCK, vocab_block=vocab_block,
-      temperature=1.5, beta=0.3, alpha=0.2)
+      temperature=1.5, **hyper)
   np.testing.assert_array_equal(grads[1][:, -5:], 0.0)
   np.testing.assert_array_equal(grads[2][-5:], 0.0)
+
+
+@pytest.mark.parametrize("implementation, vocab_block", [
+    (None, None), (None, VOCAB_BLOCK), ("reference", None)])
+def test_neg_inf_bias_masks_under_softcap(implementation, vocab_block):
+  """A vocabulary padded with -inf bias entries on both sides gives exactly the loss and
+  gradients of the unpadded one at softcap 2 (c tanh(-inf / c) = -c would leave the padded
+  entries a share exp(-c) each instead of none)."""
+  data, labels = _make(11)
+  pad = 6
+  padded = dict(data)
+  rng = np.random.default_rng(11)
+  for side in ("student", "teacher"):
+    kernel = data[f"{side}_kernel"]
+    padded[f"{side}_kernel"] = jnp.concatenate(
+        [kernel, jnp.asarray(rng.normal(size=(kernel.shape[0], pad)), kernel.dtype)], axis=1)
+    padded[f"{side}_bias"] = jnp.concatenate([data[f"{side}_bias"], jnp.full((pad,), -jnp.inf)])
+  options = dict(softcap=2.0, divergence="generalized_jsd", temperature=1.5,
+                 token_block=TOKEN_BLOCK, vocab_block=vocab_block, implementation=implementation)
+  value, grads = _value_and_grads(_fused_loss, padded, labels, **options)
+  want, want_grads = _value_and_grads(_fused_loss, data, labels, **options)
+  assert np.isfinite(float(value))
+  np.testing.assert_allclose(value, want, rtol=1e-6)
+  np.testing.assert_allclose(grads[0], want_grads[0], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(grads[1][:, :VOCAB], want_grads[1], rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(grads[1][:, VOCAB:], 0.0)
+  np.testing.assert_array_equal(grads[2][VOCAB:], 0.0)
+  # The hard-label term too: the cross entropy's normaliser excludes the padded entries.
+  ce_padded = kdjax.fused_linear_distill_with_cross_entropy(
+      padded["student_hidden"], padded["student_kernel"], padded["teacher_hidden"],
+      padded["teacher_kernel"], labels, student_bias=padded["student_bias"],
+      teacher_bias=padded["teacher_bias"], kd_coef=0.5, softcap=2.0, vocab_block=vocab_block,
+      implementation=implementation)
+  ce = kdjax.fused_linear_distill_with_cross_entropy(
+      data["student_hidden"], data["student_kernel"], data["teacher_hidden"],
+      data["teacher_kernel"], labels, student_bias=data["student_bias"],
+      teacher_bias=data["teacher_bias"], kd_coef=0.5, softcap=2.0, vocab_block=vocab_block,
+      implementation=implementation)
+  np.testing.assert_allclose(ce_padded, ce, rtol=1e-6)
 
 
 @pytest.mark.parametrize("reduction, vocab_block", [

@@ -453,6 +453,7 @@ def fused_linear_distill_loss(
       be None. Applied before the softcap.
     softcap: optional Gemma-style cap ``c > 0``: logits become ``c * tanh(logits / c)``. Shared
       or a ``(student, teacher)`` pair, like ``logit_scale``. Applied before the temperature.
+      A ``-inf`` logit (a ``-inf`` bias entry) stays ``-inf``: it masks under the cap too.
     ignore_index, where, token_weights, reduction, normalizer: as in
       :func:`kdjax.distill_loss`.
     token_block: tokens per block (default on CPU 128, fewer for vocabularies above 196608

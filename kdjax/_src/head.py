@@ -7,7 +7,9 @@ Each model's raw logits are
     x = c \\tanh\\!\\Big(\\frac{s \\, (h W + b)}{c}\\Big), \\qquad z = h W + b,
 
 with an optional ``logit_scale`` ``s`` (Cohere) and an optional ``softcap`` ``c`` (Gemma),
-per model. The block recipe turns ``x`` into values and ``dD/dx``; the chain rule here gives
+per model; a ``-inf`` logit (a ``-inf`` bias entry) stays ``-inf`` under the cap, so it masks
+that entry as it does without one (``c tanh(-inf) = -c`` would not). The block recipe turns
+``x`` into values and ``dD/dx``; the chain rule here gives
 
 .. math::
 
@@ -80,7 +82,8 @@ def logits(hp: Mapping[str, Any], side: str, hidden: Array, kernel: Array,
   tanh = None
   if softcap is not None:
     tanh = jnp.tanh(x / softcap)
-    x = softcap * tanh
+    # A -inf logit (a -inf bias entry: padded vocabulary) stays -inf, not -softcap: masked.
+    x = jnp.where(x == -jnp.inf, -jnp.inf, softcap * tanh)
   return Logits(x, tanh)
 
 
