@@ -729,15 +729,52 @@ def test_combined_bf16_labels_and_ignored_tokens():
       argnums=(0, 1))(*(x.astype(jnp.float32) for x in args[:2]))
   for g, w in zip(grads, want, strict=True):
     np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=3e-2, atol=3e-3)
-  # A counted label outside the vocabulary is NaN; an ignored one with NaN hidden states is 0.
+  # A counted label outside the vocabulary: known, a ValueError at the call; traced, NaN. An
+  # ignored one with NaN hidden states is 0.
   bad = labels.at[0, 0].set(VOCAB)
-  assert np.isnan(kdjax.fused_linear_distill_with_cross_entropy(*args, bad))
+  with pytest.raises(ValueError, match=r"got labels\[0, 0\] = 37"):
+    kdjax.fused_linear_distill_with_cross_entropy(*args, bad)
+  assert np.isnan(jax.jit(lambda y: kdjax.fused_linear_distill_with_cross_entropy(*args, y))(bad))
   hidden = args[0].astype(jnp.float32).at[0, 1].set(jnp.nan)  # token (0, 1) is ignored
   grads = jax.grad(lambda h: kdjax.fused_linear_distill_with_cross_entropy(
       h, *(x.astype(jnp.float32) for x in args[1:]), labels))(hidden)
   assert np.all(np.isfinite(grads)) and np.all(grads[0, 1] == 0)
   with pytest.raises(ValueError, match="labels is required"):
     kdjax.fused_linear_distill_with_cross_entropy(*args, None)
+
+
+@pytest.mark.parametrize("loss", [
+    kdjax.fused_linear_distill_loss,
+    kdjax.fused_linear_distill_with_cross_entropy,
+    lambda *a, **kw: kdjax.fused_linear_distill_loss_sum_and_count(*a, **kw)[0],
+    lambda *a, **kw: kdjax.fused_linear_distill_with_cross_entropy_sum_and_count(*a, **kw)[0],
+], ids=["loss", "with_cross_entropy", "sum_and_count", "with_cross_entropy_sum_and_count"])
+def test_labels_outside_the_vocabulary_are_an_error_at_the_call(loss):
+  """Known labels index the kernel's 37 columns: label 37 is a ValueError naming its position
+  and the vocabulary size (with or without vocab_block, under jit when closed over); 36 is a
+  valid id; an uncounted 37 changes nothing; traced labels make the loss NaN."""
+  data, labels = _make(38)
+  args = (data["student_hidden"], data["student_kernel"], data["teacher_hidden"],
+          data["teacher_kernel"])
+  past = np.asarray(labels).copy()
+  past[1, 2], past[2, 0] = VOCAB, VOCAB + 5
+  for kwargs in ({}, dict(vocab_block=VOCAB_BLOCK)):
+    with pytest.raises(ValueError, match=(
+        r"^labels must be vocabulary ids in \[0, 37\) \(student_kernel.shape\[-1\] = 37\) or "
+        r"ignore_index=-100, got labels\[1, 2\] = 37 \(the first of 2 counted")):
+      loss(*args, past, **kwargs)
+  with pytest.raises(ValueError, match=r"got labels\[1, 2\] = 37"):
+    jax.jit(lambda: loss(*args, past))()
+  with pytest.raises(ValueError, match=r"got labels\[1, 2\] = 37"):
+    loss(*args, past.tolist())
+  last = np.asarray(labels).copy()
+  last[1, 2] = VOCAB - 1
+  assert np.isfinite(loss(*args, last))
+  where = np.ones(past.shape, bool)
+  where[1, 2] = where[2, 0] = False
+  np.testing.assert_allclose(loss(*args, past, where=where),
+                             loss(*args, np.where(where, past, -100)), rtol=1e-6)
+  assert np.isnan(jax.jit(lambda y: loss(*args, y))(past))
 
 
 def test_combined_compiled_temporaries_are_blockwise():

@@ -512,6 +512,38 @@ def test_errors_name_the_argument():
         hidden, kernel, hidden, kernel[:, :16], axis_name=None)
 
 
+def test_known_labels_are_checked_against_the_whole_vocabulary(fused_data):
+  """Labels closed over as NumPy inside shard_map are known: checked against the 72 ids of the
+  8 slices together (a label past one slice's 9 is valid), label 72 is a ValueError naming its
+  position."""
+  logits, teacher, labels = _data(3)
+  inputs = fused_data[0][:5]
+  mesh = _mesh((1, 8))
+  last, past = labels.copy(), labels.copy()
+  last[2, 1] = VOCAB - 1
+  past[2, 1], past[4, 0] = VOCAB, VOCAB + 1
+
+  def dense(y):
+    return jax.jit(jax.shard_map(
+        lambda s, t: sharded.vocab_parallel_distill_loss(
+            s, t, y, axis_name="model", data_axis_name="data"),
+        mesh=mesh, in_specs=(VOCAB_SPEC, VOCAB_SPEC), out_specs=P()))(logits, teacher)
+
+  def fused_head(y):
+    return jax.jit(jax.shard_map(
+        lambda hs, ws, ht, wt, bs: sharded.vocab_parallel_fused_linear_distill_loss(
+            hs, ws, ht, wt, y, student_bias=bs, axis_name="model", data_axis_name="data",
+            **FUSED_KWARGS),
+        mesh=mesh, in_specs=FUSED_SPECS[:5], out_specs=P()))(*inputs)
+
+  for loss, source in ((dense, "logits"), (fused_head, "student_kernel")):
+    assert np.isfinite(loss(last))
+    with pytest.raises(ValueError, match=(
+        rf"^labels must be vocabulary ids in \[0, 72\) \({source}.shape\[-1\] = 72\) or "
+        r"ignore_index=-100, got labels\[2, 1\] = 72 \(the first of 2 counted")):
+      loss(past)
+
+
 # ----------------------------------------------------------------------------------------------
 # Two processes on localhost.
 # ----------------------------------------------------------------------------------------------

@@ -377,6 +377,29 @@ def test_vmap_matches_per_example():
   np.testing.assert_allclose(batched, singles, rtol=1e-6)
 
 
+@pytest.mark.parametrize("loss", [
+    sparse_distill_loss, lambda *a, **kw: kdjax.sparse_distill_loss_sum_and_count(*a, **kw)[0]],
+    ids=["loss", "sum_and_count"])
+def test_labels_outside_the_vocabulary_are_an_error_at_the_call(loss):
+  """Labels only mask, but a counted one must be a student id in [0, 6): known, a ValueError
+  naming the first; under another ignore_index, -100 gets PyTorch's hint; traced, NaN."""
+  rng = np.random.default_rng(12)
+  logits = random_logits(rng, (2, 3, 6))
+  ids, logprobs = topk_teacher(random_logits(rng, (2, 3, 6)), 2)
+  labels = np.array([[1, -100, 6], [0, 9, 5]])
+  with pytest.raises(ValueError, match=(
+      r"^labels must be vocabulary ids in \[0, 6\) \(logits.shape\[-1\] = 6\) or "
+      r"ignore_index=-100, got labels\[0, 2\] = 6 \(the first of 2 counted")):
+    loss(logits, ids, logprobs, labels)
+  with pytest.raises(ValueError, match=r"got labels\[0, 1\] = -100 .*ignore_index=-100"):
+    loss(logits, ids, logprobs, np.array([[1, -100, 2], [0, 3, -1]]), ignore_index=-1)
+  assert np.isnan(jax.jit(lambda y: loss(logits, ids, logprobs, y))(labels))
+  where = labels < 6
+  np.testing.assert_allclose(loss(logits, ids, logprobs, labels, where=where),
+                             loss(logits, ids, logprobs, np.where(where, labels, -100)),
+                             rtol=1e-6)
+
+
 def test_out_of_range_id_gives_nan_not_wrong_data():
   logits = jnp.zeros((2, 4))
   ids = jnp.array([[0, 1], [2, 9]])

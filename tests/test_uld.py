@@ -220,8 +220,15 @@ def test_nan_and_bad_labels_give_nan():
   bad_teacher = teacher.copy()
   bad_teacher[0, 0] = np.inf
   assert np.isnan(kdjax.uld_loss(logits, bad_teacher))
-  # Labels only mask, but a counted label must be a student id, as in distill_loss.
-  assert np.isnan(kdjax.uld_loss(logits, teacher, np.array([0, 6, 1], np.int32)))
+  # Labels only mask, but a counted label must be a student id (6 ids), as in distill_loss:
+  # known, a ValueError naming it; traced, NaN. Label 6 is a teacher id, not a student one.
+  labels = np.array([0, 6, 1], np.int32)
+  with pytest.raises(ValueError, match=(
+      r"^labels must be vocabulary ids in \[0, 6\) \(logits.shape\[-1\] = 6\) or "
+      r"ignore_index=-100, got labels\[1\] = 6")):
+    kdjax.uld_loss(logits, teacher, labels)
+  assert np.isnan(jax.jit(lambda y: kdjax.uld_loss(logits, teacher, y))(labels))
+  assert np.isfinite(kdjax.uld_loss(logits, teacher, np.array([0, 5, 1], np.int32)))
 
 
 def test_bf16_inputs():

@@ -339,6 +339,10 @@ def prepare(student_hidden, student_kernel, teacher_hidden, teacher_kernel, stud
       normalizer=normalizer, ignore_index=ignore_index, token_block=token_block,
       token_weights=token_weights, token_source="student_hidden",
       labels_required=None if kd_coef is None else ": it holds the cross-entropy targets")
+  # The labels index the kernel's columns (all of them: the slices over axis_name together).
+  checks.label_range(
+      labels, where, ignore_index=ignore_index, source="student_kernel",
+      vocab_size=inputs[1].shape[1] * (1 if axis_name is None else lax.axis_size(axis_name)))
   hp = checks.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha,
                               kd_coef=kd_coef)
   for name, value in (("logit_scale", logit_scale), ("softcap", softcap)):
@@ -442,7 +446,9 @@ def fused_linear_distill_loss(
     teacher_hidden: teacher hidden states ``[..., d_teacher]``, the same token shape;
       ``d_teacher`` may differ from ``d_student``. No gradient flows to the teacher.
     teacher_kernel: teacher output projection ``[d_teacher, vocab]``, the same vocabulary.
-    labels: optional integer ids ``[...]``; tokens equal to ``ignore_index`` are excluded.
+    labels: optional integer ids ``[...]``; tokens equal to ``ignore_index`` are excluded. A
+      counted label outside ``[0, student_kernel.shape[-1])`` is a ``ValueError`` when the
+      labels are known at the call, and makes the loss NaN when they are traced.
     divergence, beta, alpha, temperature, temperature_squared: as in
       :func:`kdjax.distill_loss`.
     student_bias: optional student output bias ``[vocab]``; receives a gradient.
@@ -616,7 +622,8 @@ def fused_linear_distill_with_cross_entropy(
       :func:`fused_linear_distill_loss`.
     labels: integer ids ``student_hidden.shape[:-1]``: the cross-entropy targets, already
       aligned (see :func:`kdjax.shift_labels`); ``ignore_index`` marks ignored tokens. A
-      counted label outside ``[0, vocab)`` makes the loss NaN.
+      counted label outside ``[0, vocab)`` is a ``ValueError`` when the labels are known at
+      the call, and makes the loss NaN when they are traced.
     kd_coef: weight of the distillation term in ``[0, 1]``; a scalar array may be scheduled.
     return_components: also return ``(cross_entropy, distill)``, each reduced.
     Others: as in :func:`fused_linear_distill_loss`.

@@ -90,7 +90,10 @@ def vocab_parallel_distill_loss(
       float32; the gradient comes back in this dtype).
     teacher_logits: this device's teacher logits, same shape; no gradient flows to them.
     labels: optional integer ids ``logits.shape[:-1]`` (global ids, replicated over
-      ``axis_name``); ``ignore_index`` marks ignored tokens. Only used for the mask.
+      ``axis_name``); ``ignore_index`` marks ignored tokens. Only used for the mask. A counted
+      label outside the whole vocabulary (``logits.shape[-1]`` times the size of
+      ``axis_name``) is a ``ValueError`` when the labels are known where the loss is traced
+      (NumPy closed over), and makes the loss NaN when they are traced.
     axis_name: the mesh axis (or tuple of axes) that splits the vocabulary; ``None`` if the
       vocabulary is not split.
     data_axis_name: the mesh axis (or tuple) that splits the tokens, or ``None``. When given,
@@ -131,19 +134,19 @@ def vocab_parallel_distill_loss(
     0.0
   """
   logits, teacher_logits = checks.logits_pair(logits, teacher_logits)
+  checks.mesh_axes(axis_name, data_axis_name)
+  vocab_size = logits.shape[-1] * (1 if axis_name is None else lax.axis_size(axis_name))
   tokens = checks.token_arguments(
       logits.shape[:-1], labels=labels, where=where, reduction=reduction,
       normalizer=normalizer, ignore_index=ignore_index, token_block=token_block,
-      token_weights=token_weights)
+      token_weights=token_weights, vocab_size=vocab_size)
   hp = checks.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
-  checks.mesh_axes(axis_name, data_axis_name)
   config, traced = config_lib.build(
       hp, divergence=divergence, temperature_squared=bool(temperature_squared),
       reduction=reduction, ignore_index=ignore_index,
       implementation=_blocked_only(implementation), token_block=tokens.token_block,
       axis_name=axis_name, data_axis_name=data_axis_name)
   mask = reductions.token_mask(logits.shape[:-1], tokens.labels, tokens.where, ignore_index)
-  vocab_size = logits.shape[-1] * (1 if axis_name is None else lax.axis_size(axis_name))
   loss, _ = reductions.reduced_loss(
       lambda weights: implementations.materialised(
           config, traced, logits, (teacher_logits,), weights, mask=mask,
@@ -230,7 +233,9 @@ def vocab_parallel_fused_linear_distill_loss(
     student_kernel: this device's vocabulary slice ``[d_student, vocab / n]`` (flax layout).
     teacher_hidden: ``[..., d_teacher]``, the same tokens; no gradient flows to the teacher.
     teacher_kernel: ``[d_teacher, vocab / n]``, the same slice of the vocabulary.
-    labels: optional integer ids ``student_hidden.shape[:-1]`` for the mask.
+    labels: optional integer ids ``student_hidden.shape[:-1]`` for the mask; a counted one
+      must be an id of the whole vocabulary (``student_kernel.shape[-1]`` times the size of
+      ``axis_name``), checked where known as in :func:`vocab_parallel_distill_loss`.
     axis_name: the mesh axis (or tuple) that splits the vocabulary; ``None`` if not split.
     data_axis_name: the mesh axis (or tuple) that splits the tokens, or ``None``; see
       :func:`vocab_parallel_distill_loss`.

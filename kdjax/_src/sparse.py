@@ -437,7 +437,7 @@ def _call(logits, teacher_ids, teacher_logprobs, labels, *, tail, divergence, be
   tokens = checks.token_arguments(
       logits.shape[:-1], labels=labels, where=where, reduction=reduction,
       normalizer=normalizer, ignore_index=ignore_index, token_block=token_block,
-      token_weights=token_weights)
+      token_weights=token_weights, vocab_size=logits.shape[-1])
   checks.one_of("tail", tail, TAILS)
   hp = checks.hyperparameters(divergence, temperature=temperature, beta=beta, alpha=alpha)
   if tail == "zero" and divergence != "forward_kl":
@@ -520,7 +520,9 @@ def sparse_distill_loss(
       bfloat16), or a repeated id is a ``ValueError`` naming the first bad token (raw logits,
       for example from ``jax.lax.top_k``, are refused so). Traced ones are used as given.
     labels: optional integer ``logits.shape[:-1]``; tokens equal to ``ignore_index`` are
-      excluded (the values are not used otherwise).
+      excluded (the values are not used otherwise). A counted label outside ``[0, vocab)`` is
+      a ``ValueError`` when the labels are known at the call, and makes the loss NaN when they
+      are traced.
     tail: what to do with the teacher's mass outside the top ``k``: ``"bucket"`` (the
       default: a true divergence, ``0 <= bucket <= forward_kl``, and in training within a few
       thousandths of a nat of dense distillation at ``k = 32``), ``"zero"`` or

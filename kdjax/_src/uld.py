@@ -223,7 +223,8 @@ def uld_loss(
     teacher_logits: teacher logits ``[..., V_t]`` at the same positions (same shape but for the
       vocabulary axis; ``V_t`` may be smaller or larger than ``V_s``). No gradient flows to it.
     labels: optional integer ``logits.shape[:-1]``: tokens equal to ``ignore_index`` are not
-      counted; a counted label outside ``[0, V_s)`` makes the loss NaN, as in
+      counted; a counted label outside ``[0, V_s)`` is a ``ValueError`` when the labels are
+      known at the call and makes the loss NaN when they are traced, as in
       :func:`kdjax.distill_loss`. Not used otherwise.
     temperature: the student's softmax temperature ``T > 0`` (a number, or a scalar array to
       schedule it).
@@ -264,7 +265,7 @@ def uld_loss(
   tokens = checks.token_arguments(
       logits.shape[:-1], labels=labels, where=where, reduction=reduction,
       normalizer=normalizer, ignore_index=ignore_index, token_block=token_block,
-      token_weights=token_weights)
+      token_weights=token_weights, vocab_size=logits.shape[-1])
   temperature = checks.temperature(temperature)
   teacher_temperature = (temperature if teacher_temperature is None
                          else checks.temperature(teacher_temperature, "teacher_temperature"))
