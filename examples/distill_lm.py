@@ -142,6 +142,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                  f"({args.seq_len}): the prompt is the rest of the window")
   if args.step_sleep < 0:
     parser.error("--step-sleep must be >= 0")
+  # The losses refuse a beta that their divergence does not read; say so before any training.
+  default_beta = parser.get_default("on_policy_beta")
+  if args.on_policy_divergence != "generalized_jsd" and args.on_policy_beta != default_beta:
+    parser.error(f"--on-policy-beta ({args.on_policy_beta:g}) is read only by "
+                 f"--on-policy-divergence generalized_jsd, got --on-policy-divergence "
+                 f"{args.on_policy_divergence}: drop --on-policy-beta (or leave it at "
+                 f"{default_beta:g})")
   args.out = check_output_folder(parser, args.out)
   return args
 

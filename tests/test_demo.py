@@ -234,6 +234,8 @@ def _expect_usage_error(argv, capsys, *needles):
     (["--on-policy-fraction", "1.5"], ["--on-policy-fraction", "[0, 1]"]),
     (["--on-policy-beta", "-1"], ["--on-policy-beta", "[0, 1]"]),
     (["--on-policy-divergence", "jsd"], ["--on-policy-divergence", "generalized_jsd"]),
+    (["--on-policy-divergence", "reverse_kl", "--on-policy-beta", "0.2"],
+     ["--on-policy-beta (0.2)", "only by --on-policy-divergence generalized_jsd", "reverse_kl"]),
     (["--sample-temperature", "0"], ["--sample-temperature", "> 0"]),
     # Positive, but outside the float32 range the losses check (1 / T a finite, normal float32).
     (["--temperature", "1e-50"], ["--temperature", "normal float32", "got 1e-50"]),
@@ -245,6 +247,15 @@ def _expect_usage_error(argv, capsys, *needles):
 ])
 def test_bad_flags_exit_2_with_one_line(argv, needles, capsys):
   _expect_usage_error(argv, capsys, *needles)
+
+
+def test_on_policy_beta_goes_with_generalized_jsd_only(tmp_path):
+  # The losses refuse a beta other than the default for a divergence that does not read it.
+  out = ["--out", str(tmp_path / "run")]
+  args = distill_lm.parse_args(["--on-policy-beta", "0.2"] + out)
+  assert (args.on_policy_divergence, args.on_policy_beta) == ("generalized_jsd", 0.2)
+  args = distill_lm.parse_args(["--on-policy-divergence", "reverse_kl"] + out)
+  assert args.on_policy_beta == 0.5
 
 
 @pytest.mark.parametrize("temperature", [
