@@ -350,6 +350,12 @@ def occupancy(regs: int, threads: int, shared: int) -> int:
   return min(by_regs, SM_THREADS // threads, SM_SHARED // (shared + CTA_RESERVED_SHARED), SM_CTAS)
 
 
+def counted_walks(sass: dict) -> list[dict]:
+  """The walks a counted token takes: a loop that stores without loading is the zero gradient
+  of a token of weight 0, taken instead of the gradient's walk."""
+  return [w for w in sass["walks"] if w["load_bytes"] or not w["store_bytes"]]
+
+
 def row_cost(sass: dict, *, vocab: int, tile: int, threads: int) -> dict[str, float]:
   """Per row: HBM bytes read and written (no L2 reuse) and warp instructions.
 
@@ -363,11 +369,12 @@ def row_cost(sass: dict, *, vocab: int, tile: int, threads: int) -> dict[str, fl
   remainder = vocab - trips * tile
   ragged = sass["outer"] if sass["persistent"] else sass["outside"]
   valid = remainder / min(tile, 1 << max(remainder - 1, 0).bit_length()) if remainder else 0.0
-  reads = sum(w["load_bytes"] for w in sass["walks"]) * threads * trips
-  writes = sum(w["store_bytes"] for w in sass["walks"]) * threads * trips
+  walks = counted_walks(sass)
+  reads = sum(w["load_bytes"] for w in walks) * threads * trips
+  writes = sum(w["store_bytes"] for w in walks) * threads * trips
   reads += ragged["wide_load_bytes"] * threads * valid
   writes += ragged["wide_store_bytes"] * threads * valid
-  instructions = sum(w["instr"] for w in sass["walks"]) * trips + ragged["instr"]
+  instructions = sum(w["instr"] for w in walks) * trips + ragged["instr"]
   return dict(reads=int(reads), writes=int(writes), trips=trips,
               warp_instructions=instructions * threads // 32)
 
@@ -384,6 +391,15 @@ def _gpu_tile() -> int:
   except ImportError:
     return 2048
   return int(getattr(pallas, "GPU_TILE", 2048))
+
+
+def _case_tile(tile: int, vocab: int, dtype: str) -> int:
+  """The tile the kernel takes at this vocabulary and dtype (float32 logits: half)."""
+  try:
+    from kdjax._src import pallas
+    return int(pallas.gpu_tile(vocab, (dtype, dtype), tile))
+  except (ImportError, AttributeError):
+    return tile
 
 
 def _sass_tool(name: str) -> str:
@@ -468,6 +484,7 @@ def _kernel_row(case: Case, target: str, result: dict, kernel: str, tile: int) -
   ptxas, launch, sass = result["ptxas"][kernel], result["thunks"][kernel], result["sass"][kernel]
   threads = launch["threads"]
   ctas = occupancy(ptxas["regs"], threads, launch["shared"])
+  tile = _case_tile(tile, vocab, dtype)
   cost = row_cost(sass, vocab=vocab, tile=tile, threads=threads)
   programs = launch["grid"]
   per_program = sass["outside"]["instr"] * threads // 32 if sass["persistent"] else 0
@@ -512,8 +529,9 @@ def print_report(target: str, tile: int, cases: dict[str, Case], results: dict) 
   chip = TARGETS[target]
   used = sorted({r["ptxas_used"] for r in results.values() if r.get("ptxas_used")})
   print(f"\n# {chip.name} (sm_90a): compiled, not measured (XLA deviceless AOT)\n")
-  print(f"ptxas: {', '.join(used) or '?'}; vocabulary tile {tile}; {chip.sms} SMs, "
-        f"{chip.l2_bytes >> 20} MiB L2, {chip.bandwidth / 1e12:.2f} TB/s.\n")
+  print(f"ptxas: {', '.join(used) or '?'}; vocabulary tile {tile} (float32 logits: "
+        f"{tile // 2}); {chip.sms} SMs, {chip.l2_bytes >> 20} MiB L2, "
+        f"{chip.bandwidth / 1e12:.2f} TB/s.\n")
   print("| case | shape | compiled | Triton calls | kernel | regs | spills st/ld B | stack B "
         "| CTAs/SM (occupancy) | grid | warps | HBM read / write per row | vs 3·V·itemsize |")
   print("|" + "---|" * 13)
@@ -536,7 +554,8 @@ def print_report(target: str, tile: int, cases: dict[str, Case], results: dict) 
             f"| {row['threads'] // 32} | {row['reads'] / 1e6:.3f} / {row['writes'] / 1e6:.3f} MB "
             f"| {row['bytes_vs_bound']:.2f}x |")
 
-  print(f"\n## SASS per {tile}-entry tile per warp, and times at [tokens, vocab]\n")
+  print(f"\n## SASS per tile per warp ({tile} entries, float32: {tile // 2}), and times at "
+        "[tokens, vocab]\n")
   print("| case | SASS instr. | walks (innermost loops): instr / LDG.128 / STG.128 / MUFU / BAR "
         "/ SHFL / async | persistent | resident rows (L2 footprint) | issue-bound ms "
         "| HBM ms, no reuse | HBM ms, bound |")
@@ -544,15 +563,19 @@ def print_report(target: str, tile: int, cases: dict[str, Case], results: dict) 
   for name, r in results.items():
     for row in r.get("rows") or []:
       sass = r["sass"][row["kernel"]]
-      walks = "; ".join(f"{w['instr']}/{w['ldg128']}/{w['stg128']}/{w['mufu']}/{w['bar']}"
-                        f"/{w['shfl']}/{w['async_copies']}" for w in sass["walks"])
+      counted = counted_walks(sass)
+      walks = "; ".join(f"{'' if w in counted else '(zero) '}{w['instr']}/{w['ldg128']}"
+                        f"/{w['stg128']}/{w['mufu']}/{w['bar']}/{w['shfl']}/{w['async_copies']}"
+                        for w in sass["walks"])
       print(f"| {name} | {sass['total']} | {walks} | {'yes' if sass['persistent'] else 'no'} "
             f"| {row['resident_rows']} ({row['l2_footprint'] / 2**20:.0f} MiB vs "
             f"{chip.l2_bytes >> 20} MiB) | {row['issue_ms']:.1f} | {row['hbm_ms']:.1f} "
             f"| {row['bound_ms']:.1f} |")
   print(f"\nissue-bound: warp instructions per row x rows / ({chip.sms} SMs x {ISSUE_PER_CLOCK} "
         f"a clock x {chip.clock_ghz} GHz), no stalls; HBM: the bytes counted above at "
-        f"{chip.bandwidth / 1e12:.2f} TB/s; bound: 3·V·itemsize bytes a row.")
+        f"{chip.bandwidth / 1e12:.2f} TB/s; bound: 3·V·itemsize bytes a row. (zero): a token "
+        f"of weight 0 writes its zero gradient in this walk instead of the gradient's; not "
+        f"counted.")
 
   for name, r in results.items():
     case = cases[name]

@@ -87,6 +87,22 @@ def test_row_cost_one_row_per_program_counts_the_code_outside_loops():
   assert cost["warp_instructions"] == (2 * 2 + 2) * 4
 
 
+def test_a_loop_that_only_stores_is_the_zero_gradient_not_counted():
+  # A walk that reads, then two alternatives: the zero gradient of a token of weight 0 (stores
+  # only) and the gradient's walk (reads and stores); a counted token takes the latter.
+  code = _sass([(0x00, "LDG.E.128 R8, desc[UR6][R4.64]"), (0x10, "@P0 BRA 0x0"),
+                (0x20, "STG.E.128 desc[UR6][R4.64], RZ"), (0x30, "STG.E.128 desc[UR6][R6.64], RZ"),
+                (0x40, "@P1 BRA 0x20"),
+                (0x50, "LDG.E.128 R8, desc[UR6][R4.64]"), (0x60, "STG.E.128 desc[UR6][R4.64], R8"),
+                (0x70, "@P2 BRA 0x50"), (0x80, "EXIT")])
+  sass = compile_gpu.analyse_sass(code)
+  assert [w["instr"] for w in sass["walks"]] == [2, 3, 3]
+  assert [w["instr"] for w in compile_gpu.counted_walks(sass)] == [2, 3]
+  cost = compile_gpu.row_cost(sass, vocab=4096, tile=2048, threads=128)
+  assert cost["reads"] == 2 * (16 + 16) * 128 and cost["writes"] == 2 * 16 * 128
+  assert cost["warp_instructions"] == (2 * (2 + 3) + 1) * 4
+
+
 @pytest.mark.parametrize("regs, threads, shared, ctas", [
     (58, 256, 32, 4), (76, 256, 32, 3), (114, 256, 32, 2), (32, 1024, 0, 2),
     (16, 128, 100_000, 2)])

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 import kdjax
 from kdjax._src import checks, dense, pallas, reductions, reference
 from kdjax._src import config as config_lib
+from kdjax._src import divergences as div
 
 IGNORE = -100
 # Two full GPU tiles and a ragged one; the last 7 entries are padding (-inf on both sides).
@@ -55,8 +56,10 @@ def _inputs(seed, shape, dtype, *, cross_entropy=True):
 
 
 def _hyperparameters(divergence):
-  """Traced beta for the JSD (its endpoints are selected at run time), static alpha."""
-  return dict(beta=jnp.float32(0.3), alpha=0.2)
+  """Traced beta for the JSD (its endpoints are selected at run time), static alpha; only
+  those ``divergence`` reads."""
+  given = dict(beta=jnp.float32(0.3), alpha=0.2)
+  return {name: given[name] for name in div.DIVERGENCES[divergence].hyperparameters}
 
 
 def _assert_close(got, want, *, rtol, atol=1e-6):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import kdjax
-from kdjax._src import checks, dense, pallas
+from kdjax._src import checks, dense, pallas, recipe
 from kdjax._src import config as config_lib
 from kdjax._src import divergences as div
 from kdjax._src import reference as reference_impl
@@ -59,18 +59,55 @@ def _inputs(seed, tokens, vocab):
 # Tiles of 128 entries in 4 chunks of 32 lanes (Triton) at vocabulary 300 leave a ragged 44,
 # read with a mask; Mosaic's 256-wide tiles of 2 chunks of 128 lanes leave 44 at vocabulary 300
 # (an overlapping last tile) and an aligned 128 at vocabulary 384.
+def _two_sum(a, b):
+  """``a + b`` and its rounding error, exactly (Knuth: additions only)."""
+  total = a + b
+  b_part = total - a
+  return total, (a - (total - b_part)) + (b - b_part)
+
+
+def _split(x):
+  """``x`` as a sum of two float32 halves of 12 significant bits (their products are exact)."""
+  high = jax.lax.bitcast_convert_type(
+      jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFFF000), jnp.float32)
+  return high, x - high
+
+
+def _fma(a, b, c):
+  """``a * b + c`` rounded (about) once, as a GPU's FFMA: the product as four exact partial
+  products, summed with ``c`` in two floats."""
+  a, b, c = (jnp.asarray(v, jnp.float32) for v in (a, b, c))
+  (a_high, a_low), (b_high, b_low) = _split(a), _split(b)
+  high, low = _two_sum(a_high * b_high, c)
+  for part in (a_high * b_low, a_low * b_high, a_low * b_low):
+    high, error = _two_sum(high, part)
+    low = low + error
+  finite = jnp.isfinite(a) & jnp.isfinite(b) & jnp.isfinite(c)
+  return jnp.where(finite, high + low, a * b + c)
+
+
 KERNELS = {
     "gpu-300": (pallas.Variant("triton", 128, interpret=True, lanes=32), 300),
+    # The GPU's arithmetic: maxima held as m c, entries y = fma(x, c, -m c).
+    "gpu-fma-300": (pallas.Variant("triton", 128, interpret=True, lanes=32,
+                                   arith=recipe.Arith(jnp.exp2, _fma)), 300),
     "tpu-300": (pallas.Variant("mosaic", 256, interpret=True, rows=8), 300),
     "tpu-384": (pallas.Variant("mosaic", 256, interpret=True, rows=8), 384),
 }
+
+
+def _read_by(divergence):
+  """The hyperparameters of HYPERPARAMETERS that ``divergence`` reads."""
+  return {name: value for name, value in HYPERPARAMETERS.items()
+          if name in div.DIVERGENCES[divergence].hyperparameters}
 
 
 def _kernel_rows(kernel, divergence, *, temperature, cross_entropy, kd_coef=0.6):
   variant, vocab = KERNELS[kernel]
   student, teacher, labels = _inputs(zlib.crc32(f"{kernel} {divergence}".encode()), 16, vocab)
   hp = checks.hyperparameters(divergence, temperature=temperature,
-                              kd_coef=kd_coef if cross_entropy else None, **HYPERPARAMETERS)
+                              kd_coef=kd_coef if cross_entropy else None,
+                              **_read_by(divergence))
   config, traced = config_lib.build(hp, divergence=divergence, temperature_squared=True,
                                     cross_entropy=cross_entropy)
   loop = pallas.loop(variant, dense.blocked(dense.teacher_logits_block))
@@ -234,3 +271,4 @@ def test_kd_coef_zero_and_one_drop_the_other_term_exactly(implementation, traced
       np.testing.assert_allclose(value, expected, rtol=1e-5)
       if kd_coef == 1.0:
         assert np.isfinite(grad).all()
+

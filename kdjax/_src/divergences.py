@@ -49,6 +49,9 @@ import jax.numpy as jnp
 Array = jax.Array
 _T = TypeVar("_T")
 Scalar = Any  # a Python float or a float32 scalar array (traced under jit).
+# The natural log a divergence takes of what it computes itself (a mixture's probabilities); a
+# kernel may bring the hardware's own.
+Log = Callable[[Array], Array]
 
 
 class Terms(NamedTuple):
@@ -74,7 +77,7 @@ def dist(log: Array, prob: Array | None = None) -> Dist:
   return Dist(log, prob, has_mass, jnp.where(has_mass, log, 0.0))
 
 
-def _mixture(weight_a: Scalar, a: Dist, b: Dist) -> Dist:
+def _mixture(weight_a: Scalar, a: Dist, b: Dist, log: Log) -> Dist:
   """``weight_a * a + (1 - weight_a) * b`` in probability space.
 
   Probability space costs one log per entry instead of a log-add-exp. Entries whose
@@ -83,7 +86,7 @@ def _mixture(weight_a: Scalar, a: Dist, b: Dist) -> Dist:
   """
   prob = weight_a * a.prob + (1.0 - weight_a) * b.prob
   has_mass = prob > 0
-  safe_log = jnp.log(jnp.where(has_mass, prob, 1.0))
+  safe_log = log(jnp.where(has_mass, prob, 1.0))
   return Dist(jnp.where(has_mass, safe_log, -jnp.inf), prob, has_mass, safe_log)
 
 
@@ -98,44 +101,45 @@ def _kl_terms(x: Dist, y: Dist) -> Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def _soft_cross_entropy(p: Dist, q: Dist, hp: Mapping[str, Scalar]) -> Terms:
-  del hp
+def _soft_cross_entropy(p: Dist, q: Dist, hp: Mapping[str, Scalar], log: Log = jnp.log) -> Terms:
+  del hp, log
   both = p.has_mass & q.has_mass
   return Terms(jnp.where(both, -p.prob * q.safe_log, 0.0), jnp.where(both, -p.prob, 0.0))
 
 
-def _forward_kl(p: Dist, q: Dist, hp: Mapping[str, Scalar]) -> Terms:
-  del hp
+def _forward_kl(p: Dist, q: Dist, hp: Mapping[str, Scalar], log: Log = jnp.log) -> Terms:
+  del hp, log
   both = p.has_mass & q.has_mass
   return Terms(_kl_terms(p, q), jnp.where(both, -p.prob, 0.0))
 
 
-def _reverse_kl(p: Dist, q: Dist, hp: Mapping[str, Scalar]) -> Terms:
-  del hp
+def _reverse_kl(p: Dist, q: Dist, hp: Mapping[str, Scalar], log: Log = jnp.log) -> Terms:
+  del hp, log
   both = p.has_mass & q.has_mass
   value = _kl_terms(q, p)
   return Terms(value, jnp.where(both, value + q.prob, 0.0))
 
 
-def _jsd_interior(p: Dist, q: Dist, beta: Scalar) -> Terms:
-  m = _mixture(beta, p, q)
+def _jsd_interior(p: Dist, q: Dist, beta: Scalar, log: Log) -> Terms:
+  m = _mixture(beta, p, q, log)
   student_side = _kl_terms(q, m)
   value = beta * _kl_terms(p, m) + (1.0 - beta) * student_side
   # d/dlog_q of the two KL terms; the mixture's own derivative cancels exactly.
   return Terms(value, (1.0 - beta) * student_side)
 
 
-def _generalized_jsd(p: Dist, q: Dist, hp: Mapping[str, Scalar]) -> Terms:
+def _generalized_jsd(p: Dist, q: Dist, hp: Mapping[str, Scalar],
+                     log: Log = jnp.log) -> Terms:
   beta = hp["beta"]
   if isinstance(beta, (int, float)):  # Static: pick the branch at trace time.
     if beta == 0:
       return _forward_kl(p, q, hp)
     if beta == 1:
       return _reverse_kl(p, q, hp)
-    return _jsd_interior(p, q, beta)
+    return _jsd_interior(p, q, beta, log)
   # Traced beta (for example a schedule): TRL's endpoints are special cases, not limits of the
   # interior formula (which tends to 0 at both ends), so select them explicitly.
-  interior = _jsd_interior(p, q, beta)
+  interior = _jsd_interior(p, q, beta, log)
   forward = _forward_kl(p, q, hp)
   reverse = _reverse_kl(p, q, hp)
   return Terms(*(
@@ -144,25 +148,27 @@ def _generalized_jsd(p: Dist, q: Dist, hp: Mapping[str, Scalar]) -> Terms:
   ))
 
 
-def _skew_forward_kl(p: Dist, q: Dist, hp: Mapping[str, Scalar]) -> Terms:
+def _skew_forward_kl(p: Dist, q: Dist, hp: Mapping[str, Scalar],
+                     log: Log = jnp.log) -> Terms:
   alpha = hp["alpha"]
-  m = _mixture(alpha, p, q)
+  m = _mixture(alpha, p, q, log)
   both = p.has_mass & m.has_mass
   ratio = q.prob / jnp.where(m.has_mass, m.prob, 1.0)
   return Terms(_kl_terms(p, m), jnp.where(both, -(1.0 - alpha) * p.prob * ratio, 0.0))
 
 
-def _skew_reverse_kl(p: Dist, q: Dist, hp: Mapping[str, Scalar]) -> Terms:
+def _skew_reverse_kl(p: Dist, q: Dist, hp: Mapping[str, Scalar],
+                     log: Log = jnp.log) -> Terms:
   alpha = hp["alpha"]
-  m = _mixture(alpha, q, p)
+  m = _mixture(alpha, q, p, log)
   both = q.has_mass & m.has_mass
   value = _kl_terms(q, m)
   ratio = q.prob / jnp.where(m.has_mass, m.prob, 1.0)
   return Terms(value, jnp.where(both, value + q.prob * (1.0 - alpha * ratio), 0.0))
 
 
-def _total_variation(p: Dist, q: Dist, hp: Mapping[str, Scalar]) -> Terms:
-  del hp
+def _total_variation(p: Dist, q: Dist, hp: Mapping[str, Scalar], log: Log = jnp.log) -> Terms:
+  del hp, log
   diff = p.prob - q.prob
   return Terms(0.5 * jnp.abs(diff), -0.5 * jnp.sign(diff) * q.prob)
 
@@ -213,7 +219,7 @@ class DivergenceSpec(NamedTuple):
   :class:`OnlineValue`, or None when the value needs the final normalisers."""
 
   name: str
-  terms: Callable[[Dist, Dist, Mapping[str, Scalar]], Terms]
+  terms: Callable[..., Terms]  # (teacher, student, hyperparameters, log=jnp.log)
   hyperparameters: tuple[str, ...]
   formula: str
   online: Callable[[Mapping[str, Scalar]], OnlineValue | None] = _no_fold

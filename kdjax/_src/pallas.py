@@ -59,12 +59,15 @@ from kdjax._src.config import Config
 
 Array = jax.Array
 
-# GPU: vocabulary entries per tile and per chunk (powers of two) and Triton's launch parameters.
-# 2048-entry tiles in 4 chunks of 512 (2 entries per thread a chunk with 8 warps): the compiled
-# kd_loss kernel takes 56 registers (4 programs per SM) and 414 instructions per tile and warp
-# over its two walks; tiles of 4096 or chunks of 1024 issue within 5% of that with 64-110
-# registers (benchmarks/compile_gpu.py). The device sweep is benchmarks/bench_accelerator.py's.
-GPU_TILE = 2048
+# GPU: vocabulary entries per tile (of 16-bit logits; float32 ones take half) and per chunk
+# (powers of two) and Triton's launch parameters. 4096-entry tiles in 8 chunks of 512 (2 entries
+# per thread a chunk with 8 warps): the compiled kd_loss kernel at [16384, 128256] bfloat16 takes
+# 64 registers (4 programs per SM) and 555 instructions per tile and warp over its two walks,
+# 0.58x the HBM bound's time at issue; 2048-entry tiles take 1.09x those instructions per entry
+# (the per-lane rescales amortised over half the entries); chunks of 1024 about as many with 77
+# registers (3 programs per SM) (benchmarks/compile_gpu.py). The device sweep is
+# benchmarks/bench_accelerator.py's.
+GPU_TILE = 4096
 GPU_LANES = 512
 GPU_WARPS = 8
 GPU_STAGES = 2
@@ -99,6 +102,7 @@ class Variant(NamedTuple):
   interpret: bool = False  # Pallas interpret mode: XLA operations on any backend.
   rows: int | None = None  # "mosaic": rows per block (None: as many as VMEM takes).
   lanes: int | None = None  # per-lane statistics' width (None: GPU_LANES or TPU_LANES).
+  arith: recipe.Arith | None = None  # exp2 and multiply-add (None: the backend's own).
 
 
 TRITON = Variant("triton", GPU_TILE)
@@ -170,6 +174,7 @@ class _Tiles(NamedTuple):
   lanes: int
   masked: bool
   unroll: int = 1  # tiles per loop iteration (Mosaic does not pipeline across iterations).
+  widen: Callable[[Array], Array] | None = None  # 16-bit entries to float32 (None: astype).
 
   def fold(self, body: Callable[[_Tile, Any], Any], carry):
     """``carry = body(tile, carry)`` over the tiles of the vocabulary, in order."""
@@ -217,7 +222,8 @@ class _Tiles(NamedTuple):
       view = ref.at[:, columns]
       chunk = view[...] if valid is None else plt.load(
           view, mask=valid, other=jnp.array(-jnp.inf, ref.dtype))
-      chunks.append(chunk.astype(jnp.float32))
+      widen = self.widen if self.widen is not None and chunk.dtype == jnp.bfloat16 else None
+      chunks.append(chunk.astype(jnp.float32) if widen is None else widen(chunk))
     return tuple(chunks)
 
   def write(self, ref, tile: _Tile, chunks: tuple[Array, ...]) -> None:
@@ -241,7 +247,7 @@ class _Layout(NamedTuple):
   column: bool  # per-row arrays are [tokens, 1] (Mosaic: a block's last two dimensions).
   tiles: _Tiles  # the walk of one group of rows.
   group: int  # rows walked together (Mosaic: a block's rows, group by group).
-  exp2: Callable[[Array], Array] = jnp.exp2  # the entries' base-2 exponential.
+  arith: recipe.Arith = recipe.JNP_ARITH  # the entries' exp2 and multiply-add.
 
   def row_array(self, x: Array) -> Array:
     return x.reshape(-1, 1) if self.column else x
@@ -290,7 +296,7 @@ def _body(config: Config, names: tuple[str, ...], layout: _Layout, refs: _Refs) 
         vocab_width=tiles.vocab,
         labels=layout.read_rows(refs.labels) if config.cross_entropy else None,
         weights=None if refs.weights is None else layout.read_rows(refs.weights),
-        emit=None if refs.grad is None else write_grad, emit_init=0, exp2=layout.exp2)
+        emit=None if refs.grad is None else write_grad, emit_init=0, arith=layout.arith)
     for ref, row in zip(refs.rows, rows, strict=True):
       layout.write_rows(ref, row)
 
@@ -317,23 +323,70 @@ def _body(config: Config, names: tuple[str, ...], layout: _Layout, refs: _Refs) 
 # ----------------------------------------------------------------------------------------------
 
 
+def _gpu_asm(instruction: str, *args) -> Array:
+  """One PTX float32 instruction per entry (the arguments broadcast to one shape)."""
+  shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in args))
+  operands = [jnp.broadcast_to(jnp.asarray(a, jnp.float32), shape) for a in args]
+  names = ", ".join(f"${j}" for j in range(len(args) + 1))
+  [result] = plt.elementwise_inline_asm(
+      f"{instruction} {names};", args=operands, constraints=",".join(["=f"] + ["f"] * len(args)),
+      pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])
+  return result
+
+
+def _gpu_widen(x: Array) -> Array:
+  """bfloat16 to float32 as one integer instruction an entry: the pair of entries a 32-bit
+  register holds shifted or masked into place (the compiler takes two for the upper one)."""
+  [result] = plt.elementwise_inline_asm(
+      "shl.b32 $0, $2, 16;\n\tand.b32 $1, $2, 0xffff0000;", args=[x], constraints="=r,=r,r",
+      pack=2, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+  return result
+
+
 def _gpu_exp2(x: Array) -> Array:
   """``exp2`` as one ``MUFU.EX2``: PTX's ``ex2.approx.ftz`` (libdevice's ``exp2f`` adds three
   instructions to return denormal results, below 1e-38, which no divergence can tell from 0)."""
-  [result] = plt.elementwise_inline_asm(
-      "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
-  return result
+  return _gpu_asm("ex2.approx.ftz.f32", x)
+
+
+def _gpu_fma(a, b, c) -> Array:
+  """``a * b + c`` as one ``FFMA``, rounded once: the kernel's code reaches the assembler with
+  every multiplication and addition rounded on its own (``mul.rn``, ``add.rn``), which it may
+  not fuse."""
+  return _gpu_asm("fma.rn.f32", a, b, c)
+
+
+def _gpu_log(x: Array) -> Array:
+  """``log`` of positive numbers as one ``MUFU.LG2`` (PTX's ``lg2.approx.ftz``, relative error
+  about 2**-22, against libdevice's ``logf``, about twenty instructions), times ln 2. A
+  subnormal argument, which ``ftz`` would read as 0, is taken as the smallest normal float
+  (its log is off by at most ln 2**23 on a term weighted by less than 1e-38)."""
+  tiny = float(jnp.finfo(jnp.float32).tiny)
+  return _gpu_asm("lg2.approx.ftz.f32", jnp.maximum(x, tiny)) * 0.6931471805599453
+
+
+_GPU_ARITH = recipe.Arith(_gpu_exp2, _gpu_fma, _gpu_log)
+
+
+def gpu_tile(vocab: int, dtypes, tile: int = GPU_TILE, lanes: int = GPU_LANES) -> int:
+  """The GPU kernel's tile for this vocabulary: ``tile`` entries of 16-bit logits, half as many
+  of float32 ones (the same registers), at least one chunk of ``lanes``, at most the
+  vocabulary's next power of two."""
+  wide = max(jnp.dtype(d).itemsize for d in dtypes) > 2
+  return min(max(tile // 2, lanes) if wide else tile, pl.next_power_of_2(vocab))
 
 
 def _layout_and_params(variant: Variant, num_tokens: int, vocab: int, dtypes):
   if variant.backend == "triton":
     params: plt.CompilerParams | pltpu.CompilerParams = plt.CompilerParams(
         num_warps=GPU_WARPS, num_stages=GPU_STAGES)
-    tile = min(variant.tile, pl.next_power_of_2(vocab))
-    lanes = min(variant.lanes or GPU_LANES, tile)
-    exp2 = jnp.exp2 if variant.interpret else _gpu_exp2
-    return (_Layout(1, False, _Tiles(1, vocab, tile, lanes, masked=True), 1, exp2),
+    lanes = variant.lanes or GPU_LANES
+    tile = gpu_tile(vocab, dtypes, variant.tile, lanes)
+    lanes = min(lanes, tile)
+    arith = variant.arith or (recipe.JNP_ARITH if variant.interpret else _GPU_ARITH)
+    widen = None if variant.interpret else _gpu_widen
+    return (_Layout(1, False, _Tiles(1, vocab, tile, lanes, masked=True, widen=widen), 1,
+                    arith),
             pl.BlockSpec(), params)
   if variant.backend != "mosaic":
     raise ValueError(f"unknown kernel backend {variant.backend!r}.")
@@ -350,7 +403,8 @@ def _layout_and_params(variant: Variant, num_tokens: int, vocab: int, dtypes):
   tile = max(lanes, min(variant.tile, vocab) // lanes * lanes)
   params = pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=vmem_limit)
   return (_Layout(rows, True, _Tiles(group, vocab, tile, lanes, masked=False,
-                                     unroll=TPU_UNROLL), group),
+                                     unroll=TPU_UNROLL), group,
+                  variant.arith or recipe.JNP_ARITH),
           pl.BlockSpec(memory_space=pltpu.SMEM), params)
 
 

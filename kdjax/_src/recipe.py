@@ -40,7 +40,7 @@ tiles.
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -181,9 +181,9 @@ def distribution(x: Array, stats: Stats, inv_temperature,
 
 
 def terms(config: Config, hp: Mapping[str, Any], teacher: div.Dist,
-          student: div.Dist) -> div.Terms:
+          student: div.Dist, log: div.Log = jnp.log) -> div.Terms:
   """The divergence's elementwise terms (``divergences.DIVERGENCES``)."""
-  return div.DIVERGENCES[config.divergence].terms(teacher, student, hp)
+  return div.DIVERGENCES[config.divergence].terms(teacher, student, hp, log=log)
 
 
 def label_entry(x: Array, labels: Array, start, row_max: Array, *,
@@ -497,10 +497,12 @@ class Lanes(NamedTuple):
   """Running statistics of a block of rows, one set per lane of a tile, through one walk.
 
   Every field is float32 ``[rows, lanes]`` during the walk (lane ``j`` has seen entries ``j``,
-  ``j + lanes``, ...) and ``[rows]`` once :func:`reduce_lanes` has combined the lanes. With an
-  online value (``divergences.OnlineValue``), ``w`` its weight side and ``o`` the other, and
-  entries counted where both sides have mass: ``mass = sum exp((x_w - max_w) / T)``,
-  ``weight_offset = sum exp(...) (x_w - max_w)``, ``other_offset = sum exp(...) (x_o - max_o)``
+  ``j + lanes``, ...) and ``[rows]`` once :func:`reduce_lanes` has combined the lanes; a max is
+  held as :class:`Arith` holds it. The entries enter in base-2 units, ``y = (x - m) c`` with
+  ``c = log2(e) / T`` and ``m`` the lane's (or row's) max. With an online value
+  (``divergences.OnlineValue``), ``w`` its weight side and ``o`` the other, and entries counted
+  where both sides have mass:
+  ``mass = sum 2**y_w``, ``weight_offset = sum 2**y_w y_w``, ``other_offset = sum 2**y_w y_o``
   (None where the value does not read them: the soft cross entropy has no ``log p`` term).
   """
 
@@ -513,91 +515,141 @@ class Lanes(NamedTuple):
   label: Array | None  # the student's raw logit at the label (0 elsewhere), summed.
 
 
+class Arith(NamedTuple):
+  """The elementwise operations a kernel brings, and how its statistics hold a max.
+
+  ``fma=None`` (plain ``jnp``): a max ``m`` is held raw, and an entry is ``y = (x - m) c`` in
+  base-2 units (``c = log2(e) / T``), shifted in raw-logit space before scaling. With ``fma``,
+  the hardware's multiply-add rounded once (a GPU's ``FFMA``, which the kernel's code does not
+  get otherwise: every multiplication and addition reaches the assembler rounded on its own),
+  a max is held as the float32 ``m c`` and ``y = fma(x, c, -m c)``: one instruction instead of
+  two. The product ``x c`` is exact inside the multiply-add, and every ``2**y`` and ``y`` of a
+  lane or row carries the same held ``m c`` (rounding commutes with the max, and a held max is
+  never recomputed from the raw one), so its rounding cancels from the probabilities and
+  log-probabilities as the raw shift's does: ``y`` keeps float32's relative precision at any
+  magnitude of the logits (``x c - m c`` rounded twice would not: at ``x = 1e8`` the ulp of
+  ``x c`` is 16).
+  """
+
+  exp2: Callable[[Array], Array] = jnp.exp2
+  fma: Callable[[Any, Any, Any], Array] | None = None
+  log: Callable[[Array], Array] = jnp.log  # of positive numbers (a mixture's probabilities).
+
+  def hold(self, row_max: Array, scale) -> Array:
+    """A raw max as the statistics hold it (``-inf`` stays ``-inf``)."""
+    return row_max if self.fma is None else row_max * scale
+
+  def scaled(self, x: Array, shift: Array, scale) -> Array:
+    """``y``: the raw entries ``x`` in base-2 units from a finite held max."""
+    return (x - shift) * scale if self.fma is None else self.fma(x, scale, -shift)
+
+  def between(self, a: Array, b: Array, scale) -> Array:
+    """``(a - b) c`` for two held maxima."""
+    return (a - b) * scale if self.fma is None else a - b
+
+  def madd(self, a, b, c) -> Array:
+    return a * b + c if self.fma is None else self.fma(a, b, c)
+
+
+JNP_ARITH = Arith()
+
+# exp(x / T) = 2 ** (x c) with c = log2(e) / T: one multiplication (or multiply-add) and the
+# hardware's base-2 exponential (GPUs: one MUFU.EX2) instead of a libm-accurate exp (ten
+# instructions); its relative error, a few float32 ulps, is far below the divergences' float32
+# rounding.
+_LOG2_E = 1.4426950408889634
+_LN_2 = 0.6931471805599453
+# Entries of a side with no mass are y = -inf; clamped where a zero weight multiplies them.
+_LOWEST = float(jnp.finfo(jnp.float32).min)
+
+
 class _Folded(NamedTuple):
   """One side's chunks of a tile folded into its per-lane statistics."""
 
   stats: Stats  # the lanes' statistics with the tile.
   rescale: Array  # what the lanes had summed is multiplied by this (their max rose).
-  rise: Array  # how far the lanes' (finite) max rose; any number for a lane with no mass yet.
-  gaps: tuple[Array, ...]  # each chunk's entries minus the lanes' new max.
-  exps: tuple[Array, ...]  # exp(gap / T): 0 at -inf entries.
+  rise: Array  # how far the lanes' (finite) max rose, base 2; any number for a lane with no mass.
+  ys: tuple[Array, ...]  # each chunk's entries in base-2 units from the lanes' new max.
+  exps: tuple[Array, ...]  # 2 ** y: 0 at -inf entries.
 
 
-def _fold_side(stats: Stats, chunks: tuple[Array, ...], inv_temperature, exp2) -> _Folded:
-  """A tile's chunks (``[rows, lanes]`` each) into per-lane statistics: the lanes' max moves
-  once per tile, one ``exp`` per entry and one per lane to rescale the old sum."""
-  new_max = functools.reduce(jnp.maximum, chunks, stats.max)
+def _fold_side(stats: Stats, chunks: tuple[Array, ...], scale, arith: Arith) -> _Folded:
+  """A tile's chunks (``[rows, lanes]`` each) into per-lane statistics (their max held as
+  :class:`Arith` holds it): the lanes' max moves once per tile, one ``exp2`` per entry and one
+  per lane to rescale the old sum."""
+  new_max = jnp.maximum(stats.max, arith.hold(functools.reduce(jnp.maximum, chunks), scale))
   shift = _finite(new_max)
-  rescale = _exp_scaled(stats.max - shift, inv_temperature, exp2)  # 0 for an empty lane
-  gaps = tuple(x - shift for x in chunks)
-  exps = tuple(_exp_scaled(gap, inv_temperature, exp2) for gap in gaps)
+  rescale = arith.exp2(arith.between(stats.max, shift, scale))  # 0 for a lane with no mass yet
+  ys = tuple(arith.scaled(x, shift, scale) for x in chunks)
+  exps = tuple(arith.exp2(y) for y in ys)
   total = functools.reduce(jnp.add, exps)
-  return _Folded(Stats(new_max, stats.sum_exp * rescale + total), rescale,
-                 shift - _finite(stats.max), gaps, exps)
+  return _Folded(Stats(new_max, arith.madd(stats.sum_exp, rescale, total)), rescale,
+                 arith.between(shift, _finite(stats.max), scale), ys, exps)
 
 
-def _fold_offsets(lanes: Lanes, weight_side: _Folded, other: _Folded, both: tuple[Array, ...]
+def _fold_offsets(lanes: Lanes, weight_side: _Folded, other: _Folded,
+                  other_has_mass: tuple[Array, ...], arith: Arith
                   ) -> tuple[Array, Array | None, Array | None]:
-  """The online value's sums (see :class:`Lanes`) with a tile more; ``both``: per chunk, the
-  entries where both sides have mass."""
+  """The online value's sums (see :class:`Lanes`) with a tile more; ``other_has_mass``: per
+  chunk, the entries where the other side has mass (the weight side's own ``2**y`` is 0 where
+  it has none)."""
   assert lanes.mass is not None
   mass = lanes.mass
-  new = tuple(jnp.where(b, e, 0.0) for b, e in zip(both, weight_side.exps, strict=True))
+  weights = tuple(jnp.where(m, e, 0.0) for m, e in zip(other_has_mass, weight_side.exps,
+                                                       strict=True))
 
   def offset(sums: Array | None, side: _Folded) -> Array | None:
     # The old sums are rescaled and move by the rise of the side's max. (One formula for both
-    # sides: equal inputs give equal sums.)
+    # sides: equal inputs give equal sums.) A -inf entry has weight 0: clamped, it adds 0.
     if sums is None:
       return None
-    gained = functools.reduce(jnp.add, (
-        jnp.where(b, e * gap, 0.0) for b, e, gap in zip(both, weight_side.exps, side.gaps,
-                                                         strict=True)))
-    return weight_side.rescale * (sums - side.rise * mass) + gained
+    total = weight_side.rescale * arith.madd(-side.rise, mass, sums)
+    for weight, y in zip(weights, side.ys, strict=True):
+      total = arith.madd(weight, jnp.maximum(y, _LOWEST), total)
+    return total
 
-  return (mass * weight_side.rescale + functools.reduce(jnp.add, new),
+  return (arith.madd(mass, weight_side.rescale, functools.reduce(jnp.add, weights)),
           offset(lanes.weight_offset, weight_side), offset(lanes.other_offset, other))
 
 
-# exp(x) = exp2(x log2 e): with the factor folded into 1 / T, one multiplication and the
-# hardware's base-2 exponential (GPUs: one MUFU.EX2) instead of a libm-accurate exp (ten
-# instructions); its relative error, a few float32 ulps times |x|, is far below the
-# divergences' float32 rounding.
-_LOG2_E = 1.4426950408889634
+class _Side(NamedTuple):
+  """One side's whole-row statistics as a kernel's later walks read them."""
+
+  shift: Array  # [rows, 1] the finite max, as held.
+  inverse_sum: Array  # [rows, 1] 1 / S (1 for an empty row).
+  log_sum: Array  # [rows, 1] log S (0 for an empty row).
 
 
-def _exp_scaled(x: Array, inv_temperature, exp2=jnp.exp2) -> Array:
-  """``exp(x / T)`` through ``exp2``."""
-  return exp2(x * (inv_temperature * _LOG2_E))
+def _side(stats: Stats) -> _Side:
+  return _Side(_finite(stats.max)[..., None],
+               _safe_reciprocal(stats.sum_exp)[..., None], _safe_log(stats.sum_exp)[..., None])
 
 
-def _kernel_distribution(x: Array, stats: Stats, inv_temperature, exp2=jnp.exp2) -> div.Dist:
-  """:func:`distribution`, its probabilities through :func:`_exp_scaled`, its mass read from
-  the logits (``x > -inf``: the same entries, one comparison fewer down the chain)."""
-  log = shifted(x, stats.max, inv_temperature) - _safe_log(stats.sum_exp)[..., None]
-  exps = _exp_scaled(x - _finite(stats.max)[..., None], inv_temperature, exp2)
+def _kernel_distribution(x: Array, side: _Side, scale, arith: Arith) -> tuple[div.Dist, Array]:
+  """:func:`distribution` in base 2 (``log = y ln 2 - log S``, ``prob = 2**y / S``), its mass
+  read from the logits (``x > -inf``: the same entries, one comparison fewer down the chain);
+  and ``2**y``."""
+  y = arith.scaled(x, side.shift, scale)
+  log = arith.madd(y, _LN_2, -side.log_sum)
+  exps = arith.exp2(y)
   has_mass = x > -jnp.inf
-  return div.Dist(log, exps * _safe_reciprocal(stats.sum_exp)[..., None], has_mass,
-                  jnp.where(has_mass, log, 0.0))
+  return div.Dist(log, exps * side.inverse_sum, has_mass, jnp.where(has_mass, log, 0.0)), exps
 
 
-def _lane_scale(lane_max: Array, row_max: Array, inv_temperature) -> Array:
-  """``exp((lane max - row max) / T)``: 0 for a lane with no mass, NaN when the row's max is
-  ``+inf`` (a ``+inf`` logit) or NaN."""
-  return jnp.exp((lane_max - _finite(row_max)[..., None]) * inv_temperature)
+def reduce_lanes(lanes: Lanes, online: div.OnlineValue | None, scale, arith: Arith) -> Lanes:
+  """Combines the lanes of every row (``[rows, lanes]`` to ``[rows]``): once per walk. A
+  lane's sums are rescaled by ``2**(m_lane c - m_row c)``: 0 for a lane with no mass, NaN when
+  the row's max is ``+inf`` (a ``+inf`` logit) or NaN."""
 
-
-def reduce_lanes(lanes: Lanes, online: div.OnlineValue | None, inv_temperature) -> Lanes:
-  """Combines the lanes of every row (``[rows, lanes]`` to ``[rows]``): once per walk."""
-
-  def stats(part: Stats, inv) -> tuple[Stats, Array]:
+  def stats(part: Stats, scale) -> tuple[Stats, Array]:
     row_max = jnp.max(part.max, axis=-1)
-    scale = _lane_scale(part.max, row_max, inv)
-    return Stats(row_max, jnp.sum(part.sum_exp * scale, axis=-1)), scale
+    lane_scale = arith.exp2(arith.between(part.max, _finite(row_max)[..., None], scale))
+    return Stats(row_max, jnp.sum(part.sum_exp * lane_scale, axis=-1)), lane_scale
 
-  student, student_scale = stats(lanes.student, inv_temperature)
-  teacher, teacher_scale = stats(lanes.teacher, inv_temperature)
+  student, student_scale = stats(lanes.student, scale)
+  teacher, teacher_scale = stats(lanes.teacher, scale)
   cross_entropy = (None if lanes.cross_entropy is None
-                   else stats(lanes.cross_entropy, 1.0)[0])
+                   else stats(lanes.cross_entropy, _LOG2_E)[0])
   label = None if lanes.label is None else jnp.sum(lanes.label, axis=-1)
   if online is None:
     return Lanes(student, teacher, cross_entropy, None, None, None, label)
@@ -605,21 +657,21 @@ def reduce_lanes(lanes: Lanes, online: div.OnlineValue | None, inv_temperature) 
   mass_lanes = lanes.mass
   weight_lanes, other_lanes = online.by_weight(lanes.teacher, lanes.student)
   weight_rows, other_rows = online.by_weight(teacher, student)
-  scale = online.by_weight(teacher_scale, student_scale)[0]
+  lane_scale = online.by_weight(teacher_scale, student_scale)[0]
   has_mass = mass_lanes > 0
 
   def offset(sums: Array | None, lane_max: Array, row_max: Array) -> Array | None:
     if sums is None:
       return None
-    rise = jnp.where(has_mass, (lane_max - _finite(row_max)[:, None]) * mass_lanes, 0.0)
-    return jnp.sum(scale * (sums + rise), axis=-1)
+    rise = arith.between(_finite(lane_max), _finite(row_max)[:, None], scale)
+    return jnp.sum(lane_scale * (sums + jnp.where(has_mass, rise * mass_lanes, 0.0)), axis=-1)
 
-  return Lanes(student, teacher, cross_entropy, jnp.sum(mass_lanes * scale, axis=-1),
+  return Lanes(student, teacher, cross_entropy, jnp.sum(mass_lanes * lane_scale, axis=-1),
                offset(lanes.weight_offset, weight_lanes.max, weight_rows.max),
                offset(lanes.other_offset, other_lanes.max, other_rows.max), label)
 
 
-def online_sums(online: div.OnlineValue, rows: Lanes, inv_temperature) -> tuple[Array, Array]:
+def online_sums(online: div.OnlineValue, rows: Lanes) -> tuple[Array, Array]:
   """The divergence's value and ``sum_v dlog_q`` per row from reduced :class:`Lanes`."""
   assert rows.mass is not None
   weight_stats = online.by_weight(rows.teacher, rows.student)[0]
@@ -635,22 +687,62 @@ def online_sums(online: div.OnlineValue, rows: Lanes, inv_temperature) -> tuple[
       assert offset_sum is not None
       offsets = offsets + coefficient * offset_sum
       log_sums = log_sums + coefficient * _safe_log(stats.sum_exp)
-  value = offsets * inverse_sum * inv_temperature - mass * log_sums
+  # (x - m) / T = y ln 2.
+  value = offsets * inverse_sum * _LN_2 - mass * log_sums
   return value, online.dvalue * value + online.dmass * mass
+
+
+def _linear(a: float, x: Array, b: float, y: Array) -> Array:
+  """``a x + b y`` for static coefficients, a subtraction where they are +-1."""
+  terms = [x if a == 1 else -x if a == -1 else a * x for a, x in ((a, x), (b, y)) if a]
+  return functools.reduce(jnp.add, terms)
+
+
+def _online_grad(online: div.OnlineValue, scale: GradScale, sum_dlog_q: Array,
+                 student: tuple[Array, Array, _Side], teacher: tuple[Array, Array, _Side],
+                 arith: Arith) -> Array:
+  """The divergence's share of a chunk's gradient, :func:`student_grad` with the entries'
+  ``dlog_q`` read from the online value: ``w (dvalue (teacher log p + student log q) + dmass)``
+  where both sides have mass, with ``w`` the weight side's probability. Each side is ``(raw
+  logits, y, statistics)``; the rows' coefficients are folded first, so an entry costs a few
+  multiply-adds."""
+  (x_student, y_student, s), (x_teacher, y_teacher, t) = student, teacher
+  coefficient = scale.divergence[:, None]
+  student_exps = arith.exp2(y_student)
+  # -q sum(g), with q = 2**y_s / S_s.
+  student_term = student_exps * (-coefficient * s.inverse_sum * sum_dlog_q[:, None])
+  weight_exps, weight = ((student_exps, s) if online.weight == "student"
+                         else (arith.exp2(y_teacher), t))
+  other_x = online.by_weight(x_teacher, x_student)[1]
+  if not online.dvalue:
+    # g = w dmass where the other side has mass (the weight side's 2**y is 0 where it has none).
+    weights = jnp.where(other_x > -jnp.inf, weight_exps, 0.0)
+    return arith.madd(weights, coefficient * weight.inverse_sum * online.dmass, student_term)
+  # dvalue (teacher (y_t ln 2 - log S_t) + student (y_s ln 2 - log S_s)) + dmass.
+  linear = _linear(online.teacher, y_teacher, online.student, y_student)
+  constant = online.dmass - online.dvalue * (online.teacher * t.log_sum
+                                             + online.student * s.log_sum)
+  both = (x_student > -jnp.inf) & (x_teacher > -jnp.inf)
+  inner = jnp.where(both, arith.madd(linear, online.dvalue * _LN_2, constant), 0.0)
+  if online.weight == "student":  # q (inner A + B): one multiplication an entry fewer.
+    return student_exps * arith.madd(inner, coefficient * weight.inverse_sum,
+                                     -coefficient * s.inverse_sum * sum_dlog_q[:, None])
+  return arith.madd(weight_exps * inner, coefficient * weight.inverse_sum, student_term)
 
 
 def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, lane_width: int,
           vocab_width: int, labels: Array | None = None, weights: Array | None = None,
-          emit=None, emit_init: Any = None, exp2=jnp.exp2) -> tuple[Rows, Any]:
+          emit=None, emit_init: Any = None, arith: Arith = JNP_ARITH) -> tuple[Rows, Any]:
   """The recipe over a block of rows whose vocabulary a kernel walks tile by tile, keeping
   statistics per lane and combining the lanes once per walk (:func:`reduce_lanes`).
 
   A tile is a few chunks of ``lane_width`` entries: each lane's max moves once per tile (one
-  rescale per lane and tile), and each entry costs one ``exp``. Two walks when the divergence's
-  value folds online with the row statistics (its ``DIVERGENCES`` entry's ``online``): the
-  first gathers the statistics and the value's sums, the second (with ``emit``) hands each
-  tile's gradient over. Three otherwise: statistics, the terms' sums, the gradient. Arguments
-  as in :func:`tiled`, except:
+  rescale per lane and tile), and each entry costs one ``exp2``. Two walks when the
+  divergence's value folds online with the row statistics (its ``DIVERGENCES`` entry's
+  ``online``): the first gathers the statistics and the value's sums, the second (with
+  ``emit``) hands each tile's gradient over, its entries' ``dlog_q`` read from the same
+  ``online`` entry. Three otherwise: statistics, the terms' sums, the gradient. Arguments as in
+  :func:`tiled`, except:
 
   Args:
     walk: ``walk(body, carry)``; every tile's width is a multiple of ``lane_width``.
@@ -659,12 +751,13 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
       ``tile.start + j * lane_width ...`` (``-inf`` past the vocabulary). A tile may have
       ``counted_from``: the sums skip its entries below that id, which an earlier tile holds
       (their gradient is then written twice, the same).
-    emit: ``emit(tile, context, grad_chunks, carry)``.
+    emit: ``emit(tile, context, grad_chunks, carry)`` (context None where a token of weight 0
+      in a one-row block gets its zero gradient without its tiles being read).
     zeros: float32 zeros ``[rows, lane_width]``.
     lane_width: the lanes of the per-lane statistics.
-    exp2: the base-2 exponential of the entries (a kernel may bring the hardware's own).
+    arith: the kernel's ``exp2`` and multiply-add (:class:`Arith`).
   """
-  inv_temperature = inverse_temperature(hp)
+  scale = inverse_temperature(hp) * _LOG2_E
   online = div.DIVERGENCES[config.divergence].online(hp)
   separate = config.cross_entropy and not config.is_static("temperature", 1.0)
   empty = Stats(zeros - jnp.inf, zeros)
@@ -695,15 +788,16 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
 
   def first_step(tile, state: Lanes) -> Lanes:
     xs, xt, masks = counted_chunks(tile, *read(tile)[:2])
-    student = _fold_side(state.student, xs, inv_temperature, exp2)
-    teacher = _fold_side(state.teacher, xt, inv_temperature, exp2)
+    student = _fold_side(state.student, xs, scale, arith)
+    teacher = _fold_side(state.teacher, xt, scale, arith)
     cross_entropy = (None if state.cross_entropy is None
-                     else _fold_side(state.cross_entropy, xs, 1.0, exp2).stats)
+                     else _fold_side(state.cross_entropy, xs, _LOG2_E, arith).stats)
     mass, weight_offset, other_offset = state.mass, state.weight_offset, state.other_offset
     if online is not None:
-      both = tuple((s > -jnp.inf) & (t > -jnp.inf) for s, t in zip(xs, xt, strict=True))
+      other_x = online.by_weight(xt, xs)[1]
       mass, weight_offset, other_offset = _fold_offsets(
-          state, *online.by_weight(teacher, student), both)
+          state, *online.by_weight(teacher, student), tuple(x > -jnp.inf for x in other_x),
+          arith)
     label = state.label
     if label is not None:
       label = with_label(label, tile, xs, masks)
@@ -720,24 +814,26 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
   first = Lanes(empty, empty, empty if separate else None,
                 None if online is None else zeros, *offsets,
                 zeros if config.cross_entropy and online is not None else None)
-  rows = reduce_lanes(walk(first_step, first), online, inv_temperature)
-  student, teacher = rows.student, rows.teacher
-  ce_stats = rows.cross_entropy if separate else student
+  rows = reduce_lanes(walk(first_step, first), online, scale, arith)
+  student, teacher = _side(rows.student), _side(rows.teacher)
+  ce_stats = rows.cross_entropy if separate else rows.student
+  assert ce_stats is not None
+  ce_side = _side(ce_stats) if separate else student
 
   def chunk_terms(x_student, x_teacher):
-    q = _kernel_distribution(x_student, student, inv_temperature, exp2)
-    p = _kernel_distribution(x_teacher, teacher, inv_temperature, exp2)
-    return q, terms(config, hp, p, q)
+    q, student_exps = _kernel_distribution(x_student, student, scale, arith)
+    p, _ = _kernel_distribution(x_teacher, teacher, scale, arith)
+    return q, student_exps, terms(config, hp, p, q, arith.log)
 
   if online is not None:
-    value, dlog_q = online_sums(online, rows, inv_temperature)
+    value, dlog_q = online_sums(online, rows)
     label = rows.label
   else:
     def sums_step(tile, partial):
       value, dlog_q, label = partial
       xs, xt, masks = counted_chunks(tile, *read(tile)[:2])
       for x_student, x_teacher in zip(xs, xt, strict=True):
-        _, entry_terms = chunk_terms(x_student, x_teacher)
+        *_, entry_terms = chunk_terms(x_student, x_teacher)
         value = value + entry_terms.value
         if emit is not None:
           dlog_q = dlog_q + entry_terms.dlog_q
@@ -750,25 +846,54 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
   ce: dict[str, Any] = {}
   if config.cross_entropy:
     assert label is not None and ce_stats is not None
-    # A label outside the vocabulary matched no entry (0); finish makes its token NaN.
-    label_entry_sum = label - _finite(student.max)
+    # x[label] - max as the sums see it: ln 2 (x c - m c) at T = 1. A label outside the
+    # vocabulary matched no entry (0); finish makes its token NaN.
+    label_entry_sum = arith.scaled(label, ce_side.shift[:, 0], _LOG2_E) * _LN_2
     ce = dict(labels=labels, vocab_size=vocab_width, cross_entropy_sum_exp=ce_stats.sum_exp)
   sums = Sums(value, dlog_q if emit is not None else None, label_entry_sum)
-  result, scale = finish(config, hp, student, teacher, sums, weights=weights, **ce)
+  result, grad_scale = finish(config, hp, rows.student, rows.teacher, sums, weights=weights,
+                              **ce)
   if emit is None:
     return result, None
+  assert sums.dlog_q is not None
 
   def grad_step(tile, carry):
     xs, xt, context = read(tile)
     grads = []
     for start, x_student, x_teacher in zip(starts(tile), xs, xt, strict=True):
-      q, entry_terms = chunk_terms(x_student, x_teacher)
-      ce_grad = None
+      if online is not None:
+        y_student = arith.scaled(x_student, student.shift, scale)
+        grad = _online_grad(
+            online, grad_scale, sums.dlog_q,
+            (x_student, y_student, student),
+            (x_teacher, arith.scaled(x_teacher, teacher.shift, scale), teacher), arith)
+        student_exps = None if separate else arith.exp2(y_student)
+      else:
+        q, student_exps, entry_terms = chunk_terms(x_student, x_teacher)
+        grad = grad_scale.divergence[:, None] * (
+            entry_terms.dlog_q - q.prob * sums.dlog_q[:, None])
       if config.cross_entropy:
-        softmax = (_kernel_distribution(x_student, ce_stats, 1.0, exp2).prob if separate
-                   else q.prob)
-        ce_grad = (softmax, one_hot(labels, start, lane_width))
-      grads.append(student_grad(scale, entry_terms.dlog_q, q.prob, sums.dlog_q, ce_grad))
+        # (1 - kd_coef) (softmax(x) - onehot(label)) at T = 1.
+        assert grad_scale.cross_entropy is not None
+        if separate:
+          student_exps = arith.exp2(arith.scaled(x_student, ce_side.shift, _LOG2_E))
+        coefficient = grad_scale.cross_entropy[:, None]
+        grad = arith.madd(student_exps, coefficient * ce_side.inverse_sum, grad)
+        grad = grad - jnp.where(one_hot(labels, start, lane_width), coefficient, 0.0)
+      if grad_scale.live is not None and not one_row:
+        grad = jnp.where(grad_scale.live[:, None], grad, 0.0)
+      grads.append(grad)
     return emit(tile, context, tuple(grads), carry)
 
-  return result, walk(grad_step, emit_init)
+  # One row (a GPU program): a token of weight 0 skips the arithmetic and writes zeros, rather
+  # than selecting them entry by entry.
+  one_row = zeros.shape[0] == 1
+  if grad_scale.live is None or not one_row:
+    return result, walk(grad_step, emit_init)
+
+  def zero_step(tile, carry):
+    zero = jnp.zeros_like(zeros)
+    return emit(tile, None, (zero,) * (tile.width // lane_width), carry)
+
+  return result, lax.cond(grad_scale.live[0], lambda: walk(grad_step, emit_init),
+                          lambda: walk(zero_step, emit_init))
