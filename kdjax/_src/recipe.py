@@ -699,25 +699,26 @@ def _linear(a: float, x: Array, b: float, y: Array) -> Array:
 
 
 def _online_grad(online: div.OnlineValue, scale: GradScale, sum_dlog_q: Array,
-                 student: tuple[Array, Array, _Side], teacher: tuple[Array, Array, _Side],
-                 arith: Arith) -> Array:
+                 student: tuple[Array, Array, Array, _Side],
+                 teacher: tuple[Array, Array, _Side], arith: Arith) -> Array:
   """The divergence's share of a chunk's gradient, :func:`student_grad` with the entries'
   ``dlog_q`` read from the online value: ``w (dvalue (teacher log p + student log q) + dmass)``
-  where both sides have mass, with ``w`` the weight side's probability. Each side is ``(raw
-  logits, y, statistics)``; the rows' coefficients are folded first, so an entry costs a few
-  multiply-adds."""
-  (x_student, y_student, s), (x_teacher, y_teacher, t) = student, teacher
+  where both sides have mass, with ``w`` the weight side's probability. The student side is
+  ``(raw logits, y, 2**y, statistics)``, the teacher's ``(raw logits, y, statistics)``; the
+  rows' coefficients are folded first, so an entry costs a few multiply-adds."""
+  (x_student, y_student, student_exps, s), (x_teacher, y_teacher, t) = student, teacher
   coefficient = scale.divergence[:, None]
-  student_exps = arith.exp2(y_student)
-  # -q sum(g), with q = 2**y_s / S_s.
-  student_term = student_exps * (-coefficient * s.inverse_sum * sum_dlog_q[:, None])
+  # -q sum(g) = 2**y_s B, with q = 2**y_s / S_s.
+  student_coefficient = -coefficient * s.inverse_sum * sum_dlog_q[:, None]
   weight_exps, weight = ((student_exps, s) if online.weight == "student"
                          else (arith.exp2(y_teacher), t))
-  other_x = online.by_weight(x_teacher, x_student)[1]
+  weight_coefficient = coefficient * weight.inverse_sum
   if not online.dvalue:
     # g = w dmass where the other side has mass (the weight side's 2**y is 0 where it has none).
+    other_x = online.by_weight(x_teacher, x_student)[1]
     weights = jnp.where(other_x > -jnp.inf, weight_exps, 0.0)
-    return arith.madd(weights, coefficient * weight.inverse_sum * online.dmass, student_term)
+    return arith.madd(weights, weight_coefficient * online.dmass,
+                      student_exps * student_coefficient)
   # dvalue (teacher (y_t ln 2 - log S_t) + student (y_s ln 2 - log S_s)) + dmass.
   linear = _linear(online.teacher, y_teacher, online.student, y_student)
   constant = online.dmass - online.dvalue * (online.teacher * t.log_sum
@@ -725,9 +726,8 @@ def _online_grad(online: div.OnlineValue, scale: GradScale, sum_dlog_q: Array,
   both = (x_student > -jnp.inf) & (x_teacher > -jnp.inf)
   inner = jnp.where(both, arith.madd(linear, online.dvalue * _LN_2, constant), 0.0)
   if online.weight == "student":  # q (inner A + B): one multiplication an entry fewer.
-    return student_exps * arith.madd(inner, coefficient * weight.inverse_sum,
-                                     -coefficient * s.inverse_sum * sum_dlog_q[:, None])
-  return arith.madd(weight_exps * inner, coefficient * weight.inverse_sum, student_term)
+    return student_exps * arith.madd(inner, weight_coefficient, student_coefficient)
+  return arith.madd(weight_exps * inner, weight_coefficient, student_exps * student_coefficient)
 
 
 def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, lane_width: int,
@@ -863,15 +863,15 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
     for start, x_student, x_teacher in zip(starts(tile), xs, xt, strict=True):
       if online is not None:
         y_student = arith.scaled(x_student, student.shift, scale)
+        student_exps = arith.exp2(y_student)
         grad = _online_grad(
-            online, grad_scale, sums.dlog_q,
-            (x_student, y_student, student),
+            online, grad_scale, sums.dlog_q, (x_student, y_student, student_exps, student),
             (x_teacher, arith.scaled(x_teacher, teacher.shift, scale), teacher), arith)
-        student_exps = None if separate else arith.exp2(y_student)
       else:
         q, student_exps, entry_terms = chunk_terms(x_student, x_teacher)
-        grad = grad_scale.divergence[:, None] * (
-            entry_terms.dlog_q - q.prob * sums.dlog_q[:, None])
+        # The divergence's share alone: the cross entropy's and the weights' follow.
+        grad = student_grad(grad_scale._replace(cross_entropy=None, live=None),
+                            entry_terms.dlog_q, q.prob, sums.dlog_q)
       if config.cross_entropy:
         # (1 - kd_coef) (softmax(x) - onehot(label)) at T = 1.
         assert grad_scale.cross_entropy is not None
