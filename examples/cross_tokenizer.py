@@ -128,9 +128,11 @@ def window_batch(text: Text, first_tokens, *, byte_len: int, student_len: int):
       continue
     student_ids[row, :count] = text.ids[first:first + count]
     labels[row, :count - 1] = student_ids[row, 1:count]  # next-token targets
-    # The teacher reads one byte per position: its token j ends at byte j + 1.
+    # The teacher reads one byte per position: its token j ends at byte j + 1. Both
+    # tokenizations must cover the same text: the bytes the student's whole tokens cover.
+    student_ends = text.ends[first:first + count] - start
     student_at, teacher_at = kdjax.align_tokenizations(
-        text.ends[first:first + count] - start, np.arange(1, byte_len + 1))
+        student_ends, np.arange(1, student_ends[-1] + 1))
     teacher_index[row, student_at] = teacher_at
     aligned[row, student_at] = True
   return teacher_bytes, student_ids, teacher_index, aligned, labels
