@@ -206,16 +206,19 @@ TOKENS, LLM_VOCAB = 16384, 128256
 KERNEL_CALL = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 
 
+# The chips lowering rules read (jax 0.12 requires an abstract GPU device to lower for cuda).
+ABSTRACT_DEVICES = {"tpu": ("TPU v5 lite", 1), "cuda": ("NVIDIA H100 80GB HBM3", 132)}
+
+
 def _mesh(platform, devices=1, *, shape=None, names=("data",), axis_type=None):
-  """An abstract mesh of ``devices`` along "data" (or of ``shape`` along ``names``); for TPUs
-  with the chip, which lowering rules read."""
-  device = None
-  if platform == "tpu":
-    try:
-      device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
-                                           platform="tpu")
-    except TypeError:  # jax 0.10.0 (the declared floor): no platform; the device kind says TPU.
-      device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1)
+  """An abstract mesh of ``devices`` along "data" (or of ``shape`` along ``names``), with the
+  chip, which lowering rules read."""
+  kind, cores = ABSTRACT_DEVICES[platform]
+  try:
+    device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=cores,
+                                         platform="tpu" if platform == "tpu" else "gpu")
+  except TypeError:  # jax 0.10.0 (the declared floor): no platform; the device kind says it.
+    device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=cores)
   shape = shape or (devices,)
   if axis_type is None:
     axis_type = jax.sharding.AxisType.Explicit if devices > 1 else jax.sharding.AxisType.Auto
@@ -224,7 +227,7 @@ def _mesh(platform, devices=1, *, shape=None, names=("data",), axis_type=None):
 
 
 def _for(platform):
-  if platform != "tpu":
+  if platform not in KERNEL_CALL:
     return contextlib.nullcontext()
   return jax.sharding.use_abstract_mesh(_mesh(platform))
 
