@@ -186,6 +186,22 @@ def test_blocks_are_multiples_of_the_mesh():
   assert blocking.token_block(4096, 32000, blocking.DENSE, groups=1) == 8
 
 
+def _for_lowering(args, platform):
+  """``args`` as they lower for ``platform``: for cuda, shapes sharded on the mesh with an
+  abstract H100 (jax 0.12 lowers for cuda only with an abstract GPU device; jax 0.10 assumed
+  compute capability 9.0, the same program)."""
+  if platform != "cuda":
+    return args
+  try:
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                         platform="gpu")
+  except TypeError:  # jax 0.10.0 (the declared floor): no platform; the device kind says it.
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132)
+  mesh = args[0].sharding.mesh.abstract_mesh.update(abstract_device=device)
+  return [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.NamedSharding(
+      mesh, a.sharding.spec)) for a in args]
+
+
 @pytest.mark.parametrize("name", ["distill_with_cross_entropy", "fused_linear_distill_loss"])
 def test_accelerator_programs_on_a_mesh(name):
   """Lowered for GPUs and TPUs on a data-sharded mesh, the dense loss runs one Pallas call per
@@ -197,7 +213,8 @@ def test_accelerator_programs_on_a_mesh(name):
   mesh = jax.make_mesh((8, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
   args = _sharded_args(mesh)
   for platform, kernel_call in (("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")):
-    lowered = _value_and_grads(name).trace(*args).lower(lowering_platforms=(platform,))
+    lowered = _value_and_grads(name).trace(*_for_lowering(args, platform)).lower(
+        lowering_platforms=(platform,))
     assert lowered.as_text().count(kernel_call) == (0 if name in FUSED else 1), platform
   policy = blocking.FUSED_ACCELERATOR if name in FUSED else blocking.ACCELERATOR
   block = blocking.token_block(TOKENS, VOCAB, policy, groups=8)
