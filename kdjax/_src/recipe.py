@@ -502,7 +502,10 @@ class Lanes(NamedTuple):
   ``c = log2(e) / T`` and ``m`` the lane's (or row's) max. With an online value
   (``divergences.OnlineValue``), ``w`` its weight side and ``o`` the other, and entries counted
   where both sides have mass:
-  ``mass = sum 2**y_w``, ``weight_offset = sum 2**y_w y_w``, ``other_offset = sum 2**y_w y_o``
+  ``mass = sum 2**y_w`` and ``offset = sum 2**y_w (teacher y_t + student y_s) / lead``, with
+  the value's coefficients (``divergences.OnlineValue``) over the first that is not 0
+  (:func:`_offset_coefficients`): one sum of the difference, so equal inputs give exactly 0
+  however the compiler rounds, and no entry is negated.
   (None where the value does not read them: the soft cross entropy has no ``log p`` term).
   """
 
@@ -510,8 +513,7 @@ class Lanes(NamedTuple):
   teacher: Stats
   cross_entropy: Stats | None  # the student's at temperature 1 when T may differ from 1.
   mass: Array | None
-  weight_offset: Array | None
-  other_offset: Array | None
+  offset: Array | None
   label: Array | None  # the student's raw logit at the label (0 elsewhere), summed.
 
 
@@ -545,7 +547,13 @@ class Arith(NamedTuple):
 
   def between(self, a: Array, b: Array, scale) -> Array:
     """``(a - b) c`` for two held maxima."""
-    return (a - b) * scale if self.fma is None else a - b
+    return self.base2(a - b, scale)
+
+  def base2(self, difference: Array, scale) -> Array:
+    """A difference of held maxima in base-2 units. Combine differences before this (``(a - b)
+    c``, not ``a c - b c``): a compiler may fuse the latter into one rounding, and equal
+    inputs would not give exactly 0."""
+    return difference * scale if self.fma is None else difference
 
   def madd(self, a, b, c) -> Array:
     return a * b + c if self.fma is None else self.fma(a, b, c)
@@ -568,7 +576,7 @@ class _Folded(NamedTuple):
 
   stats: Stats  # the lanes' statistics with the tile.
   rescale: Array  # what the lanes had summed is multiplied by this (their max rose).
-  rise: Array  # how far the lanes' (finite) max rose, base 2; any number for a lane with no mass.
+  rise: Array  # how far the lanes' (finite) max rose, as held; any number for a lane with no mass.
   ys: tuple[Array, ...]  # each chunk's entries in base-2 units from the lanes' new max.
   exps: tuple[Array, ...]  # 2 ** y: 0 at -inf entries.
 
@@ -584,32 +592,37 @@ def _fold_side(stats: Stats, chunks: tuple[Array, ...], scale, arith: Arith) -> 
   exps = tuple(arith.exp2(y) for y in ys)
   total = functools.reduce(jnp.add, exps)
   return _Folded(Stats(new_max, arith.madd(stats.sum_exp, rescale, total)), rescale,
-                 arith.between(shift, _finite(stats.max), scale), ys, exps)
+                 shift - _finite(stats.max), ys, exps)
 
 
-def _fold_offsets(lanes: Lanes, weight_side: _Folded, other: _Folded,
-                  other_has_mass: tuple[Array, ...], arith: Arith
-                  ) -> tuple[Array, Array | None, Array | None]:
+def _offset_coefficients(online: div.OnlineValue) -> tuple[float, float, float]:
+  """``(lead, teacher / lead, student / lead)``: the value's first coefficient that is not 0,
+  and both over it."""
+  lead = online.teacher or online.student
+  return lead, online.teacher / lead, online.student / lead
+
+
+def _fold_offsets(lanes: Lanes, online: div.OnlineValue, teacher: _Folded, student: _Folded,
+                  other_has_mass: tuple[Array, ...], scale, arith: Arith
+                  ) -> tuple[Array, Array]:
   """The online value's sums (see :class:`Lanes`) with a tile more; ``other_has_mass``: per
   chunk, the entries where the other side has mass (the weight side's own ``2**y`` is 0 where
   it has none)."""
-  assert lanes.mass is not None
-  mass = lanes.mass
+  assert lanes.mass is not None and lanes.offset is not None
+  weight_side = online.by_weight(teacher, student)[0]
   weights = tuple(jnp.where(m, e, 0.0) for m, e in zip(other_has_mass, weight_side.exps,
                                                        strict=True))
-
-  def offset(sums: Array | None, side: _Folded) -> Array | None:
-    # The old sums are rescaled and move by the rise of the side's max. (One formula for both
-    # sides: equal inputs give equal sums.) A -inf entry has weight 0: clamped, it adds 0.
-    if sums is None:
-      return None
-    total = weight_side.rescale * arith.madd(-side.rise, mass, sums)
-    for weight, y in zip(weights, side.ys, strict=True):
-      total = arith.madd(weight, jnp.maximum(y, _LOWEST), total)
-    return total
-
-  return (arith.madd(mass, weight_side.rescale, functools.reduce(jnp.add, weights)),
-          offset(lanes.weight_offset, weight_side), offset(lanes.other_offset, other))
+  # The old sum is rescaled and moves by the rise of the sides' maxima; a -inf entry has
+  # weight 0: clamped, it adds 0.
+  _, teacher_coefficient, student_coefficient = _offset_coefficients(online)
+  rise = arith.base2(_linear(teacher_coefficient, teacher.rise, student_coefficient,
+                             student.rise), scale)
+  offset = weight_side.rescale * arith.madd(-rise, lanes.mass, lanes.offset)
+  for weight, y_teacher, y_student in zip(weights, teacher.ys, student.ys, strict=True):
+    linear = _linear(teacher_coefficient, jnp.maximum(y_teacher, _LOWEST),
+                     student_coefficient, jnp.maximum(y_student, _LOWEST))
+    offset = arith.madd(weight, linear, offset)
+  return arith.madd(lanes.mass, weight_side.rescale, functools.reduce(jnp.add, weights)), offset
 
 
 class _Side(NamedTuple):
@@ -652,43 +665,33 @@ def reduce_lanes(lanes: Lanes, online: div.OnlineValue | None, scale, arith: Ari
                    else stats(lanes.cross_entropy, _LOG2_E)[0])
   label = None if lanes.label is None else jnp.sum(lanes.label, axis=-1)
   if online is None:
-    return Lanes(student, teacher, cross_entropy, None, None, None, label)
-  assert lanes.mass is not None
+    return Lanes(student, teacher, cross_entropy, None, None, label)
+  assert lanes.mass is not None and lanes.offset is not None
   mass_lanes = lanes.mass
-  weight_lanes, other_lanes = online.by_weight(lanes.teacher, lanes.student)
-  weight_rows, other_rows = online.by_weight(teacher, student)
   lane_scale = online.by_weight(teacher_scale, student_scale)[0]
-  has_mass = mass_lanes > 0
 
-  def offset(sums: Array | None, lane_max: Array, row_max: Array) -> Array | None:
-    if sums is None:
-      return None
-    rise = arith.between(_finite(lane_max), _finite(row_max)[:, None], scale)
-    return jnp.sum(lane_scale * (sums + jnp.where(has_mass, rise * mass_lanes, 0.0)), axis=-1)
+  def rise(lane: Stats, row: Stats) -> Array:  # as held
+    return _finite(lane.max) - _finite(row.max)[:, None]
 
+  _, teacher_coefficient, student_coefficient = _offset_coefficients(online)
+  rises = arith.base2(_linear(teacher_coefficient, rise(lanes.teacher, teacher),
+                              student_coefficient, rise(lanes.student, student)), scale)
+  offset = lane_scale * (lanes.offset + jnp.where(mass_lanes > 0, rises * mass_lanes, 0.0))
   return Lanes(student, teacher, cross_entropy, jnp.sum(mass_lanes * lane_scale, axis=-1),
-               offset(lanes.weight_offset, weight_lanes.max, weight_rows.max),
-               offset(lanes.other_offset, other_lanes.max, other_rows.max), label)
+               jnp.sum(offset, axis=-1), label)
 
 
 def online_sums(online: div.OnlineValue, rows: Lanes) -> tuple[Array, Array]:
   """The divergence's value and ``sum_v dlog_q`` per row from reduced :class:`Lanes`."""
-  assert rows.mass is not None
+  assert rows.mass is not None and rows.offset is not None
   weight_stats = online.by_weight(rows.teacher, rows.student)[0]
-  # by_weight is its own inverse: (weight, other) back to (teacher, student).
-  teacher_offset, student_offset = online.by_weight(rows.weight_offset, rows.other_offset)
   inverse_sum = _safe_reciprocal(weight_stats.sum_exp)
   mass = rows.mass * inverse_sum
-  log_sums: Array | float = 0.0
-  offsets: Array | float = 0.0
-  for coefficient, offset_sum, stats in ((online.teacher, teacher_offset, rows.teacher),
-                                         (online.student, student_offset, rows.student)):
-    if coefficient:
-      assert offset_sum is not None
-      offsets = offsets + coefficient * offset_sum
-      log_sums = log_sums + coefficient * _safe_log(stats.sum_exp)
+  log_sums = _linear(online.teacher, _safe_log(rows.teacher.sum_exp),
+                     online.student, _safe_log(rows.student.sum_exp))
   # (x - m) / T = y ln 2.
-  value = offsets * inverse_sum * _LN_2 - mass * log_sums
+  lead = _offset_coefficients(online)[0]
+  value = rows.offset * (inverse_sum * (lead * _LN_2)) - mass * log_sums
   return value, online.dvalue * value + online.dmass * mass
 
 
@@ -792,27 +795,18 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
     teacher = _fold_side(state.teacher, xt, scale, arith)
     cross_entropy = (None if state.cross_entropy is None
                      else _fold_side(state.cross_entropy, xs, _LOG2_E, arith).stats)
-    mass, weight_offset, other_offset = state.mass, state.weight_offset, state.other_offset
+    mass, offset = state.mass, state.offset
     if online is not None:
       other_x = online.by_weight(xt, xs)[1]
-      mass, weight_offset, other_offset = _fold_offsets(
-          state, *online.by_weight(teacher, student), tuple(x > -jnp.inf for x in other_x),
-          arith)
+      mass, offset = _fold_offsets(state, online, teacher, student,
+                                   tuple(x > -jnp.inf for x in other_x), scale, arith)
     label = state.label
     if label is not None:
       label = with_label(label, tile, xs, masks)
-    return Lanes(student.stats, teacher.stats, cross_entropy, mass, weight_offset,
-                 other_offset, label)
+    return Lanes(student.stats, teacher.stats, cross_entropy, mass, offset, label)
 
-  def fold(coefficient: float) -> Array | None:  # an offset sum the value reads
-    return zeros if online is not None and coefficient else None
-
-  offsets: tuple[Array | None, Array | None] = (None, None)
-  if online is not None:
-    weight_coefficient, other_coefficient = online.by_weight(online.teacher, online.student)
-    offsets = (fold(weight_coefficient), fold(other_coefficient))
   first = Lanes(empty, empty, empty if separate else None,
-                None if online is None else zeros, *offsets,
+                *((None, None) if online is None else (zeros, zeros)),
                 zeros if config.cross_entropy and online is not None else None)
   rows = reduce_lanes(walk(first_step, first), online, scale, arith)
   student, teacher = _side(rows.student), _side(rows.teacher)
