@@ -805,8 +805,8 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
       label = with_label(label, tile, xs, masks)
     return Lanes(student.stats, teacher.stats, cross_entropy, mass, offset, label)
 
-  first = Lanes(empty, empty, empty if separate else None,
-                *((None, None) if online is None else (zeros, zeros)),
+  folds = None if online is None else zeros  # the online value's mass and offset
+  first = Lanes(empty, empty, empty if separate else None, folds, folds,
                 zeros if config.cross_entropy and online is not None else None)
   rows = reduce_lanes(walk(first_step, first), online, scale, arith)
   student, teacher = _side(rows.student), _side(rows.teacher)
