@@ -7,6 +7,7 @@ from kdjax._src.cache import (
     write_teacher_cache,
 )
 from kdjax._src.divergences import DIVERGENCES as _DIVERGENCE_SPECS
+from kdjax._src.features import hidden_state_loss, hidden_state_loss_sum_and_count
 from kdjax._src.fused import (
     fused_linear_distill_loss,
     fused_linear_distill_loss_sum_and_count,
@@ -64,6 +65,8 @@ __all__ = (
     "fused_linear_distill_with_cross_entropy",
     "fused_linear_distill_with_cross_entropy_sum_and_count",
     "generalized_jsd",
+    "hidden_state_loss",
+    "hidden_state_loss_sum_and_count",
     "kd_loss",
     "open_teacher_cache",
     "read_teacher_cache",
