@@ -3,10 +3,12 @@
 1. Train a teacher on real text: an interpolated (Witten-Bell) byte-level 5-gram model counted on
    the Python standard library's ``.py`` sources that ship with this interpreter.
 2. Run it once over the student's training tokens and write ``(ids, logprobs)`` of its top k
-   for every position to a cache on disk (k = 8, 32, 128; ids uint8, logprobs float16).
-3. Train a small neural student from each cache with ``sparse_distill_loss`` (each tail policy),
-   reading teacher batches aligned with the token batches, and one student from the dense
-   teacher run online, all with the same seed, data order and number of steps.
+   for every position to a cache on disk (k = 8, 32, 128; ids uint8, logprobs float16), and
+   sampled teachers of the same storage (``sample_teacher``: 8 and 32 draws per position).
+3. Train a small neural student from each cache with ``sparse_distill_loss`` (each tail policy;
+   ``tail="zero"`` for the sampled teachers), reading teacher batches aligned with the token
+   batches, and one student from the dense teacher run online, all with the same seed, data
+   order and number of steps.
 4. Print bytes per token stored and, on held-out text, (a) how far each sparse loss is from the
    dense forward KL at the same student, (b) the dense forward KL reached by each trained student.
 
@@ -35,7 +37,14 @@ import numpy as np
 import optax
 
 import kdjax
-from kdjax import TAILS, read_teacher_cache, sparse_distill_loss, topk_teacher, write_teacher_cache
+from kdjax import (
+    TAILS,
+    read_teacher_cache,
+    sample_teacher,
+    sparse_distill_loss,
+    topk_teacher,
+    write_teacher_cache,
+)
 
 VOCAB = 256  # bytes
 ORDER = 5  # the teacher conditions on the previous ORDER - 1 bytes
@@ -43,6 +52,7 @@ CONTEXT = ORDER - 1
 SEQ = 256  # tokens per sequence
 BATCH = 4  # sequences per batch
 KS = (8, 32, 128)
+SAMPLES = (8, 32)  # draws per position of the sampled teachers: the storage of top-k 8 and 32
 TEMPERATURE = 1.0  # of the cached log-probabilities, recorded in each cache's manifest
 
 
@@ -149,6 +159,16 @@ def cache_batches(tables, student_tokens, k):
     yield topk_teacher(logits, k, temperature=TEMPERATURE)
 
 
+def sampled_batches(tables, student_tokens, num_samples, seed=0):
+  """Runs the teacher once over the student's tokens: ``num_samples`` draws per position (one
+  key per batch, so the cache does not depend on how many batches are written at a time)."""
+  key = jax.random.key(seed)
+  for index, context in enumerate(token_batches(student_tokens)):
+    logits = ngram_logits(tables, context.reshape(-1, CONTEXT)).reshape(BATCH, SEQ, VOCAB)
+    yield sample_teacher(jax.random.fold_in(key, index), logits, num_samples=num_samples,
+                         temperature=TEMPERATURE)
+
+
 def train(student_tokens, steps, loss_fn, teacher_source, seed=0):
   """Trains a student for ``steps`` steps; ``teacher_source()`` yields teacher batches aligned
   with ``token_batches`` (one epoch per call)."""
@@ -218,23 +238,39 @@ def run(args, tables, student_tokens, heldout_context, heldout_teacher, cache_ro
         os.path.join(cache_root, f"k{k}"), cache_batches(tables, student_tokens, k),
         vocab_size=VOCAB, temperature=TEMPERATURE, logprob_dtype="float16", overwrite=True,
         metadata={"teacher": f"byte {ORDER}-gram, Witten-Bell", "k": k})
-  print(f"wrote caches for k={KS} over {infos[KS[0]].num_tokens:,} student tokens to "
-        f"{cache_root} ({time.time() - start:.1f} s so far)\n")
+  for n in SAMPLES:
+    infos["sampled", n] = write_teacher_cache(
+        os.path.join(cache_root, f"sampled{n}"), sampled_batches(tables, student_tokens, n),
+        vocab_size=VOCAB, temperature=TEMPERATURE, logprob_dtype="float16", overwrite=True,
+        metadata={"teacher": f"byte {ORDER}-gram, Witten-Bell", "num_samples": n})
+  print(f"wrote caches for k={KS} and sampled teachers of {SAMPLES} draws over "
+        f"{infos[KS[0]].num_tokens:,} student tokens to {cache_root} "
+        f"({time.time() - start:.1f} s so far)\n")
 
-  print("| k | ids | logprobs | bytes/token (file size / tokens) | 152k vocab (uint32 ids) |")
-  print("| ---: | --- | --- | ---: | ---: |")
-  for k, info in infos.items():
+  print("| teacher | k | ids | logprobs | bytes/token (file size / tokens) | "
+        "152k vocab (uint32 ids) | distinct ids per token |")
+  print("| --- | ---: | --- | --- | ---: | ---: | ---: |")
+  for name, info in infos.items():
     size = sum(os.path.getsize(os.path.join(info.directory, s.file)) for s in info.shards)
-    print(f"| {k} | {info.id_dtype} | {info.logprob_dtype} | {size / info.num_tokens:.0f} | "
-          f"{k * (4 + 2)} |")
+    distinct = np.mean(np.concatenate([np.isfinite(lp.astype(np.float32)).sum(-1).ravel()
+                                       for _, lp in read_teacher_cache(
+                                           info.directory, batch_shape=(BATCH, SEQ))]))
+    kind = "sampled" if isinstance(name, tuple) else "top-k"
+    print(f"| {kind} | {info.k} | {info.id_dtype} | {info.logprob_dtype} | "
+          f"{size / info.num_tokens:.0f} | {info.k * (4 + 2)} | {distinct:.1f} |")
 
-  # Held-out top-k, stored and read back exactly as training would see it (float16).
+  # Held-out teachers, stored and read back exactly as training would see them (float16).
   heldout_sparse = {}
-  for k in KS:
-    path = os.path.join(cache_root, f"heldout-k{k}")
-    write_teacher_cache(path, [topk_teacher(heldout_teacher, k, temperature=TEMPERATURE)],
-                        vocab_size=VOCAB, temperature=TEMPERATURE, overwrite=True)
-    (heldout_sparse[k],) = read_teacher_cache(path, batch_shape=(len(heldout_context),))
+  heldout_batches = {k: topk_teacher(heldout_teacher, k, temperature=TEMPERATURE) for k in KS}
+  for n in SAMPLES:
+    heldout_batches["sampled", n] = sample_teacher(
+        jax.random.key(1), heldout_teacher, num_samples=n, temperature=TEMPERATURE)
+  for name, batch in heldout_batches.items():
+    label = f"sampled{name[1]}" if isinstance(name, tuple) else f"k{name}"
+    path = os.path.join(cache_root, f"heldout-{label}")
+    write_teacher_cache(path, [batch], vocab_size=VOCAB, temperature=TEMPERATURE,
+                        overwrite=True)
+    (heldout_sparse[name],) = read_teacher_cache(path, batch_shape=(len(heldout_context),))
 
   def dense_kl(params):
     return float(kdjax.distill_loss(student_logits(params, heldout_context), heldout_teacher))
@@ -252,6 +288,13 @@ def run(args, tables, student_tokens, heldout_context, heldout_teacher, cache_ro
           student_tokens, args.steps,
           lambda logits, t, tail=tail: sparse_distill_loss(logits, *t, tail=tail),
           lambda k=k: read_teacher_cache(infos[k].directory, batch_shape=(BATCH, SEQ)))
+  # The sampled teachers' gradient is unbiased with tail="zero" (the weights sum to one, so
+  # "bucket" has an empty remainder and is the same up to the float16 rounding).
+  for n in SAMPLES:
+    students["sampled", n] = train(
+        student_tokens, args.steps,
+        lambda logits, t: sparse_distill_loss(logits, *t, tail="zero"),
+        lambda n=n: read_teacher_cache(infos["sampled", n].directory, batch_shape=(BATCH, SEQ)))
 
   reference = students["dense"]
   reference_logits = student_logits(reference, heldout_context)
@@ -261,16 +304,17 @@ def run(args, tables, student_tokens, heldout_context, heldout_teacher, cache_ro
   print(f"(a) sparse loss at the dense-trained student, whose dense KL is "
         f"{dense_at_reference:.4f}; (b) dense KL of the student trained on that sparse loss, "
         f"vs {dense_at_reference:.4f} for the dense-trained one.\n")
-  print("| k | tail | (a) sparse loss | (a) minus dense KL | (b) dense KL of student | "
-        "(b) minus dense-trained |")
-  print("| ---: | --- | ---: | ---: | ---: | ---: |")
-  for k in KS:
-    ids, logprobs = heldout_sparse[k]
-    for tail in TAILS:
-      sparse = float(sparse_distill_loss(reference_logits, ids, logprobs, tail=tail))
-      trained = dense_kl(students[k, tail])
-      print(f"| {k} | {tail} | {sparse:.4f} | {sparse - dense_at_reference:+.4f} | "
-            f"{trained:.4f} | {trained - dense_at_reference:+.4f} |")
+  print("| teacher | k | tail | (a) sparse loss | (a) minus dense KL | (b) dense KL of student "
+        "| (b) minus dense-trained |")
+  print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+  rows = [("top-k", k, tail, k, (k, tail)) for k in KS for tail in TAILS]
+  rows += [("sampled", n, "zero", ("sampled", n), ("sampled", n)) for n in SAMPLES]
+  for kind, k, tail, heldout, student in rows:
+    ids, logprobs = heldout_sparse[heldout]
+    sparse = float(sparse_distill_loss(reference_logits, ids, logprobs, tail=tail))
+    trained = dense_kl(students[student])
+    print(f"| {kind} | {k} | {tail} | {sparse:.4f} | {sparse - dense_at_reference:+.4f} | "
+          f"{trained:.4f} | {trained - dense_at_reference:+.4f} |")
   for divergence in filter(None, args.divergences.split(",")):
     divergence_table(args, divergence, student_tokens, infos, heldout_context, heldout_teacher,
                      heldout_sparse, dense_source)

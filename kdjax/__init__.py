@@ -30,6 +30,7 @@ from kdjax._src.losses import (
     soft_cross_entropy,
     total_variation,
 )
+from kdjax._src.sampling import sample_teacher
 from kdjax._src.sharded import (
     vocab_parallel_distill_loss,
     vocab_parallel_fused_linear_distill_loss,
@@ -71,6 +72,7 @@ __all__ = (
     "open_teacher_cache",
     "read_teacher_cache",
     "reverse_kl",
+    "sample_teacher",
     "shift_labels",
     "skew_forward_kl",
     "skew_reverse_kl",

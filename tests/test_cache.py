@@ -893,8 +893,14 @@ def test_teacher_cache_example_runs(tmp_path):
        "--teacher-bytes", "200000", "--student-bytes", "16388", "--heldout-bytes", "2052",
        "--keep-cache", str(tmp_path)],
       capture_output=True, text=True, timeout=600, cwd=ROOT, check=True)
-  assert "| 128 | bucket |" in result.stdout, result.stdout
-  for k in (8, 32, 128):
-    info = open_teacher_cache(tmp_path / f"k{k}")
+  assert "| top-k | 128 | bucket |" in result.stdout, result.stdout
+  assert "| sampled | 8 | zero |" in result.stdout and "| sampled | 32 | zero |" in result.stdout
+  for name, k in [("k8", 8), ("k32", 32), ("k128", 128), ("sampled8", 8), ("sampled32", 32)]:
+    info = open_teacher_cache(tmp_path / name)
     # 16384 of the 16388 student bytes: whole [4, 256] batches after 4 bytes of context.
     assert info.k == k and info.temperature == 1.0 and info.num_tokens == 16384
+  # A sampled cache holds draw frequencies: multiples of 1/8 that sum to one per token.
+  _, logprobs = next(read_teacher_cache(tmp_path / "sampled8", batch_shape=(4, 256)))
+  weights = np.exp(logprobs.astype(np.float64))
+  np.testing.assert_allclose(weights.sum(-1), 1.0, atol=2e-3)
+  np.testing.assert_allclose(weights * 8, np.round(weights * 8), atol=1e-2)

@@ -13,7 +13,8 @@ import kdjax
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODULES = [
     "kdjax._src.losses", "kdjax._src.sharded", "kdjax._src.sparse", "kdjax._src.vocab",
-    "kdjax._src.cache", "kdjax._src.fused", "kdjax._src.uld", "kdjax._src.features"]
+    "kdjax._src.cache", "kdjax._src.fused", "kdjax._src.uld", "kdjax._src.features",
+    "kdjax._src.sampling"]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
