@@ -9,7 +9,7 @@ files held out, as in ``distill_lm.py``) through different tokenizers:
 
 Their vocabularies share no ids and their positions differ, so the student is distilled with
 ``kdjax.uld_loss`` at the positions where a student token and a teacher token end at the same
-byte (``kdjax.align_tokenizations``): there both predict from the same text. The students
+byte (``kdjax.align_tokenizations_batch``): there both predict from the same text. The students
 train from the same initialisation on the same batches, one with cross entropy only and one
 with ``cross entropy + w * ULD`` for each ``w`` of ``--uld-weights``; the script prints their
 held-out loss in bits per byte (comparable across tokenizers) and their held-out ULD distance to
@@ -116,8 +116,9 @@ def window_batch(text: Text, first_tokens, *, byte_len: int, student_len: int):
   batch = len(first_tokens)
   teacher_bytes = np.zeros((batch, byte_len), np.int32)
   student_ids = np.zeros((batch, student_len), np.int32)
-  teacher_index = np.zeros((batch, student_len), np.int32)
-  aligned = np.zeros((batch, student_len), bool)
+  student_ends = np.zeros((batch, student_len), np.int64)
+  student_mask = np.zeros((batch, student_len), bool)
+  covered = np.zeros((batch, 1), np.int64)  # the bytes the student's whole tokens cover
   labels = np.full((batch, student_len), IGNORE, np.int32)
   for row, first in enumerate(first_tokens):
     start = text.starts[first]
@@ -128,13 +129,15 @@ def window_batch(text: Text, first_tokens, *, byte_len: int, student_len: int):
       continue
     student_ids[row, :count] = text.ids[first:first + count]
     labels[row, :count - 1] = student_ids[row, 1:count]  # next-token targets
-    # The teacher reads one byte per position: its token j ends at byte j + 1. Both
-    # tokenizations must cover the same text: the bytes the student's whole tokens cover.
-    student_ends = text.ends[first:first + count] - start
-    student_at, teacher_at = kdjax.align_tokenizations(
-        student_ends, np.arange(1, student_ends[-1] + 1))
-    teacher_index[row, student_at] = teacher_at
-    aligned[row, student_at] = True
+    student_ends[row, :count] = text.ends[first:first + count] - start
+    student_mask[row, :count] = True
+    covered[row] = student_ends[row, count - 1]
+  # The teacher reads one byte per position: its token j ends at byte j + 1. Both
+  # tokenizations must cover the same text: the bytes the student's whole tokens cover.
+  teacher_ends = np.broadcast_to(np.arange(1, byte_len + 1), (batch, byte_len))
+  teacher_index, aligned = kdjax.align_tokenizations_batch(
+      student_ends, teacher_ends, student_mask=student_mask,
+      teacher_mask=teacher_ends <= covered)
   return teacher_bytes, student_ids, teacher_index, aligned, labels
 
 

@@ -41,7 +41,7 @@ from kdjax._src.sparse import (
     sparse_distill_loss_sum_and_count,
     topk_teacher,
 )
-from kdjax._src.uld import align_tokenizations, uld_loss
+from kdjax._src.uld import align_tokenizations, align_tokenizations_batch, uld_loss
 from kdjax._src.vocab import align_vocab
 
 __version__ = "0.1.0"
@@ -55,6 +55,7 @@ __all__ = (
     "TAILS",
     "TeacherCacheError",
     "align_tokenizations",
+    "align_tokenizations_batch",
     "align_vocab",
     "distill_loss",
     "distill_loss_sum_and_count",

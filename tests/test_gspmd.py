@@ -292,8 +292,8 @@ def test_auto_axes_of_several_devices_keep_the_blocked_engine():
 
 #: Public names that are not losses (nor topk_teacher): nothing to run on a mesh.
 NOT_LOSSES = {"DIVERGENCES", "IMPLEMENTATIONS", "TAILS", "TeacherCacheError",
-              "align_tokenizations", "align_vocab", "open_teacher_cache", "read_teacher_cache",
-              "shift_labels", "write_teacher_cache"}
+              "align_tokenizations", "align_tokenizations_batch", "align_vocab",
+              "open_teacher_cache", "read_teacher_cache", "shift_labels", "write_teacher_cache"}
 PER_TOKEN = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_forward_kl", "skew_reverse_kl",
              "soft_cross_entropy", "total_variation")
 MATERIALISED = ("distill_loss", "distill_loss_sum_and_count", "distill_with_cross_entropy",

@@ -5,6 +5,8 @@ zero padding, L1), its float64 central differences for gradients, and the distil
 TRL's GOLD trainer written in PyTorch as GOLD writes it.
 """
 
+import functools
+
 import chex
 import hypothesis
 import hypothesis.extra.numpy as hnp
@@ -454,3 +456,151 @@ def test_align_pairs_exactly_the_common_ends(student_lengths, teacher_lengths):
 def test_align_bad_input(student, teacher, match, error):
   with pytest.raises(error, match=match):
     kdjax.align_tokenizations(student, teacher)
+
+
+# ----------------------------------------------------------------------------------------------
+# align_tokenizations_batch
+# ----------------------------------------------------------------------------------------------
+
+
+def _tokenize(rng, length, *, pairs):
+  """A random split of a ``length``-byte text: end offsets, or (start, end) pairs with a
+  zero-width BOS at (0, 0) in front."""
+  ends = np.zeros(0, np.int64)
+  if length:
+    cuts = rng.choice(np.arange(1, length), size=rng.integers(0, length), replace=False)
+    ends = np.append(np.sort(cuts), length).astype(np.int64)
+  if not pairs:
+    return ends
+  starts = np.concatenate([[0], ends])[:-1].astype(np.int64)
+  return np.concatenate([np.zeros((1, 2), np.int64), np.stack([starts, ends], -1)])
+
+
+def _pad(rows, width, *, left):
+  """Rows of different lengths in one ``[batch, width(, 2)]`` array, the rest filled with
+  offsets no sequence has (so only the mask can tell them apart), and the mask."""
+  offsets = np.full((len(rows), width) + rows[0].shape[1:], 10**6, np.int64)
+  mask = np.zeros((len(rows), width), np.int32)
+  for i, row in enumerate(rows):
+    at = slice(width - len(row), width) if left else slice(0, len(row))
+    offsets[i, at], mask[i, at] = row, 1
+  return offsets, mask, [np.flatnonzero(m) for m in mask]
+
+
+@hypothesis.given(st.integers(0, 2**31 - 1), st.booleans(), st.booleans(), st.booleans())
+def test_align_batch_rows_equal_the_single_sequence(seed, pairs, student_left, teacher_left):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(0, 12, size=rng.integers(1, 5))
+  students = [_tokenize(rng, n, pairs=pairs) for n in lengths]
+  teachers = [_tokenize(rng, n, pairs=not pairs) for n in lengths]
+  student_width = max(map(len, students)) + int(rng.integers(0, 3))
+  student, student_mask, student_at = _pad(students, student_width, left=student_left)
+  teacher, teacher_mask, teacher_at = _pad(teachers, max(map(len, teachers)), left=teacher_left)
+  index, where = kdjax.align_tokenizations_batch(student, teacher, student_mask=student_mask,
+                                                 teacher_mask=teacher_mask.astype(bool))
+  assert index.dtype == np.int32 and where.dtype == np.bool_
+  assert index.shape == where.shape == student.shape[:2]
+  for i in range(len(lengths)):
+    s, t = kdjax.align_tokenizations(students[i], teachers[i])
+    assert np.flatnonzero(where[i]).tolist() == student_at[i][s].tolist()
+    assert index[i, where[i]].tolist() == teacher_at[i][t].tolist()
+    assert not np.any(index[i, ~where[i]])
+  assert not np.any(where[student_mask == 0])  # padding is never aligned
+  # Without masks every position is a token: rows of equal lengths need none.
+  full_index, full_where = kdjax.align_tokenizations_batch(
+      np.stack([students[0]] * 2), np.stack([teachers[0]] * 2))
+  s, t = kdjax.align_tokenizations(students[0], teachers[0])
+  assert (np.flatnonzero(full_where[1]).tolist() == s.tolist()
+          and full_index[1, s].tolist() == t.tolist())
+
+
+def _uld_batch():
+  """Three sequences: right-padded student rows, left-padded teacher rows, the last sequence
+  empty; padded positions hold NaN logits. Returns the padded arrays and each sequence's
+  padded (student, teacher) positions as align_tokenizations pairs them."""
+  rng = np.random.default_rng(12)
+  lengths = (14, 9, 0)
+  students = [_tokenize(rng, n, pairs=False) for n in lengths]
+  teachers = [_tokenize(rng, n, pairs=True) for n in lengths]
+  _, student_mask, student_at = _pad(students, 16, left=False)
+  _, teacher_mask, teacher_at = _pad(teachers, max(map(len, teachers)), left=True)
+  student = np.zeros(student_mask.shape, np.int64)
+  teacher = np.zeros(teacher_mask.shape + (2,), np.int64)
+  for i in range(3):
+    student[i, student_at[i]], teacher[i, teacher_at[i]] = students[i], teachers[i]
+  logits, teacher_logits = _data(13, student_mask.shape, 9, 1)[0], _data(
+      14, teacher_mask.shape, 1, 11)[1]
+  logits[student_mask == 0] = np.nan
+  teacher_logits[teacher_mask == 0] = np.nan
+  pairs = []
+  for i in range(3):
+    s, t = kdjax.align_tokenizations(students[i], teachers[i])
+    pairs.append((student_at[i][s], teacher_at[i][t]))
+  return (student, student_mask, teacher, teacher_mask), logits, teacher_logits, pairs
+
+
+def test_align_batch_feeds_uld_loss_as_the_per_sequence_losses():
+  """The batch loss over the gathered teacher and where= is, per reduction, the per-sequence
+  losses of the single-sequence recipe weighted as the reduction says: "mean" by each
+  sequence's aligned positions, "sequence_mean" equally (the empty sequence skipped); the
+  gradient is each sequence's, at its own positions, and 0 at padding (which holds NaN)."""
+  (student, student_mask, teacher, teacher_mask), logits, teacher_logits, pairs = _uld_batch()
+  index, where = kdjax.align_tokenizations_batch(student, teacher, student_mask=student_mask,
+                                                 teacher_mask=teacher_mask)
+  counts = np.array([len(s) for s, _ in pairs])
+  assert counts[0] > 0 and counts[1] > 0 and counts[2] == 0
+
+  @jax.jit
+  def batch_losses(x):
+    aligned_teacher = jnp.take_along_axis(teacher_logits, index[..., None], axis=1)
+    loss = functools.partial(kdjax.uld_loss, teacher_logits=aligned_teacher, where=where,
+                             temperature=1.5)
+    return loss(x, reduction="mean"), loss(x, reduction="sequence_mean"), jax.value_and_grad(
+        lambda x: loss(x, reduction="sum"))(x)
+
+  per_sequence = [np_uld(logits[i, s], teacher_logits[i, t], temperature=1.5)
+                  for i, (s, t) in enumerate(pairs)]
+  singles = [jax.value_and_grad(lambda x, i=i, t=t: kdjax.uld_loss(
+      x, teacher_logits[i, t], reduction="sum", temperature=1.5))(logits[i, s])
+      for i, (s, t) in enumerate(pairs[:2])]
+  np.testing.assert_allclose([v for v, _ in singles], [v.sum() for v in per_sequence[:2]],
+                             rtol=1e-5)
+  means = [float(v) / n for (v, _), n in zip(singles, counts, strict=False)]
+  mean, sequence_mean, (total, grad) = batch_losses(logits)
+  np.testing.assert_allclose(total, sum(v.sum() for v in per_sequence), rtol=1e-5)
+  np.testing.assert_allclose(mean, np.dot(counts[:2], means) / counts.sum(), rtol=1e-5)
+  np.testing.assert_allclose(sequence_mean, np.mean(means), rtol=1e-5)
+  assert np.all(np.asarray(grad)[~where] == 0)
+  for i, (s, _) in enumerate(pairs[:2]):
+    np.testing.assert_allclose(grad[i, s], singles[i][1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("call, match, error", [
+    (lambda: kdjax.align_tokenizations_batch([[1, 2], [3]], [[1, 2], [3, 4]]),
+     r"^student_offsets must be a padded batch.*student_mask / teacher_mask", ValueError),
+    (lambda: kdjax.align_tokenizations_batch([1, 2], [[1, 2]]),
+     r"^student_offsets must be .* shape \[batch, tokens\].*got shape \(2,\)", ValueError),
+    (lambda: kdjax.align_tokenizations_batch([[1, 2]], np.zeros((1, 2, 3), np.int32)),
+     r"^teacher_offsets must be .* \[batch, tokens, 2\]", ValueError),
+    (lambda: kdjax.align_tokenizations_batch([[1.0, 2.0]], [[1, 2]]),
+     "^student_offsets must hold integer byte offsets", TypeError),
+    (lambda: kdjax.align_tokenizations_batch([[1, 2]], [[1, 2], [1, 2]]),
+     "^student_offsets and teacher_offsets must hold the same sequences: got 1 and 2 rows",
+     ValueError),
+    (lambda: kdjax.align_tokenizations_batch([[1, 2]], [[1, 2]], student_mask=[[1, 1, 0]]),
+     r"^student_mask must have shape student_offsets.shape\[:2\] = \(1, 2\), got \(1, 3\)",
+     ValueError),
+    (lambda: kdjax.align_tokenizations_batch([[1, 2]], [[1, 2]], teacher_mask=[[1.0, 1.0]]),
+     "^teacher_mask must be boolean or integer", TypeError),
+    (lambda: kdjax.align_tokenizations_batch([[1, 2], [2, 4]], [[1, 2], [1, 3]]),
+     r"^student_offsets\[1\] and teacher_offsets\[1\] tokenize texts of different lengths: "
+     "the student's tokens end at byte 4, the teacher's at byte 3", ValueError),
+    (lambda: kdjax.align_tokenizations_batch([[1, 2], [1, 3]], [[2, 1], [1, 3]]),
+     r"^teacher_offsets\[0\] must end in text order", ValueError),
+    (lambda: kdjax.align_tokenizations_batch([[1, 2, 7]], [[2, 0, 9]], teacher_mask=[[1, 0, 0]]),
+     r"^student_offsets\[0\] and teacher_offsets\[0\] tokenize texts of different lengths: "
+     "the student's tokens end at byte 7, the teacher's at byte 2", ValueError),
+])
+def test_align_batch_bad_input(call, match, error):
+  with pytest.raises(error, match=match):
+    call()

@@ -1,5 +1,6 @@
 r"""Cross-tokenizer distillation: Universal Logit Distillation (``uld_loss``) and the alignment
-of two tokenizations of the same text (``align_tokenizations``).
+of two tokenizations of the same text (``align_tokenizations``; ``align_tokenizations_batch``
+for a padded batch, as a gather index into the teacher and a ``where=`` mask over the student).
 
 A teacher and a student from different model families split text into different tokens, so
 their vocabularies share neither size nor ids, and position ``t`` of one sequence is not
@@ -313,7 +314,8 @@ def _token_ends(name: str, offsets) -> np.ndarray:
   else:
     raise ValueError(
         f"{name} must be the end byte offset of each token, shape [tokens], or (start, end) "
-        f"pairs, shape [tokens, 2]; got shape {array.shape}. Align one sequence at a time.")
+        f"pairs, shape [tokens, 2]; got shape {array.shape}. Align one sequence at a time (a "
+        "padded batch: align_tokenizations_batch).")
   if np.any(ends < 0):
     raise ValueError(f"{name} has a negative byte offset: {int(ends.min())}.")
   if np.any(np.diff(ends) < 0):
@@ -344,7 +346,8 @@ def align_tokenizations(student_offsets, teacher_offsets) -> tuple[np.ndarray, n
   sides must tokenize the same text: their last tokens must end at the same byte (the text's
   length; 0 for no tokens), else a ``ValueError``.
 
-  Runs on the host with NumPy, one sequence at a time.
+  Runs on the host with NumPy, one sequence at a time; :func:`kdjax.align_tokenizations_batch`
+  aligns a padded batch.
 
   Args:
     student_offsets: integer ``[n_student]`` end offsets, or ``[n_student, 2]`` pairs.
@@ -364,12 +367,18 @@ def align_tokenizations(student_offsets, teacher_offsets) -> tuple[np.ndarray, n
     >>> s.tolist(), t.tolist()  # both predict after "def", after "def f(x", after the whole
     ([0, 2, 3], [1, 3, 5])
   """
-  student_ends = _token_ends("student_offsets", student_offsets)
-  teacher_ends = _token_ends("teacher_offsets", teacher_offsets)
+  return _align(student_offsets, teacher_offsets)
+
+
+def _align(student_offsets, teacher_offsets, row: str = "") -> tuple[np.ndarray, np.ndarray]:
+  """:func:`align_tokenizations`; ``row`` (``"[i]"``) names a sequence of a batch in errors."""
+  student_name, teacher_name = f"student_offsets{row}", f"teacher_offsets{row}"
+  student_ends = _token_ends(student_name, student_offsets)
+  teacher_ends = _token_ends(teacher_name, teacher_offsets)
   lengths = [int(ends[-1]) if ends.size else 0 for ends in (student_ends, teacher_ends)]
   if lengths[0] != lengths[1]:
     raise ValueError(
-        f"student_offsets and teacher_offsets tokenize texts of different lengths: the "
+        f"{student_name} and {teacher_name} tokenize texts of different lengths: the "
         f"student's tokens end at byte {lengths[0]}, the teacher's at byte {lengths[1]}. Both "
         "must tokenize the same text: truncate the text before tokenizing it, not the tokens.")
   # The first token of each side to end at each byte (the ends are sorted).
@@ -379,3 +388,126 @@ def align_tokenizations(student_offsets, teacher_offsets) -> tuple[np.ndarray, n
       student_bytes, teacher_bytes, assume_unique=True, return_indices=True)
   return (student_first[in_student].astype(np.int64),
           teacher_first[in_teacher].astype(np.int64))
+
+
+def _batch_offsets(name: str, offsets) -> np.ndarray:
+  """``offsets`` as a padded batch: ``[batch, tokens]`` end offsets or ``[batch, tokens, 2]``
+  pairs (the per-token checks are :func:`_token_ends`', row by row)."""
+  try:
+    array = np.asarray(offsets)
+  except ValueError:  # NumPy refuses ragged nested lists.
+    array = None
+  if array is None or array.dtype == object:
+    raise ValueError(
+        f"{name} must be a padded batch, one row per sequence, of equal lengths; got rows of "
+        "different lengths. Pad them and mark the tokens with student_mask / teacher_mask.")
+  if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 2)):
+    raise ValueError(
+        f"{name} must be the end byte offset of each token of each sequence, shape "
+        f"[batch, tokens], or (start, end) pairs, shape [batch, tokens, 2]; got shape "
+        f"{array.shape}. One sequence: align_tokenizations.")
+  if array.size and not (np.issubdtype(array.dtype, np.integer)
+                         and not np.issubdtype(array.dtype, np.bool_)):
+    raise TypeError(f"{name} must hold integer byte offsets, got dtype {array.dtype}.")
+  return array
+
+
+def _batch_mask(name: str, mask, shape: tuple[int, ...], offsets_name: str) -> np.ndarray:
+  """``mask`` (None: every position is a token) as a boolean ``shape`` array."""
+  if mask is None:
+    return np.ones(shape, np.bool_)
+  array = np.asarray(mask)
+  if array.shape != shape:
+    raise ValueError(
+        f"{name} must have shape {offsets_name}.shape[:2] = {shape}, got {array.shape}.")
+  if array.size and not (np.issubdtype(array.dtype, np.integer)
+                         or np.issubdtype(array.dtype, np.bool_)):
+    raise TypeError(
+        f"{name} must be boolean or integer (nonzero marks a token, as an attention mask), "
+        f"got dtype {array.dtype}.")
+  return array != 0
+
+
+def align_tokenizations_batch(
+    student_offsets,
+    teacher_offsets,
+    *,
+    student_mask=None,
+    teacher_mask=None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """The aligned positions of a padded batch: a gather index into the teacher, and ``where=``.
+
+  Each sequence ``i`` of the batch is aligned as :func:`kdjax.align_tokenizations` aligns one:
+  its tokens are the positions where ``student_mask[i]`` (``teacher_mask[i]``) is set, in
+  order -- a tokenizer's ``attention_mask``, left or right padding alike -- and the rest is
+  padding, whatever offsets it holds. The pairs come back laid out over the student's padded
+  positions:
+
+  * ``teacher_index[i, s]`` is the position, in the teacher's padded row ``i``, of the teacher
+    token that ends at the same byte as student position ``s``, and 0 (a valid index) where
+    there is none;
+  * ``where[i, s]`` says whether there is one: False at padding and at student tokens that end
+    inside a teacher token.
+
+  So ``jnp.take_along_axis(teacher_logits, teacher_index[..., None], axis=1)`` gives, at each
+  student position, the teacher's logits that predict from the same text, and
+  ``kdjax.uld_loss(student_logits, that, where=where)`` compares the two models at the aligned
+  positions only. The student's logits, the ones differentiated, enter the loss as they are
+  (no gather, so their gradient comes back in their own layout), and ``where`` combines with
+  the student's ``labels`` and with a cross-entropy term on the same logits. With the default
+  ``reduction="mean"`` every aligned position of the batch counts once (a sequence weighs as
+  many aligned positions as it has); ``reduction="sequence_mean"`` averages each sequence's
+  aligned positions first, then the sequences (TRL GOLD's normalisation).
+
+  Runs on the host with NumPy. Offsets and their rules are those of
+  :func:`kdjax.align_tokenizations`; an error names the sequence (``student_offsets[2]``), and
+  its token numbers count that sequence's tokens, not its padded positions.
+
+  Args:
+    student_offsets: integer ``[batch, student_len]`` end offsets, or ``[batch, student_len,
+      2]`` ``(start, end)`` pairs (a fast tokenizer's ``offset_mapping``, in bytes).
+    teacher_offsets: integer ``[batch, teacher_len]`` or ``[batch, teacher_len, 2]``, the same
+      texts in the same order.
+    student_mask: optional ``[batch, student_len]``, boolean or integer: nonzero marks the
+      student's tokens (None: every position is one).
+    teacher_mask: optional ``[batch, teacher_len]``, likewise for the teacher.
+
+  Returns:
+    ``(teacher_index, where)``: int32 and bool arrays ``[batch, student_len]``. For each
+    sequence ``i``, ``student_positions = np.flatnonzero(where[i])`` and
+    ``teacher_index[i, student_positions]`` are :func:`kdjax.align_tokenizations` of its tokens,
+    as positions of the padded rows.
+
+  Example:
+    >>> import numpy as np, kdjax
+    >>> # "def f(x):" as ["def", " f", "(x", "):"] and ["de", "f", " f(", "x", ")", ":"];
+    >>> # "x = 1" as ["x", " =", " 1"] and ["x =", " 1"]: right-padded end offsets.
+    >>> student = np.array([[3, 5, 7, 9], [1, 3, 5, 0]])
+    >>> teacher = np.array([[2, 3, 6, 7, 8, 9], [3, 5, 0, 0, 0, 0]])
+    >>> index, where = kdjax.align_tokenizations_batch(
+    ...     student, teacher, student_mask=student > 0, teacher_mask=teacher > 0)
+    >>> index.tolist()
+    [[1, 0, 3, 5], [0, 0, 1, 0]]
+    >>> where.tolist()
+    [[True, False, True, True], [False, True, True, False]]
+  """
+  student = _batch_offsets("student_offsets", student_offsets)
+  teacher = _batch_offsets("teacher_offsets", teacher_offsets)
+  if student.shape[0] != teacher.shape[0]:
+    raise ValueError(
+        f"student_offsets and teacher_offsets must hold the same sequences: got "
+        f"{student.shape[0]} and {teacher.shape[0]} rows.")
+  student_tokens = _batch_mask("student_mask", student_mask, student.shape[:2],
+                               "student_offsets")
+  teacher_tokens = _batch_mask("teacher_mask", teacher_mask, teacher.shape[:2],
+                               "teacher_offsets")
+  teacher_index = np.zeros(student.shape[:2], np.int32)
+  where = np.zeros(student.shape[:2], np.bool_)
+  for row in range(student.shape[0]):
+    student_positions = np.flatnonzero(student_tokens[row])
+    teacher_positions = np.flatnonzero(teacher_tokens[row])
+    at_student, at_teacher = _align(student[row][student_positions],
+                                    teacher[row][teacher_positions], row=f"[{row}]")
+    teacher_index[row, student_positions[at_student]] = teacher_positions[at_teacher]
+    where[row, student_positions[at_student]] = True
+  return teacher_index, where
