@@ -337,6 +337,68 @@ def test_a_vocabulary_sharded_mesh_has_no_kernel(platform):
     _gspmd_lowered("kd_loss", platform, mesh, specs, implementation="pallas")
 
 
+SHARDINGS = {"no mesh": None, "tokens": P("data"), "vocabulary": P(None, "data")}
+
+
+@pytest.mark.parametrize(("sharded", "axis_type"), [
+    ("no mesh", None), ("tokens", "Explicit"), ("tokens", "Auto"), ("vocabulary", "Explicit"),
+    ("vocabulary", "Auto")])
+def test_which_engine_the_default_runs_per_sharding(sharded, axis_type):
+  """The default under jax.jit, lowered for cuda, by how both logits are sharded on 8 devices
+  (what docs/accelerators.md and docs/sharding.md say): with no mesh, one kernel call; tokens
+  sharded, the kernel per device in one manual computation; the vocabulary sharded, on Explicit
+  axes the blocked engine (a loop, no kernel), and on Auto axes -- where the arrays' types do
+  not say how they are sharded -- the kernel with the tokens split over the mesh's one axis
+  of several devices, as if they were sharded there."""
+  tokens, vocab = 2048, 32000
+  if SHARDINGS[sharded] is None:
+    mesh, shapes = _mesh("cuda"), _logits_shapes(vocab=vocab)
+  else:
+    mesh = _mesh("cuda", shape=(8,), axis_type=getattr(jax.sharding.AxisType, axis_type))
+    specs = (SHARDINGS[sharded],) * 2 + (P(SHARDINGS[sharded][0]),)
+    shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                   sharding=jax.sharding.NamedSharding(mesh, spec))
+              for s, spec in zip(_logits_shapes(vocab=vocab), specs, strict=True)]
+  shapes = [jax.ShapeDtypeStruct((tokens,) + s.shape[1:], s.dtype, sharding=s.sharding)
+            for s in shapes]
+  with jax.sharding.use_abstract_mesh(mesh):
+    text = jax.jit(jax.value_and_grad(DENSE_LOSSES["kd_loss"])).trace(*shapes).lower(
+        lowering_platforms=("cuda",)).as_text()
+  kernel = not (sharded == "vocabulary" and axis_type == "Explicit")
+  assert text.count(KERNEL_CALL["cuda"]) == int(kernel)
+  assert ("stablehlo.while" in text) == (not kernel)
+  assert text.count("sdy.manual_computation") == int(kernel and sharded != "no mesh")
+
+
+def test_auto_axes_move_vocabulary_sharded_logits_to_the_kernel():
+  """On Auto axes the kernel runs per device even where the logits arrive sharded over the
+  vocabulary: the partitioner moves them to the tokens' split (all-to-alls of the logits), and
+  the value and the gradient are the single-device ones. On Explicit axes the same arguments
+  keep the blocked engine, which moves only per-token statistics. Compiled on 8 CPU devices
+  with the kernel interpreted (implementation="pallas"), the split the default takes on GPUs."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (conftest forces 8 CPU devices)")
+  logits, teacher, labels = _inputs(9, (64, 512), jnp.float32)
+  want_value, want_grad = jax.value_and_grad(lambda x: kdjax.kd_loss(
+      x, teacher, labels, implementation="reference"))(logits)
+  collectives = {}
+  for axis_type, implementation in (("Auto", "pallas"), ("Explicit", None)):
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
+    vocabulary = jax.sharding.NamedSharding(mesh, P(None, "data"))
+    args = [jax.device_put(x, s) for x, s in (
+        (logits, vocabulary), (teacher, vocabulary),
+        (labels, jax.sharding.NamedSharding(mesh, P())))]
+    compiled = jax.jit(jax.value_and_grad(lambda x, t, y, i=implementation: kdjax.kd_loss(
+        x, t, y, implementation=i))).lower(*args).compile()
+    value, grad = compiled(*args)
+    _assert_close(value, want_value, rtol=2e-5)
+    _assert_close(grad, want_grad, rtol=2e-4)
+    text = compiled.as_text()
+    collectives[axis_type] = {op for op in ("all-to-all", "all-gather") if f" {op}(" in text
+                              or f" {op}-start(" in text}
+  assert collectives == {"Auto": {"all-to-all"}, "Explicit": set()}
+
+
 def test_pallas_refuses_where_no_kernel_applies():
   """implementation="pallas" never runs another engine; the default falls back to it."""
   mixed = jax.sharding.AbstractMesh(
