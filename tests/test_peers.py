@@ -8,6 +8,7 @@ the student logits, and what each peer gives for a batch with every label ignore
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -196,13 +197,15 @@ def test_liger_distillation_weights_are_kd_coef(weight_hard_loss, weight_soft_lo
   logits, teacher, labels = _inputs(2)
   t_teacher, t_labels = _torch(teacher), torch.tensor(labels, dtype=torch.long)
   total = weight_hard_loss + weight_soft_loss
-  kw = dict(divergence="generalized_jsd", beta=beta, temperature=1.7)
+  # beta and kd_coef as arrays (the endpoints still selected at run time): one compilation for
+  # every case.
+  kw = dict(divergence="generalized_jsd", beta=jnp.float32(beta), temperature=1.7)
 
   def kdjax_fn(x):
     if weight_hard_loss == 0:
       return weight_soft_loss * kdjax.distill_loss(x, teacher, labels, **kw)
     return total * kdjax.distill_with_cross_entropy(
-        x, teacher, labels, kd_coef=weight_soft_loss / total, **kw)
+        x, teacher, labels, kd_coef=jnp.float32(weight_soft_loss / total), **kw)
 
   _assert_matches(kdjax_fn, lambda x: liger_fused_linear_jsd(
       x, t_teacher, t_labels, weight_hard_loss=weight_hard_loss,
