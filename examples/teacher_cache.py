@@ -1,4 +1,4 @@
-"""Offline teacher cache: distill a student from stored top-k teacher log-probabilities.
+"""Offline teacher caches: distill students from stored top-k, sampled and hidden-state teachers.
 
 1. Train a teacher on real text: an interpolated (Witten-Bell) byte-level 5-gram model counted on
    the Python standard library's ``.py`` sources that ship with this interpreter.
@@ -11,19 +11,26 @@
    order and number of steps.
 4. Print bytes per token stored and, on held-out text, (a) how far each sparse loss is from the
    dense forward KL at the same student, (b) the dense forward KL reached by each trained student.
+5. Exact offline teachers: the n-gram has no hidden states, so a neural teacher with a final
+   hidden layer and an output kernel (an MLP wider than the student, distilled from the n-gram
+   first) is cached as hidden states (``write_hidden_state_cache``, float32 and bfloat16) and as
+   top-k and sampled teachers. Students trained from each with the fused head (hidden-state
+   caches) or ``sparse_distill_loss`` are compared with one trained from the neural teacher run
+   online.
 
 ``--divergences reverse_kl,generalized_jsd,...`` adds a table per divergence: students trained
 from the caches (k = 8, 32) with that divergence, renormalised over the top k or with the tail
 bucket, against a student trained with the same divergence on the dense teacher.
 
-Runs in about a minute on a laptop CPU (a few more with ``--divergences``); nothing is
-downloaded.
+Runs in a few minutes on a laptop CPU (a few more with ``--divergences``), in well under one
+with ``--quick`` (few steps on little text: a smoke test); nothing is downloaded.
 
-    python examples/teacher_cache.py [--steps 400] [--keep-cache DIR] [--divergences A,B]
+    python examples/teacher_cache.py [--steps 400] [--keep-cache DIR] [--divergences A,B] [--quick]
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sysconfig
@@ -33,16 +40,21 @@ import time
 import _cli
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 
 import kdjax
 from kdjax import (
     TAILS,
+    fused_linear_distill_loss,
+    read_hidden_state_cache,
     read_teacher_cache,
+    read_teacher_head,
     sample_teacher,
     sparse_distill_loss,
     topk_teacher,
+    write_hidden_state_cache,
     write_teacher_cache,
 )
 
@@ -53,6 +65,11 @@ SEQ = 256  # tokens per sequence
 BATCH = 4  # sequences per batch
 KS = (8, 32, 128)
 SAMPLES = (8, 32)  # draws per position of the sampled teachers: the storage of top-k 8 and 32
+# The neural teacher of the exact offline teachers: embeddings of 32 per context byte and a final
+# hidden layer of 96 (the student: 16 and 128), then its output kernel [96, VOCAB] and bias.
+TEACHER_EMBED, TEACHER_HIDDEN = 32, 96
+# The shape the docs' bytes per token refer to: an 8B Llama 3's final hidden size and vocabulary.
+REAL_HIDDEN, REAL_VOCAB = 4096, 128256
 TEMPERATURE = 1.0  # of the cached log-probabilities, recorded in each cache's manifest
 
 
@@ -138,10 +155,29 @@ def init_student(key, embed=16, hidden=128):
   }
 
 
-def student_logits(params, context):
+def student_hidden(params, context):
+  """The final hidden states ``[..., hidden]``, the input of the output kernel ``w2``."""
   x = jnp.concatenate(
       [params["embed"][j][context[..., j]] for j in range(CONTEXT)], axis=-1)
-  return jax.nn.gelu(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+  return jax.nn.gelu(x @ params["w1"] + params["b1"])
+
+
+def student_logits(params, context):
+  return student_hidden(params, context) @ params["w2"] + params["b2"]
+
+
+# Compiled once per shape: the evaluations and the teacher runs call them outside a train step.
+forward = jax.jit(student_logits)
+forward_hidden = jax.jit(student_hidden)
+
+
+def fused_loss(params, context, teacher):
+  """Forward KL from the teacher's hidden states and output layer (the fused head): ``teacher``
+  is ``(hidden states, kernel, bias)``. A teacher with a logit scale or a softcap would pass
+  ``logit_scale=(None, head.logit_scale), softcap=(None, head.softcap)`` from its cached head."""
+  teacher_hidden, kernel, bias = teacher
+  return fused_linear_distill_loss(student_hidden(params, context), params["w2"], teacher_hidden,
+                                   kernel, student_bias=params["b2"], teacher_bias=bias)
 
 
 def token_batches(student_tokens: np.ndarray):
@@ -169,20 +205,45 @@ def sampled_batches(tables, student_tokens, num_samples, seed=0):
                          temperature=TEMPERATURE)
 
 
-def train(student_tokens, steps, loss_fn, teacher_source, seed=0):
-  """Trains a student for ``steps`` steps; ``teacher_source()`` yields teacher batches aligned
-  with ``token_batches`` (one epoch per call)."""
+@functools.cache
+def dense_objective(divergence="forward_kl"):
+  return lambda logits, teacher: kdjax.distill_loss(logits, teacher, divergence=divergence)
+
+
+@functools.cache
+def sparse_objective(tail, divergence="forward_kl"):
+  return lambda logits, teacher: sparse_distill_loss(logits, *teacher, tail=tail,
+                                                     divergence=divergence)
+
+
+@functools.cache
+def train_step(loss_fn, on_params):
+  """The optimizer and the jitted train step of an objective: one per objective, so students
+  trained with the same loss on teachers of the same shapes share one compilation."""
   optimizer = optax.adam(3e-3)
-  params = init_student(jax.random.PRNGKey(seed))
-  opt_state = optimizer.init(params)
+
+  def objective(p, context, teacher):
+    if on_params:
+      return loss_fn(p, context, teacher)
+    return loss_fn(student_logits(p, context), teacher)
 
   @jax.jit
   def step(params, opt_state, context, teacher):
-    loss, grads = jax.value_and_grad(lambda p: loss_fn(student_logits(p, context), teacher))(
-        params)
+    loss, grads = jax.value_and_grad(objective)(params, context, teacher)
     updates, opt_state = optimizer.update(grads, opt_state)
     return optax.apply_updates(params, updates), opt_state, loss
 
+  return optimizer, step
+
+
+def train(student_tokens, steps, loss_fn, teacher_source, seed=0, init=init_student,
+          on_params=False):
+  """Trains a student for ``steps`` steps; ``teacher_source()`` yields teacher batches aligned
+  with ``token_batches`` (one epoch per call). ``loss_fn(logits, teacher)``, or with
+  ``on_params`` ``loss_fn(params, context, teacher)`` (the fused head reads the hidden states)."""
+  optimizer, step = train_step(loss_fn, on_params)
+  params = jax.jit(init)(jax.random.PRNGKey(seed))  # one compilation, not one per array
+  opt_state = optimizer.init(params)
   done = 0
   while done < steps:
     for context, teacher in zip(token_batches(student_tokens), teacher_source(), strict=True):
@@ -206,7 +267,15 @@ def main():
   parser.add_argument("--keep-cache", default=None, help="write the caches here and keep them")
   parser.add_argument("--divergences", default="",
                       help="comma-separated divergences for the per-divergence table")
+  parser.add_argument("--quick", action="store_true",
+                      help="a smoke test: 3 steps on little text, top-k students with the "
+                      "bucket tail only (overrides the sizes above)")
   args = parser.parse_args()
+  args.tails = TAILS
+  if args.quick:
+    args.steps, args.teacher_bytes = 3, 200_000
+    args.student_bytes, args.heldout_bytes = 16_384 + CONTEXT, 2_048 + CONTEXT
+    args.tails = ("bucket",)
   unknown = set(filter(None, args.divergences.split(","))) - set(kdjax.DIVERGENCES)
   if unknown:
     parser.error(f"--divergences: unknown {sorted(unknown)}; choose from {kdjax.DIVERGENCES}")
@@ -273,7 +342,7 @@ def run(args, tables, student_tokens, heldout_context, heldout_teacher, cache_ro
     (heldout_sparse[name],) = read_teacher_cache(path, batch_shape=(len(heldout_context),))
 
   def dense_kl(params):
-    return float(kdjax.distill_loss(student_logits(params, heldout_context), heldout_teacher))
+    return float(kdjax.distill_loss(forward(params, heldout_context), heldout_teacher))
 
   # Students: one per (k, tail) from the caches, one from the dense teacher run online.
   def dense_source():
@@ -281,23 +350,23 @@ def run(args, tables, student_tokens, heldout_context, heldout_teacher, cache_ro
       yield ngram_logits(tables, context.reshape(-1, CONTEXT)).reshape(BATCH, SEQ, VOCAB)
 
   students = {"dense": train(
-      student_tokens, args.steps, lambda logits, t: kdjax.distill_loss(logits, t), dense_source)}
+      student_tokens, args.steps, dense_objective(), dense_source)}
   for k in KS:
-    for tail in TAILS:
+    for tail in args.tails:
       students[k, tail] = train(
           student_tokens, args.steps,
-          lambda logits, t, tail=tail: sparse_distill_loss(logits, *t, tail=tail),
+          sparse_objective(tail),
           lambda k=k: read_teacher_cache(infos[k].directory, batch_shape=(BATCH, SEQ)))
   # The sampled teachers' gradient is unbiased with tail="zero" (the weights sum to one, so
   # "bucket" has an empty remainder and is the same up to the float16 rounding).
   for n in SAMPLES:
     students["sampled", n] = train(
         student_tokens, args.steps,
-        lambda logits, t: sparse_distill_loss(logits, *t, tail="zero"),
+        sparse_objective("zero"),
         lambda n=n: read_teacher_cache(infos["sampled", n].directory, batch_shape=(BATCH, SEQ)))
 
   reference = students["dense"]
-  reference_logits = student_logits(reference, heldout_context)
+  reference_logits = forward(reference, heldout_context)
   dense_at_reference = dense_kl(reference)
   print(f"\nheld-out forward KL(teacher || student), nats/token; {args.steps} steps of "
         f"{BATCH}x{SEQ} tokens, Adam 3e-3, same seed and data order for every student.")
@@ -307,7 +376,7 @@ def run(args, tables, student_tokens, heldout_context, heldout_teacher, cache_ro
   print("| teacher | k | tail | (a) sparse loss | (a) minus dense KL | (b) dense KL of student "
         "| (b) minus dense-trained |")
   print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
-  rows = [("top-k", k, tail, k, (k, tail)) for k in KS for tail in TAILS]
+  rows = [("top-k", k, tail, k, (k, tail)) for k in KS for tail in args.tails]
   rows += [("sampled", n, "zero", ("sampled", n), ("sampled", n)) for n in SAMPLES]
   for kind, k, tail, heldout, student in rows:
     ids, logprobs = heldout_sparse[heldout]
@@ -315,10 +384,111 @@ def run(args, tables, student_tokens, heldout_context, heldout_teacher, cache_ro
     trained = dense_kl(students[student])
     print(f"| {kind} | {k} | {tail} | {sparse:.4f} | {sparse - dense_at_reference:+.4f} | "
           f"{trained:.4f} | {trained - dense_at_reference:+.4f} |")
+  exact_teacher_table(args, student_tokens, heldout_context, dense_source, cache_root, start)
   for divergence in filter(None, args.divergences.split(",")):
     divergence_table(args, divergence, student_tokens, infos, heldout_context, heldout_teacher,
                      heldout_sparse, dense_source)
   print(f"\ntotal time {time.time() - start:.1f} s")
+
+
+def exact_teacher_table(args, student_tokens, heldout_context, dense_source, cache_root, start):
+  """A neural teacher (final hidden layer and output kernel) cached as hidden states, top-k and
+  sampled teachers; students trained from each against one trained from it run online."""
+  # The teacher: a wider MLP, distilled from the n-gram (forward KL on the dense teacher).
+  init_teacher = functools.partial(init_student, embed=TEACHER_EMBED, hidden=TEACHER_HIDDEN)
+  teacher = train(student_tokens, args.steps, dense_objective(),
+                  dense_source, seed=1, init=init_teacher)
+
+  def online_hidden():  # the teacher run online: its final hidden states, float32
+    for context in token_batches(student_tokens):
+      yield forward_hidden(teacher, context)
+
+  def teacher_logits(context):
+    return forward(teacher, context)
+
+  paths = {}
+  for dtype in ("float32", "bfloat16"):
+    paths["hidden", dtype] = os.path.join(cache_root, f"neural-hidden-{dtype}")
+    write_hidden_state_cache(
+        paths["hidden", dtype],
+        (np.asarray(h).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+         for h in online_hidden()),
+        teacher_kernel=np.asarray(teacher["w2"]), teacher_bias=np.asarray(teacher["b2"]),
+        overwrite=True, metadata={"teacher": "MLP distilled from the byte 5-gram"})
+  for k in SAMPLES:  # the storage of top-k 8 and 32, for top-k and sampled teachers alike
+    paths["top-k", k] = os.path.join(cache_root, f"neural-k{k}")
+    write_teacher_cache(paths["top-k", k],
+                        (topk_teacher(teacher_logits(c), k, temperature=TEMPERATURE)
+                         for c in token_batches(student_tokens)),
+                        vocab_size=VOCAB, temperature=TEMPERATURE, overwrite=True)
+    paths["sampled", k] = os.path.join(cache_root, f"neural-sampled{k}")
+    key = jax.random.key(2)
+    write_teacher_cache(paths["sampled", k],
+                        (sample_teacher(jax.random.fold_in(key, i), teacher_logits(c),
+                                        num_samples=k, temperature=TEMPERATURE)
+                         for i, c in enumerate(token_batches(student_tokens))),
+                        vocab_size=VOCAB, temperature=TEMPERATURE, overwrite=True)
+
+  def hidden_source(path):
+    head = read_teacher_head(path)  # read once; the batches are read as training goes
+    assert head.logit_scale is None and head.softcap is None  # this teacher has neither
+    return lambda: ((h, head.kernel, head.bias)
+                    for h in read_hidden_state_cache(path, batch_shape=(BATCH, SEQ)))
+
+  students = {"online": train(
+      student_tokens, args.steps, fused_loss,
+      lambda: ((h, teacher["w2"], teacher["b2"]) for h in online_hidden()), on_params=True)}
+  for dtype in ("float32", "bfloat16"):
+    students["hidden", dtype] = train(student_tokens, args.steps, fused_loss,
+                                      hidden_source(paths["hidden", dtype]), on_params=True)
+  for k in SAMPLES:
+    for kind, tail in (("top-k", "bucket"), ("sampled", "zero")):
+      students[kind, k] = train(
+          student_tokens, args.steps,
+          sparse_objective(tail),
+          lambda path=paths[kind, k]: read_teacher_cache(path, batch_shape=(BATCH, SEQ)))
+
+  heldout = teacher_logits(heldout_context)
+
+  def dense_kl(params):
+    return float(kdjax.distill_loss(forward(params, heldout_context), heldout))
+
+  reference = students["online"]
+  at_reference = dense_kl(reference)
+  print(f"\nexact offline teachers: a neural teacher (embeddings {TEACHER_EMBED}, final hidden "
+        f"layer {TEACHER_HIDDEN}, output kernel [{TEACHER_HIDDEN}, {VOCAB}] and bias) distilled "
+        f"from the n-gram for {args.steps} steps; students trained from it as stored, "
+        f"{args.steps} steps each ({time.time() - start:.1f} s so far). Held-out forward "
+        f"KL(neural teacher || student), nats/token, vs {at_reference:.4f} for the student "
+        "trained from the teacher run online (the fused head on its hidden states).\n")
+  print(f"| teacher stored as | tail | bytes/token (file size / tokens) | at hidden "
+        f"{REAL_HIDDEN}, vocab {REAL_VOCAB:,} | dense KL of student | minus online-trained | "
+        "parameter distance to online-trained (relative) |")
+  print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+  rows = [("run online (fused head)", "-", None, None, "online")]
+  rows += [(f"hidden states, {dtype}", "-", paths["hidden", dtype],
+            REAL_HIDDEN * np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+            .itemsize, ("hidden", dtype)) for dtype in ("float32", "bfloat16")]
+  rows += [(f"{kind} {k}", tail, paths[kind, k], k * (4 + 2), (kind, k))
+           for k in SAMPLES for kind, tail in (("top-k", "bucket"), ("sampled", "zero"))]
+  for name, tail, path, real_bytes, student in rows:
+    if path is None:
+      stored, real = "0", "0"
+    else:
+      manifest = (kdjax.open_hidden_state_cache(path) if name.startswith("hidden")
+                  else kdjax.open_teacher_cache(path))
+      size = sum(os.path.getsize(os.path.join(path, s.file)) for s in manifest.shards)
+      stored, real = f"{size / manifest.num_tokens:.0f}", f"{real_bytes:,}"
+    params = students[student]
+    distance = np.sqrt(sum(float(jnp.sum((params[n] - reference[n]) ** 2)) for n in reference)
+                       / sum(float(jnp.sum(reference[n] ** 2)) for n in reference))
+    reached = dense_kl(params)
+    print(f"| {name} | {tail} | {stored} | {real} | {reached:.5f} | "
+          f"{reached - at_reference:+.5f} | {distance:.2g} |", flush=True)
+  head = kdjax.open_hidden_state_cache(paths["hidden", "float32"]).head
+  print(f"\n(the hidden-state caches also store the head once: {head.num_bytes:,} bytes here, "
+        f"{REAL_HIDDEN * REAL_VOCAB * 2:,} in bfloat16 at hidden {REAL_HIDDEN}, vocab "
+        f"{REAL_VOCAB:,})")
 
 
 def divergence_table(args, divergence, student_tokens, infos, heldout_context, heldout_teacher,
@@ -327,14 +497,12 @@ def divergence_table(args, divergence, student_tokens, infos, heldout_context, h
   one trained with it on the dense teacher: the sparse loss's bias, the divergence and the
   forward KL they reach on held-out text."""
   def dense(params, name):
-    return float(kdjax.distill_loss(student_logits(params, heldout_context), heldout_teacher,
+    return float(kdjax.distill_loss(forward(params, heldout_context), heldout_teacher,
                                     divergence=name))
 
-  reference = train(student_tokens, args.steps,
-                    lambda logits, t: kdjax.distill_loss(logits, t, divergence=divergence),
-                    dense_source)
+  reference = train(student_tokens, args.steps, dense_objective(divergence), dense_source)
   at_reference = dense(reference, divergence)
-  reference_logits = student_logits(reference, heldout_context)
+  reference_logits = forward(reference, heldout_context)
   print(f"\n{divergence}: (a) sparse {divergence} at the student trained with dense "
         f"{divergence} (whose held-out {divergence} is {at_reference:.4f}), minus that; (b) "
         f"held-out dense {divergence} and (c) forward KL of the student trained from the cache, "
@@ -348,8 +516,7 @@ def divergence_table(args, divergence, student_tokens, infos, heldout_context, h
     for tail in ("renormalize", "bucket"):
       student = train(
           student_tokens, args.steps,
-          lambda logits, t, tail=tail: sparse_distill_loss(
-              logits, *t, tail=tail, divergence=divergence),
+          sparse_objective(tail, divergence),
           lambda k=k: read_teacher_cache(infos[k].directory, batch_shape=(BATCH, SEQ)))
       sparse = float(sparse_distill_loss(reference_logits, ids, logprobs, tail=tail,
                                          divergence=divergence))

@@ -2,8 +2,12 @@
 
 from kdjax._src.cache import (
     TeacherCacheError,
+    open_hidden_state_cache,
     open_teacher_cache,
+    read_hidden_state_cache,
     read_teacher_cache,
+    read_teacher_head,
+    write_hidden_state_cache,
     write_teacher_cache,
 )
 from kdjax._src.divergences import DIVERGENCES as _DIVERGENCE_SPECS
@@ -70,8 +74,11 @@ __all__ = (
     "hidden_state_loss",
     "hidden_state_loss_sum_and_count",
     "kd_loss",
+    "open_hidden_state_cache",
     "open_teacher_cache",
+    "read_hidden_state_cache",
     "read_teacher_cache",
+    "read_teacher_head",
     "reverse_kl",
     "sample_teacher",
     "shift_labels",
@@ -85,5 +92,6 @@ __all__ = (
     "uld_loss",
     "vocab_parallel_distill_loss",
     "vocab_parallel_fused_linear_distill_loss",
+    "write_hidden_state_cache",
     "write_teacher_cache",
 )

@@ -742,10 +742,15 @@ def test_a_version_1_cache_reads_with_any_batch_shape_as_before(tmp_path):
     read_teacher_cache(tmp_path, batch_shape=(True, 8))
   with pytest.raises(TeacherCacheError, match="would yield no batch"):
     read_teacher_cache(tmp_path, batch_shape=(81,))
-  # A version the reader does not know is refused.
-  _edit_manifest(tmp_path, lambda manifest: manifest.update(version=3))
-  with pytest.raises(TeacherCacheError, match="manifest of version 1 or 2 .*version=3"):
+  # A version the reader does not know is refused; version 3 names its kind.
+  _edit_manifest(tmp_path, lambda manifest: manifest.update(version=4))
+  with pytest.raises(TeacherCacheError, match=r"manifest of version 1, 2 or 3 .*version=4"):
     open_teacher_cache(tmp_path)
+  _edit_manifest(tmp_path, lambda manifest: manifest.update(version=3, batch_shape=[4, 8]))
+  with pytest.raises(TeacherCacheError, match="field 'kind' is missing"):
+    open_teacher_cache(tmp_path)
+  _edit_manifest(tmp_path, lambda manifest: manifest.update(kind="topk"))
+  assert open_teacher_cache(tmp_path).batch_shape == (4, 8)  # version 3 of a top-k cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -889,11 +894,18 @@ def test_a_file_size_limit_is_a_teacher_cache_error_and_keeps_the_old_cache(tmp_
 def test_teacher_cache_example_runs(tmp_path):
   # A few steps on little text: the caches are written, checked and read back by the example.
   result = subprocess.run(
-      [sys.executable, str(ROOT / "examples" / "teacher_cache.py"), "--steps", "3",
-       "--teacher-bytes", "200000", "--student-bytes", "16388", "--heldout-bytes", "2052",
+      [sys.executable, str(ROOT / "examples" / "teacher_cache.py"), "--quick",
        "--keep-cache", str(tmp_path)],
       capture_output=True, text=True, timeout=600, cwd=ROOT, check=True)
   assert "| top-k | 128 | bucket |" in result.stdout, result.stdout
+  # The student trained from the float32 hidden-state cache is the online-trained one exactly.
+  assert "| hidden states, float32 | - | 384 | 16,384 | " in result.stdout, result.stdout
+  row = next(line for line in result.stdout.splitlines()
+             if line.startswith("| hidden states, float32 |"))
+  assert row.endswith("| +0.00000 | 0 |"), row
+  hidden = cache.open_hidden_state_cache(tmp_path / "neural-hidden-bfloat16")
+  assert hidden.hidden_dtype == "bfloat16" and hidden.num_tokens == 16384
+  assert hidden.batch_shape == (4, 256) and hidden.bytes_per_token == 96 * 2
   assert "| sampled | 8 | zero |" in result.stdout and "| sampled | 32 | zero |" in result.stdout
   for name, k in [("k8", 8), ("k32", 32), ("k128", 128), ("sampled8", 8), ("sampled32", 32)]:
     info = open_teacher_cache(tmp_path / name)
@@ -904,3 +916,367 @@ def test_teacher_cache_example_runs(tmp_path):
   weights = np.exp(logprobs.astype(np.float64))
   np.testing.assert_allclose(weights.sum(-1), 1.0, atol=2e-3)
   np.testing.assert_allclose(weights * 8, np.round(weights * 8), atol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hidden-state caches: the teacher's final hidden states per token and its output layer once,
+# with the guarantees of the top-k cache.
+# ----------------------------------------------------------------------------------------------
+
+
+def hidden_batches(num_batches, batch_shape, hidden_size, dtype=np.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.normal(size=batch_shape + (hidden_size,)).astype(dtype)
+          for _ in range(num_batches)]
+
+
+def _head(hidden_size=6, vocab=11, seed=1, dtype=np.float32):
+  rng = np.random.default_rng(seed)
+  kernel = rng.normal(size=(hidden_size, vocab)).astype(dtype)
+  bias = rng.normal(size=vocab).astype(dtype)
+  bias[-1] = -np.inf  # a padded vocabulary entry
+  return kernel, bias
+
+
+def _write_hidden(path, batches=None, **kwargs):
+  kernel, bias = _head()
+  batches = hidden_batches(2, (3,), 6) if batches is None else batches
+  options = dict(teacher_kernel=kernel, teacher_bias=bias, softcap=30.0, tokens_per_shard=4)
+  return cache.write_hidden_state_cache(path, batches, **dict(options, **kwargs))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
+def test_hidden_states_and_head_round_trip_exactly(tmp_path, dtype):
+  batches = hidden_batches(5, (2, 3), 6, dtype)
+  kernel, bias = _head(dtype=ml_dtypes.bfloat16)
+  info = cache.write_hidden_state_cache(
+      tmp_path, batches, teacher_kernel=kernel, teacher_bias=bias, logit_scale=0.5, softcap=30,
+      tokens_per_shard=4, metadata={"teacher": "t"})
+  assert info.num_tokens == 30 and info.hidden_size == 6 and info.vocab_size == 11
+  assert info.hidden_dtype == np.dtype(dtype).name and info.batch_shape == (2, 3)
+  assert info.bytes_per_token == 6 * np.dtype(dtype).itemsize and info.metadata == {"teacher": "t"}
+  assert [s.num_tokens for s in info.shards] == [4] * 7 + [2]
+  assert info.head.logit_scale == 0.5 and info.head.softcap == 30.0
+  assert info.head.num_bytes == 6 * 11 * 2 + 11 * 2 == os.path.getsize(tmp_path / info.head.file)
+  read = list(cache.read_hidden_state_cache(tmp_path, batch_shape=(2, 3)))
+  assert len(read) == 5
+  for written, got in zip(batches, read, strict=True):
+    assert got.dtype == np.dtype(dtype) and got.shape == (2, 3, 6)
+    np.testing.assert_array_equal(got, written)  # bit for bit, in the given dtype
+  head = cache.read_teacher_head(tmp_path)
+  assert head.kernel.dtype == head.bias.dtype == ml_dtypes.bfloat16
+  np.testing.assert_array_equal(head.kernel, kernel)
+  np.testing.assert_array_equal(head.bias, bias)  # -inf kept
+  assert (head.logit_scale, head.softcap) == (0.5, 30.0)
+  # Resuming, shorter batches and the recorded rows, as for a top-k cache.
+  resumed = list(cache.read_hidden_state_cache(tmp_path, batch_shape=(1, 3), start_token=21))
+  np.testing.assert_array_equal(np.concatenate(resumed).reshape(-1, 6),
+                                np.concatenate(batches).reshape(-1, 6)[21:])
+  (last,) = cache.read_hidden_state_cache(tmp_path, batch_shape=(4, 3), start_token=24,
+                                          drop_remainder=False)
+  assert last.shape == (2, 3, 6)
+  with pytest.raises(TeacherCacheError, match=r"written in batches of token shape \(2, 3\)"):
+    cache.read_hidden_state_cache(tmp_path, batch_shape=(3, 2))
+  with pytest.raises(TypeError, match="axis 0 is True"):
+    cache.read_hidden_state_cache(tmp_path, batch_shape=(True, 3))
+  # No bias, no scale, no cap: recorded as absent.
+  plain = cache.write_hidden_state_cache(tmp_path / "plain", batches, teacher_kernel=kernel)
+  assert plain.head.bias_dtype is None and plain.head.num_bytes == 6 * 11 * 2
+  assert cache.read_teacher_head(tmp_path / "plain")[1:] == (None, None, None)
+
+
+def test_hidden_state_manifests_are_version_3_and_top_k_ones_stay_version_2(tmp_path):
+  _write_hidden(tmp_path / "hidden")
+  manifest = json.loads((tmp_path / "hidden" / cache.MANIFEST).read_text())
+  assert manifest["version"] == 3 and manifest["kind"] == "hidden_states"
+  assert manifest["hidden_dtype"] == "float32" and manifest["head"]["bias_dtype"] == "float32"
+  _write_small(tmp_path / "topk")
+  manifest = json.loads((tmp_path / "topk" / cache.MANIFEST).read_text())
+  assert manifest["version"] == 2 and "kind" not in manifest
+
+
+def test_each_reader_refuses_the_other_kind(tmp_path):
+  _write_hidden(tmp_path / "hidden")
+  _write_small(tmp_path / "topk")
+  for call in (lambda: open_teacher_cache(tmp_path / "hidden"),
+               lambda: read_teacher_cache(tmp_path / "hidden", batch_shape=(2,))):
+    with pytest.raises(TeacherCacheError, match="holds a teacher's hidden states .*"
+                       "kdjax.read_hidden_state_cache"):
+      call()
+  for call in (lambda: cache.open_hidden_state_cache(tmp_path / "topk"),
+               lambda: cache.read_hidden_state_cache(tmp_path / "topk", batch_shape=(2,)),
+               lambda: cache.read_teacher_head(tmp_path / "topk")):
+    with pytest.raises(TeacherCacheError, match="holds sparse .*kdjax.read_teacher_cache"):
+      call()
+
+
+def test_an_overwrite_replaces_a_cache_of_the_other_kind_and_only_its_files(tmp_path):
+  (tmp_path / "notes.txt").write_bytes(b"keep")
+  first = _write_small(tmp_path)
+  hidden = _write_hidden(tmp_path, overwrite=True)
+  assert not any((tmp_path / s.file).exists() for s in first.shards)
+  assert set(_snapshot(tmp_path)) == {"notes.txt", cache.MANIFEST, *hidden.files}
+  again = write_teacher_cache(tmp_path, teacher_batches(2, (3,), vocab=9, k=4), vocab_size=9,
+                              temperature=1.0, overwrite=True)
+  assert set(_snapshot(tmp_path)) == {"notes.txt", cache.MANIFEST, *again.files}
+  assert not (tmp_path / hidden.head.file).exists()
+
+
+_HIDDEN = hidden_batches(1, (3,), 6, seed=8)[0]
+
+
+def _raising_hidden_batches():
+  yield from hidden_batches(2, (3,), 6, seed=7)
+  raise RuntimeError("the teacher crashed")
+
+
+@pytest.mark.parametrize("batches, kwargs, error, message", [
+    ([], {}, ValueError, "batches is empty"),
+    ([np.zeros((0, 6), np.float32)] * 2, {}, ValueError, "2 batches, each of size 0"),
+    (_raising_hidden_batches(), {}, RuntimeError, "the teacher crashed"),
+    ([_HIDDEN[:, :5]], {}, ValueError, "batch 0: hidden states must have shape [..., "
+     "hidden_size] with hidden_size = teacher_kernel.shape[0] = 6"),
+    ([_HIDDEN, _HIDDEN.astype(ml_dtypes.bfloat16)], {}, TypeError,
+     "batch 1: dtype bfloat16 differs from the first batch's float32"),
+    ([_HIDDEN.astype(np.float64)], {}, TypeError,
+     "batch 0 must be a bfloat16, float16 or float32 array"),
+    ([(_HIDDEN, _HIDDEN)], {}, TypeError, "batch 0 must be one array, got a tuple"),
+    ([_HIDDEN, np.where(np.arange(6) == 2, np.nan, _HIDDEN)], {}, ValueError,
+     "batch 1: hidden states must be finite"),
+    ([_HIDDEN.reshape(1, 3, 6), _HIDDEN.reshape(3, 1, 6)], {}, ValueError,
+     "batch 1: its token shape (3, 1) has other rows"),
+    ([_HIDDEN], dict(teacher_kernel=np.ones((11, 6), np.float32), teacher_bias=None), ValueError,
+     "= teacher_kernel.shape[0] = 11 (the input of the teacher's output projection), got (3, 6)."
+     " teacher_kernel looks transposed"),
+    ([_HIDDEN], dict(teacher_kernel=np.ones(6, np.float32)), ValueError,
+     "teacher_kernel must be a [hidden_size, vocab_size] matrix"),
+    ([_HIDDEN], dict(teacher_kernel=np.ones((6, 11), np.int32)), TypeError,
+     "teacher_kernel must be a bfloat16, float16 or float32 array"),
+    ([_HIDDEN], dict(teacher_kernel=np.full((6, 11), np.inf, np.float32)), ValueError,
+     "teacher_kernel must be finite"),
+    ([_HIDDEN], dict(teacher_bias=np.zeros(10, np.float32)), ValueError,
+     "teacher_bias must have shape (vocab_size,) = (11,)"),
+    ([_HIDDEN], dict(teacher_bias=np.full(11, np.inf, np.float32)), ValueError,
+     "teacher_bias must be finite or -inf"),
+    ([_HIDDEN], dict(logit_scale=0.0), ValueError, "logit_scale must be a finite number > 0"),
+    ([_HIDDEN], dict(softcap="30"), TypeError, "softcap must be a number > 0 or None"),
+    ([_HIDDEN], dict(softcap=True), TypeError, "softcap must be a number > 0 or None"),
+    ([_HIDDEN], dict(tokens_per_shard=0), ValueError, "tokens_per_shard must be a positive"),
+    ([_HIDDEN], dict(metadata={"x": object()}), TypeError, "metadata must be JSON-serialisable"),
+])
+def test_a_failed_hidden_state_write_keeps_the_existing_cache(tmp_path, batches, kwargs, error,
+                                                             message):
+  original = hidden_batches(2, (3,), 6)
+  _write_hidden(tmp_path, original)
+  before = _snapshot(tmp_path)
+  with pytest.raises(error) as raised:
+    _write_hidden(tmp_path, batches, overwrite=True, **kwargs)
+  assert message in str(raised.value), raised.value
+  assert _snapshot(tmp_path) == before
+  read = list(cache.read_hidden_state_cache(tmp_path, batch_shape=(3,)))
+  np.testing.assert_array_equal(np.stack(read), np.stack(original))
+
+
+def test_hidden_shards_and_the_head_are_checked_before_use(tmp_path):
+  info = _write_hidden(tmp_path)
+  head_path = tmp_path / info.head.file
+  good_head = head_path.read_bytes()
+  # A flipped bit in the head: its CRC-32; verify=False still checks sizes.
+  flipped = bytearray(good_head)
+  flipped[5] ^= 0x01
+  head_path.write_bytes(bytes(flipped))
+  with pytest.raises(TeacherCacheError, match=rf"head '.*{info.head.file}' is corrupted: its CRC"):
+    cache.read_teacher_head(tmp_path)
+  cache.read_teacher_head(tmp_path, verify=False)
+  # A truncated head is caught when the cache is opened, before any read.
+  head_path.write_bytes(good_head[:-3])
+  for call in (lambda: cache.open_hidden_state_cache(tmp_path),
+               lambda: cache.read_hidden_state_cache(tmp_path, batch_shape=(3,), verify=False)):
+    with pytest.raises(TeacherCacheError, match=rf"head '.*{info.head.file}' is truncated"):
+      call()
+  head_path.write_bytes(good_head)
+  # A NaN in the kernel or +inf in the bias with a matching CRC-32: corruption, with or without
+  # verify.
+  for offset, value, what in [(0, np.nan, "kernel"), (len(good_head) - 4, np.inf, "bias")]:
+    payload = bytearray(good_head)
+    payload[offset:offset + 4] = np.array([value], np.float32).tobytes()
+    head_path.write_bytes(bytes(payload))
+    _edit_manifest(tmp_path, lambda m, p=payload: m["head"].update(crc32=zlib.crc32(bytes(p))))
+    for verify in (True, False):
+      with pytest.raises(TeacherCacheError, match=f"is corrupted: its {what} holds"):
+        cache.read_teacher_head(tmp_path, verify=verify)
+  # A NaN hidden state with a matching CRC-32, and a flipped bit without one.
+  shard = tmp_path / info.shards[0].file
+  payload = bytearray(shard.read_bytes())
+  payload[-4:] = np.array([np.nan], np.float32).tobytes()
+  shard.write_bytes(bytes(payload))
+  _edit_manifest(tmp_path, _set_shard(0, crc32=zlib.crc32(bytes(payload))))
+  with pytest.raises(TeacherCacheError, match="is corrupted: it holds NaN or infinite values"):
+    next(cache.read_hidden_state_cache(tmp_path, batch_shape=(3,), verify=False))
+  payload[-4:] = b"\0\0\0\0"
+  shard.write_bytes(bytes(payload))
+  with pytest.raises(TeacherCacheError, match="is corrupted: its CRC-32"):
+    next(cache.read_hidden_state_cache(tmp_path, batch_shape=(3,)))
+
+
+def test_a_hidden_state_manifest_cannot_point_outside_the_folder(tmp_path):
+  folder = tmp_path / "cache"
+  info = _write_hidden(folder)
+  (tmp_path / "outside.bin").write_bytes((folder / info.head.file).read_bytes())
+  for file in ["../outside.bin", str(tmp_path / "outside.bin"), "head-0000beef.bin/", "head.bin",
+               "shard-00000.bin", "", ".."]:
+    _edit_manifest(folder, lambda m, f=file: m["head"].update(file=f))
+    with pytest.raises(TeacherCacheError, match=r"field 'head\.file'"):
+      cache.read_teacher_head(folder)
+  _edit_manifest(folder, lambda m: m["head"].update(file=info.head.file))
+  os.remove(folder / info.head.file)
+  os.symlink(tmp_path / "outside.bin", folder / info.head.file)
+  with pytest.raises(TeacherCacheError, match="is not a regular file"):
+    cache.read_teacher_head(folder)
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m.update(kind="logits"), "kind"),
+    (lambda m: m.pop("kind"), "kind"),
+    (lambda m: m.update(hidden_size=0), "hidden_size"),
+    (lambda m: m.update(hidden_size=2**40), "hidden_size"),
+    (lambda m: m.update(hidden_size="6"), "hidden_size"),
+    (lambda m: m.update(hidden_dtype="float64"), "hidden_dtype"),
+    (lambda m: m.update(vocab_size=0), "vocab_size"),
+    (lambda m: m.pop("batch_shape"), "batch_shape"),
+    (lambda m: m.pop("head"), "head"),
+    (lambda m: m.update(head=[1]), "head"),
+    (lambda m: m["head"].update(kernel_dtype="int8"), "head.kernel_dtype"),
+    (lambda m: m["head"].update(bias_dtype=7), "head.bias_dtype"),
+    (lambda m: m["head"].pop("bias_dtype"), "head.bias_dtype"),
+    (lambda m: m["head"].update(num_bytes=10), "head.num_bytes"),
+    (lambda m: m["head"].update(num_bytes=-1), "head.num_bytes"),
+    (lambda m: m["head"].update(crc32=2**32), "head.crc32"),
+    (lambda m: m["head"].update(softcap=-1.0), "head.softcap"),
+    (lambda m: m["head"].update(logit_scale="2"), "head.logit_scale"),
+    (lambda m: m["head"].pop("softcap"), "head.softcap"),
+    (lambda m: m.update(metadata=[1]), "metadata"),
+    (lambda m: m["shards"][0].update(num_bytes=4 * 5 * 4), "shards[0].num_bytes"),
+    (lambda m: m["shards"][0].update(file="../x.bin"), "shards[0].file"),
+])
+def test_a_malformed_hidden_state_manifest_names_the_field(tmp_path, edit, field):
+  _write_hidden(tmp_path)
+  _edit_manifest(tmp_path, edit)
+  pattern = rf"manifest\.json.* is corrupted: field '{re.escape(field)}'"
+  for call in (lambda: cache.open_hidden_state_cache(tmp_path),
+               lambda: cache.read_teacher_head(tmp_path, verify=False),
+               lambda: next(cache.read_hidden_state_cache(tmp_path, batch_shape=(3,)))):
+    with pytest.raises(TeacherCacheError, match=pattern):
+      call()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_a_fifo_head_is_refused_without_blocking(tmp_path):
+  info = _write_hidden(tmp_path)
+  head = tmp_path / info.head.file
+  os.remove(head)
+  os.mkfifo(head)
+  thread, outcome = _returns_within(lambda: cache.read_teacher_head(tmp_path))
+  if thread.is_alive():
+    _release_blocked_readers(head)
+    thread.join(10)
+    pytest.fail("read_teacher_head blocked on a FIFO")
+  assert isinstance(outcome.get("error"), TeacherCacheError), outcome
+  assert "is not a regular file (a FIFO)" in str(outcome["error"])
+
+
+def test_a_disk_error_writing_the_head_names_it_and_keeps_the_old_cache(tmp_path, monkeypatch):
+  original = hidden_batches(2, (3,), 6)
+  _write_hidden(tmp_path, original)
+  before = _snapshot(tmp_path)
+  write = os.write
+
+  def failing_write(fd, data):
+    if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1].startswith("head-"):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return write(fd, data)
+
+  if not os.path.isdir("/proc/self/fd"):
+    pytest.skip("needs /proc to name the file being written")
+  monkeypatch.setattr(cache.os, "write", failing_write)
+  with pytest.raises(TeacherCacheError, match=r"cannot write '.*/head-[0-9a-f]{8}\.bin': No "
+                     r"space left on device \(ENOSPC\)"):
+    _write_hidden(tmp_path, hidden_batches(3, (3,), 6, seed=3), overwrite=True)
+  monkeypatch.undo()
+  assert _snapshot(tmp_path) == before
+
+
+# The bytes per token of the docs' table, at a real shape, computed here so the table cannot
+# drift from the format.
+def test_the_documented_bytes_per_token_table_is_the_formats():
+  table = cache.bytes_per_token_table(hidden_size=4096, vocab_size=128256)
+  page = (ROOT / "docs" / "cache_format.md").read_text()
+  assert table in page, table
+  # Independent arithmetic: bf16 hidden states, uint32 ids with float16 log-probabilities.
+  assert "| 8,192 |" in table and "| 16,384 |" in table and "| 192 |" in table
+  assert f"| {128256 * 2:,} |" in table and f"{4096 * 128256 * 2:,}" in page
+
+
+def test_a_student_trained_from_a_hidden_state_cache_is_the_online_one(tmp_path):
+  optax = pytest.importorskip("optax")
+  import kdjax
+
+  rng = np.random.default_rng(11)
+  vocab, d_teacher, d_student, batch, seq, steps = 40, 12, 6, 2, 5, 4
+  embed = rng.normal(size=(vocab, d_teacher)).astype(np.float32)
+  kernel = (rng.normal(size=(d_teacher, vocab)) * 3 / np.sqrt(d_teacher)).astype(np.float32)
+  bias = rng.normal(size=vocab).astype(np.float32)
+  bias[-1] = -np.inf  # a padded vocabulary entry
+  scale, cap = 0.7, 4.0
+  tokens = rng.integers(0, vocab - 1, (steps, batch, seq))
+
+  def teacher_hidden(batch_tokens):  # the online teacher's final hidden states, float32
+    return np.tanh(embed[batch_tokens])
+
+  init = {"embed": (rng.normal(size=(vocab, d_student)) * 0.5).astype(np.float32),
+          "kernel": (rng.normal(size=(d_student, vocab)) * 0.3).astype(np.float32),
+          "bias": np.zeros(vocab, np.float32)}
+  optimizer = optax.adam(0.05)
+
+  @jax.jit
+  def step(params, state, batch_tokens, hidden, teacher_kernel, teacher_bias):
+    def loss_fn(p):
+      return kdjax.fused_linear_distill_loss(
+          jnp.tanh(p["embed"][batch_tokens]), p["kernel"], hidden, teacher_kernel,
+          student_bias=p["bias"], teacher_bias=teacher_bias, logit_scale=(None, scale),
+          softcap=(None, cap))
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, state = optimizer.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  def train(hidden_batches, teacher_kernel, teacher_bias):
+    params, state = jax.tree.map(jnp.asarray, init), optimizer.init(init)
+    losses = []
+    for batch_tokens, hidden in zip(tokens, hidden_batches, strict=True):
+      params, state, loss = step(params, state, batch_tokens, hidden, teacher_kernel,
+                                 teacher_bias)
+      losses.append(float(loss))
+    return {name: np.asarray(value) for name, value in params.items()}, np.array(losses)
+
+  online, online_losses = train([teacher_hidden(t) for t in tokens], kernel, bias)
+  moved = max(np.abs(online[name] - init[name]).max() for name in init)
+  assert moved > 0.1
+  for dtype in (np.float32, ml_dtypes.bfloat16):
+    path = tmp_path / np.dtype(dtype).name
+    kdjax.write_hidden_state_cache(
+        path, [teacher_hidden(t).astype(dtype) for t in tokens], teacher_kernel=kernel,
+        teacher_bias=bias, logit_scale=scale, softcap=cap, tokens_per_shard=7)
+    head = kdjax.read_teacher_head(path)
+    assert (head.logit_scale, head.softcap) == (scale, cap)
+    cached, cached_losses = train(
+        list(kdjax.read_hidden_state_cache(path, batch_shape=(batch, seq))), head.kernel,
+        head.bias)
+    # Bit for bit the student of an online teacher handing over hidden states in this dtype.
+    same, _ = train([teacher_hidden(t).astype(dtype) for t in tokens], kernel, bias)
+    for name in init:
+      np.testing.assert_array_equal(cached[name], same[name])
+    # And, from bfloat16, the float32 online student up to bfloat16's rounding (2**-8): the
+    # losses to it, the parameters to it relative to how far training moved them.
+    np.testing.assert_allclose(cached_losses, online_losses, rtol=2.0**-8)
+    for name in init:
+      assert np.abs(cached[name] - online[name]).max() <= 2.0**-5 * moved, name

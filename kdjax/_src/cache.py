@@ -1,8 +1,16 @@
-"""Offline teacher cache: top-k ids and log-probabilities written once, read during training.
+"""Offline teacher cache: a teacher's outputs written once, read during training.
 
-Run the teacher over the training tokens once, keep :func:`kdjax.topk_teacher`'s
-``(ids, logprobs)`` for every position, and distill the student later with
-:func:`kdjax.sparse_distill_loss` without the teacher in memory.
+Run the teacher over the training tokens once and keep, for every position, either
+
+* a sparse teacher: :func:`kdjax.topk_teacher`'s (or :func:`kdjax.sample_teacher`'s)
+  ``(ids, logprobs)`` (:func:`write_teacher_cache`), to distill with
+  :func:`kdjax.sparse_distill_loss`; or
+* its final hidden states, with its output layer (kernel, bias, logit scale, softcap) stored
+  once per cache (:func:`write_hidden_state_cache`), to distill exactly, over the full
+  vocabulary, with the fused losses (:func:`kdjax.fused_linear_distill_loss`): the logits are
+  recomputed from the hidden states blockwise, as they would be with the teacher run online;
+
+and distill the student later without the teacher in memory.
 
 On disk a cache is a directory::
 
@@ -21,6 +29,14 @@ On disk a cache is a directory::
   finer than bfloat16's 7 bits and its range (down to -65504) loses nothing that matters
   (``exp(-65504)`` is 0 in float32); ``-inf`` is kept exactly. NaN and ``+inf`` are refused.
 * bytes per token: ``k * (id bytes + 2)``; for example k = 32 with a 152k vocabulary: 192 B.
+
+A hidden-state cache (format version 3, ``"kind": "hidden_states"``) has the same layout, with
+``[tokens, hidden_size]`` hidden states (bfloat16, float16 or float32, as given) in its shards,
+and the output layer in one more file, ``head-1f0c9a2e.bin`` (the kernel ``[hidden_size,
+vocab_size]``, then the bias ``[vocab_size]`` if there is one, little endian, in their own
+dtypes), whose size and CRC-32 the manifest records next to the logit scale and softcap. Top-k
+caches are still written as version 2, which earlier readers read; versions 1 and 2 are top-k
+caches. Bytes per token: ``hidden_size`` times 2 (bfloat16) or 4 (float32), plus the head once.
 
 Tokens are stored in the order the writer received them (the leading axes of each batch
 flattened in C order), so a reader with the same batch shape yields batches aligned with the
@@ -85,9 +101,13 @@ except ImportError:  # Windows
 
 FORMAT = "kdjax-teacher-cache"
 # Version 2 records the token shape of the written batches ("batch_shape"); version 1 caches
-# (without it) are still read, without the check of the reader's batch shape.
+# (without it) are still read, without the check of the reader's batch shape. Version 3 adds the
+# cache's "kind": "topk" (what versions 1 and 2 hold) or "hidden_states". Each cache is written
+# at the lowest version that describes it, so top-k caches stay readable by version-2 readers.
 VERSION = 2
-READABLE_VERSIONS = (1, 2)
+HIDDEN_STATES_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+KINDS = ("topk", "hidden_states")
 # A recorded batch shape has at most this many axes (a bound on what a manifest can ask for).
 MAX_BATCH_RANK = 32
 MANIFEST = "manifest.json"
@@ -100,6 +120,10 @@ MAX_MANIFEST_BYTES = 1 << 26
 # shard-NNNNN.bin); a manifest naming anything else is rejected, so a cache never reads outside
 # its folder.
 _SHARD_FILE = re.compile(r"shard-(?:[0-9a-f]{8}-)?[0-9]{5,}\.bin")
+# The output layer of a hidden-state cache: head-<write id>.bin.
+_HEAD_FILE = re.compile(r"head-[0-9a-f]{8}\.bin")
+# The widest hidden state a manifest may claim (a bound on what a hostile one can ask for).
+MAX_HIDDEN_SIZE = 1 << 24
 # Not following symbolic links keeps every read inside the cache folder.
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 # Opening a FIFO for reading blocks until a writer opens it; with O_NONBLOCK it returns at once
@@ -107,6 +131,9 @@ _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 _LOGPROB_DTYPES = {"float16": np.dtype("<f2"), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+# Hidden states and the output layer are stored in the dtype they are given in.
+_FLOAT_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype("<f2"),
+                 "float32": np.dtype("<f4")}
 
 
 class TeacherCacheError(ValueError):
@@ -141,6 +168,61 @@ class CacheInfo(NamedTuple):
   def bytes_per_token(self) -> int:
     return bytes_per_token(self.k, self.vocab_size, logprob_dtype=self.logprob_dtype)
 
+  @property
+  def files(self) -> tuple[str, ...]:
+    """The files of the cache the manifest lists."""
+    return tuple(shard.file for shard in self.shards)
+
+
+class HeadInfo(NamedTuple):
+  """What a hidden-state cache's manifest says of the teacher's output layer."""
+
+  file: str
+  kernel_dtype: str
+  bias_dtype: str | None  # None: no bias
+  num_bytes: int
+  crc32: int
+  logit_scale: float | None
+  softcap: float | None
+
+
+class HiddenStateCacheInfo(NamedTuple):
+  """What a hidden-state cache's manifest says (see :func:`open_hidden_state_cache`)."""
+
+  directory: str
+  num_tokens: int
+  hidden_size: int
+  hidden_dtype: str
+  vocab_size: int
+  head: HeadInfo
+  shards: tuple[ShardInfo, ...]
+  metadata: dict[str, Any]
+  batch_shape: tuple[int, ...]
+
+  @property
+  def bytes_per_token(self) -> int:
+    return hidden_state_bytes_per_token(self.hidden_size, self.hidden_dtype)
+
+  @property
+  def files(self) -> tuple[str, ...]:
+    """The files of the cache the manifest lists."""
+    return (self.head.file, *(shard.file for shard in self.shards))
+
+
+class TeacherHead(NamedTuple):
+  """The teacher's output layer, as :func:`kdjax.fused_linear_distill_loss` takes it.
+
+  ``kernel`` ``[hidden_size, vocab_size]`` and ``bias`` ``[vocab_size]`` (or None) are NumPy
+  arrays in their stored dtypes; ``logit_scale`` and ``softcap`` are numbers or None. Pass
+  ``teacher_kernel=kernel, teacher_bias=bias, logit_scale=(s, logit_scale),
+  softcap=(c, softcap)`` with the student's own ``s`` and ``c`` (or None).
+  """
+
+  kernel: np.ndarray
+  bias: np.ndarray | None
+  logit_scale: float | None
+  softcap: float | None
+
 
 def id_dtype(vocab_size: int) -> np.dtype:
   """The narrowest little-endian unsigned integer type that holds ids ``0 .. vocab_size - 1``."""
@@ -156,6 +238,51 @@ def id_dtype(vocab_size: int) -> np.dtype:
 def bytes_per_token(k: int, vocab_size: int, *, logprob_dtype: str = "float16") -> int:
   """Bytes stored per token for ``k`` entries: ``k * (id bytes + log-probability bytes)``."""
   return k * (id_dtype(vocab_size).itemsize + _logprob_dtype(logprob_dtype).itemsize)
+
+
+def hidden_state_bytes_per_token(hidden_size: int, hidden_dtype: str = "bfloat16") -> int:
+  """Bytes stored per token for hidden states: ``hidden_size * (2 or 4)``; the head is extra,
+  once per cache (:func:`head_bytes`)."""
+  return int(hidden_size) * _float_dtype("hidden_dtype", hidden_dtype).itemsize
+
+
+def head_bytes(hidden_size: int, vocab_size: int, *, kernel_dtype: str = "bfloat16",
+               bias_dtype: str | None = None) -> int:
+  """Bytes of a hidden-state cache's head file: the kernel, then the bias if any."""
+  kernel = int(hidden_size) * int(vocab_size) * _float_dtype("kernel_dtype", kernel_dtype).itemsize
+  bias = 0 if bias_dtype is None else int(vocab_size) * _float_dtype("bias_dtype",
+                                                                     bias_dtype).itemsize
+  return kernel + bias
+
+
+def bytes_per_token_table(hidden_size: int, vocab_size: int,
+                          ks: tuple[int, ...] = (8, 32, 128)) -> str:
+  """The bytes stored per token by each kind of teacher at one shape, as a Markdown table (the
+  one ``docs/cache_format.md`` shows, computed here so that it follows the format)."""
+  full = vocab_size * 2
+  ids = id_dtype(vocab_size).name
+  rows = [(f"hidden states, [{hidden_size:,}]", dtype, hidden_state_bytes_per_token(hidden_size,
+                                                                                     dtype))
+          for dtype in ("bfloat16", "float32")]
+  rows += [(f"top-k, k = {k} (or {k} sampled draws)", f"{ids} ids, float16 log-probabilities",
+            bytes_per_token(k, vocab_size)) for k in ks]
+  rows += [(f"full logits, [{vocab_size:,}]", dtype, vocab_size * size)
+           for dtype, size in (("bfloat16", 2), ("float32", 4))]
+  lines = ["| stored per token | dtypes | bytes/token | of full bfloat16 logits |",
+           "| --- | --- | ---: | ---: |"]
+  lines += [f"| {what} | {dtypes} | {count:,} | {_percent(100 * count / full)} |"
+            for what, dtypes, count in rows]
+  return "\n".join(lines)
+
+
+def _percent(value: float) -> str:
+  return f"{value:.0f}%" if value >= 10 else f"{value:.2g}%"
+
+
+def _float_dtype(name: str, dtype_name: str) -> np.dtype:
+  if dtype_name not in _FLOAT_DTYPES:
+    raise ValueError(f"{name} must be one of {sorted(_FLOAT_DTYPES)}, got {dtype_name!r}.")
+  return _FLOAT_DTYPES[dtype_name]
 
 
 def _logprob_dtype(name: str) -> np.dtype:
@@ -220,6 +347,9 @@ class _Writer:
 
   def shard_name(self, index: int) -> str:
     return f"shard-{self.write_id}-{index:05d}.bin"
+
+  def head_name(self) -> str:
+    return f"head-{self.write_id}.bin"
 
   def create(self, name: str, chunks: Iterable[bytes]) -> str:
     """Writes a new file (never an existing one) and flushes it to the disk.
@@ -299,15 +429,56 @@ def _sync_directory(directory: str) -> None:
 
 
 def _listed_shard_files(directory: str) -> list[str]:
-  """The shard files that the cache now in ``directory`` lists, to remove once it is replaced.
+  """The files (shards, and a hidden-state cache's head) that the cache now in ``directory``
+  lists, to remove once it is replaced.
 
   None when its manifest cannot be read: the writer never removes a file that a valid manifest
   of this cache does not list.
   """
   try:
-    return [shard.file for shard in _read_manifest(directory).shards]
+    return list(_read_manifest(directory).files)
   except TeacherCacheError:
     return []
+
+
+def _check_write_arguments(directory, tokens_per_shard, metadata) -> tuple[str, dict[str, Any]]:
+  directory = os.fspath(directory)
+  if tokens_per_shard is not None and (
+      isinstance(tokens_per_shard, bool) or not isinstance(tokens_per_shard, int)
+      or tokens_per_shard < 1):
+    raise ValueError(f"tokens_per_shard must be a positive integer, got {tokens_per_shard!r}.")
+  return directory, _check_metadata(metadata)
+
+
+def _commit(directory: str, overwrite: bool, write) -> None:
+  """Runs ``write(writer) -> manifest`` under the writers' lock and commits its manifest: the
+  atomic swap every cache kind shares (see :func:`write_teacher_cache`)."""
+  os.makedirs(directory, exist_ok=True)
+  manifest_path = os.path.join(directory, MANIFEST)
+  with _writer_lock(directory):
+    if os.path.lexists(manifest_path):
+      if not overwrite:
+        raise FileExistsError(
+            f"{directory!r} already holds a teacher cache; pass overwrite=True to replace it.")
+      if not stat.S_ISREG(os.lstat(manifest_path).st_mode):
+        raise TeacherCacheError(
+            f"{manifest_path!r} is not a regular file; the writer will not replace it.")
+    replaced = _listed_shard_files(directory) if overwrite else []
+    writer = _Writer(directory)
+    try:
+      manifest = write(writer)
+      writer.commit(manifest)
+    except BaseException:
+      writer.remove_created()
+      raise
+    written = {shard["file"] for shard in manifest["shards"]}
+    if "head" in manifest:
+      written.add(manifest["head"]["file"])
+    for name in replaced:
+      path = os.path.join(directory, name)
+      if name not in written and os.path.isfile(path) and not os.path.islink(path):
+        with contextlib.suppress(OSError):  # An orphan is never read; the new cache is whole.
+          os.remove(path)
 
 
 def write_teacher_cache(
@@ -374,7 +545,6 @@ def write_teacher_cache(
     >>> ids.shape, ids[0, 0].tolist()
     ((2, 3, 2), [3, 2])
   """
-  directory = os.fspath(directory)
   ids_dtype = id_dtype(vocab_size)
   _logprob_dtype(logprob_dtype)  # Every argument is checked before anything is written.
   if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
@@ -383,38 +553,69 @@ def write_teacher_cache(
         f"{_short(temperature)}.")
   if not _is_positive_finite(temperature):
     raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
-  if tokens_per_shard is not None and (
-      isinstance(tokens_per_shard, bool) or not isinstance(tokens_per_shard, int)
-      or tokens_per_shard < 1):
-    raise ValueError(f"tokens_per_shard must be a positive integer, got {tokens_per_shard!r}.")
-  metadata = _check_metadata(metadata)
-  os.makedirs(directory, exist_ok=True)
-  manifest_path = os.path.join(directory, MANIFEST)
-  with _writer_lock(directory):
-    if os.path.lexists(manifest_path):
-      if not overwrite:
-        raise FileExistsError(
-            f"{directory!r} already holds a teacher cache; pass overwrite=True to replace it.")
-      if not stat.S_ISREG(os.lstat(manifest_path).st_mode):
-        raise TeacherCacheError(
-            f"{manifest_path!r} is not a regular file; the writer will not replace it.")
-    replaced = _listed_shard_files(directory) if overwrite else []
-    writer = _Writer(directory)
-    try:
-      manifest = _write_shards(writer, batches, vocab_size=vocab_size, ids_dtype=ids_dtype,
-                               logprob_dtype=logprob_dtype, tokens_per_shard=tokens_per_shard)
-      manifest.update(temperature=float(temperature), metadata=metadata)
-      writer.commit(manifest)
-    except BaseException:
-      writer.remove_created()
-      raise
-    written = {shard["file"] for shard in manifest["shards"]}
-    for name in replaced:
-      path = os.path.join(directory, name)
-      if name not in written and os.path.isfile(path) and not os.path.islink(path):
-        with contextlib.suppress(OSError):  # An orphan is never read; the new cache is whole.
-          os.remove(path)
+  directory, metadata = _check_write_arguments(directory, tokens_per_shard, metadata)
+
+  def write(writer: _Writer) -> dict[str, Any]:
+    manifest = _write_shards(writer, batches, vocab_size=vocab_size, ids_dtype=ids_dtype,
+                             logprob_dtype=logprob_dtype, tokens_per_shard=tokens_per_shard)
+    manifest.update(temperature=float(temperature), metadata=metadata)
+    return manifest
+
+  _commit(directory, overwrite, write)
   return open_teacher_cache(directory)
+
+
+class _ShardStream:
+  """Per-token columns (``[tokens, width]`` arrays, each of one dtype) written as shards of
+  ``tokens_per_shard`` tokens; a shard holds each column's bytes in turn, and its CRC-32 is
+  that of the whole payload."""
+
+  def __init__(self, writer: _Writer, tokens_per_shard: int):
+    self.writer = writer
+    self.tokens_per_shard = tokens_per_shard
+    self.shards: list[ShardInfo] = []
+    self.pending: list[list[np.ndarray]] = []
+    self.count = 0
+
+  def add(self, columns: list[np.ndarray]) -> None:
+    if not self.pending:
+      self.pending = [[] for _ in columns]
+    for pending, column in zip(self.pending, columns, strict=True):
+      pending.append(column)
+    self.count += columns[0].shape[0]
+    while self.count >= self.tokens_per_shard:
+      self._flush(self.tokens_per_shard)
+
+  def finish(self) -> list[ShardInfo]:
+    if self.count:
+      self._flush(self.count)
+    return self.shards
+
+  def _flush(self, count: int) -> None:
+    joined = [np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in self.pending]
+    payload = [np.ascontiguousarray(column[:count]).tobytes() for column in joined]
+    crc = 0
+    for part in payload:
+      crc = zlib.crc32(part, crc)
+    name = self.writer.shard_name(len(self.shards))
+    self.writer.create(name, payload)
+    self.shards.append(ShardInfo(name, count, sum(map(len, payload)), crc))
+    self.pending = [[column[count:]] for column in joined]
+    self.count -= count
+
+
+def _batch_shape(batch_index: int, token_shape: tuple[int, ...],
+                 batch_shape: tuple[int, ...] | None) -> tuple[int, ...]:
+  """The recorded batch shape after a batch of ``token_shape`` (which holds tokens): the first
+  such batch's; later ones may have another first axis (a shorter last batch), not other rows."""
+  if batch_shape is None:
+    return token_shape
+  if token_shape[1:] != batch_shape[1:]:
+    raise ValueError(
+        f"batch {batch_index}: its token shape {token_shape} has other rows than the first "
+        f"batch's {batch_shape}: batches may differ in their first axis only (a shorter "
+        "last batch), since the cache is read back in batches of one shape.")
+  return batch_shape
 
 
 def _write_shards(writer: _Writer, batches: Iterable[tuple[Any, Any]], *, vocab_size: int,
@@ -426,24 +627,7 @@ def _write_shards(writer: _Writer, batches: Iterable[tuple[Any, Any]], *, vocab_
   # The token shape of the first batch that holds tokens (a single [k] token counts as (1,)).
   # Later batches may have another first axis (a shorter last batch), never other rows.
   batch_shape: tuple[int, ...] | None = None
-  shards: list[ShardInfo] = []
-  pending_ids: list[np.ndarray] = []
-  pending_lp: list[np.ndarray] = []
-  pending = 0
-
-  def flush(count: int) -> None:
-    nonlocal pending_ids, pending_lp, pending
-    ids = np.concatenate(pending_ids) if len(pending_ids) > 1 else pending_ids[0]
-    lp = np.concatenate(pending_lp) if len(pending_lp) > 1 else pending_lp[0]
-    payload = (np.ascontiguousarray(ids[:count]).tobytes(),
-               np.ascontiguousarray(lp[:count]).tobytes())
-    crc = zlib.crc32(payload[1], zlib.crc32(payload[0]))
-    name = writer.shard_name(len(shards))
-    writer.create(name, payload)
-    shards.append(ShardInfo(name, count, len(payload[0]) + len(payload[1]), crc))
-    pending_ids, pending_lp = [ids[count:]], [lp[count:]]
-    pending -= count
-
+  stream: _ShardStream | None = None
   for batch_index, batch in enumerate(batches):
     try:
       ids, logprobs = batch
@@ -465,19 +649,12 @@ def _write_shards(writer: _Writer, batches: Iterable[tuple[Any, Any]], *, vocab_
       k = ids.shape[-1]
       if k < 1:
         raise ValueError(f"batch {batch_index}: k must be >= 1, got shape {ids.shape}.")
-      if tokens_per_shard is None:
-        tokens_per_shard = max(1, DEFAULT_SHARD_BYTES // (k * (ids_dtype.itemsize + 2)))
+      stream = _ShardStream(writer, tokens_per_shard or max(
+          1, DEFAULT_SHARD_BYTES // (k * (ids_dtype.itemsize + 2))))
     elif ids.shape[-1] != k:
       raise ValueError(f"batch {batch_index}: k changed from {k} to {ids.shape[-1]}.")
     if ids.size:
-      token_shape = ids.shape[:-1] or (1,)
-      if batch_shape is None:
-        batch_shape = token_shape
-      elif token_shape[1:] != batch_shape[1:]:
-        raise ValueError(
-            f"batch {batch_index}: its token shape {token_shape} has other rows than the first "
-            f"batch's {batch_shape}: batches may differ in their first axis only (a shorter "
-            "last batch), since the cache is read back in batches of one shape.")
+      batch_shape = _batch_shape(batch_index, ids.shape[:-1] or (1,), batch_shape)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
       raise ValueError(
           f"batch {batch_index}: ids must be in [0, vocab_size={vocab_size}), got values in "
@@ -495,24 +672,225 @@ def _write_shards(writer: _Writer, batches: Iterable[tuple[Any, Any]], *, vocab_
       raise TeacherCacheError(
           f"batch {batch_index}: {problem} Nothing was written; a cache already in the folder "
           "is kept.")
-    pending_ids.append(ids.reshape(-1, k).astype(ids_dtype))
-    pending_lp.append(logprobs.astype(lp_dtype))
-    pending += pending_ids[-1].shape[0]
-    while pending >= tokens_per_shard:
-      flush(tokens_per_shard)  # type: ignore[arg-type]  # set with k, at the first batch
-  if k is None:
+    stream.add([ids.reshape(-1, k).astype(ids_dtype),  # type: ignore[union-attr]  # set with k
+                logprobs.astype(lp_dtype)])
+  if k is None or stream is None:
     raise ValueError("batches is empty: there is nothing to cache.")
   if batch_shape is None:  # Batches that all hold zero tokens would write an empty cache.
     raise ValueError(
         f"batches hold no tokens ({batch_index + 1} batches, each of size 0): there is nothing "
         "to cache.")
-  if pending:
-    flush(pending)
+  shards = stream.finish()
 
   return {
       "format": FORMAT, "version": VERSION, "num_tokens": sum(s.num_tokens for s in shards),
       "batch_shape": list(batch_shape), "k": k, "vocab_size": int(vocab_size),
       "id_dtype": ids_dtype.name, "logprob_dtype": logprob_dtype,
+      "shards": [shard._asdict() for shard in shards],
+  }
+
+
+def _float_array(name: str, value: Any) -> np.ndarray:
+  """``value`` as a NumPy array of one of the stored float dtypes (bfloat16, float16, float32)."""
+  if isinstance(value, (tuple, list)):
+    raise TypeError(f"{name} must be one array, got a {type(value).__name__}.")
+  array = np.asarray(value)
+  if array.dtype.name not in _FLOAT_DTYPES:
+    raise TypeError(
+        f"{name} must be a bfloat16, float16 or float32 array (stored as given), got dtype "
+        f"{array.dtype}.")
+  return array
+
+
+def _little_endian_bytes(array: np.ndarray) -> bytes:
+  return np.ascontiguousarray(array.astype(_FLOAT_DTYPES[array.dtype.name])).tobytes()
+
+
+def _optional_positive(name: str, value: Any) -> float | None:
+  if value is None:
+    return None
+  if isinstance(value, (bool, np.bool_, str, bytes)):
+    raise TypeError(f"{name} must be a number > 0 or None, got {_short(value)}.")
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    raise TypeError(
+        f"{name} must be a number > 0 or None (the teacher's own; a Python number, recorded "
+        f"in the manifest), got {_short(value)}.") from None
+  if not (math.isfinite(number) and number > 0):
+    raise ValueError(f"{name} must be a finite number > 0 or None, got {value!r}.")
+  return number
+
+
+def write_hidden_state_cache(
+    directory: str | os.PathLike,
+    batches: Iterable[Any],
+    *,
+    teacher_kernel: Any,
+    teacher_bias: Any = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    tokens_per_shard: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> HiddenStateCacheInfo:
+  """Writes a stream of teacher hidden-state batches, and the teacher's output layer once.
+
+  The exact offline teacher: the fused losses recompute the teacher's logits
+  ``softcap * tanh(logit_scale * (h W + b) / softcap)`` from the stored hidden states ``h`` and
+  the stored head, blockwise, as they would with the teacher run online, so a student trained
+  from the cache is the student trained from the online teacher (bit for bit when the hidden
+  states are stored in the dtype the online teacher hands over). It costs ``hidden_size``
+  values per token instead of ``k`` ids and log-probabilities, and the head once.
+
+  The guarantees are those of :func:`write_teacher_cache`: the shards and the head file are new
+  files, the manifest is renamed into place last, a failed or killed write leaves a cache
+  already in ``directory`` untouched (with ``overwrite`` its files are removed only after the
+  new manifest replaced its own, whatever kind of cache it was), and a second writer to the
+  same folder fails at once with :class:`TeacherCacheError`. Everything is checked before it is
+  written: nothing non-finite is stored (a ``-inf`` bias entry, a masked vocabulary entry, is
+  kept).
+
+  Args:
+    directory: where to write; created if missing. It must not already hold a cache unless
+      ``overwrite``.
+    batches: iterable of hidden-state arrays ``[..., hidden_size]`` (NumPy or JAX), bfloat16,
+      float16 or float32, stored as given: every batch in the first one's dtype. The leading
+      axes are flattened into tokens in C order, batch after batch, and the first batch's
+      token shape is recorded (:attr:`HiddenStateCacheInfo.batch_shape`); later batches may
+      have another first axis (a shorter last batch), not other rows. At least one token in
+      all. Pass the teacher's final hidden states, the input of its output projection (after
+      its final norm).
+    teacher_kernel: the teacher's output projection ``[hidden_size, vocab_size]`` (the
+      ``flax.nnx.Linear`` layout; a PyTorch ``nn.Linear`` weight is its transpose), finite,
+      bfloat16, float16 or float32, stored as given.
+    teacher_bias: optional output bias ``[vocab_size]``, in one of those dtypes; ``-inf``
+      entries (padded vocabulary entries) are kept, NaN and ``+inf`` refused.
+    logit_scale: the teacher's logit scale (Cohere), a number ``> 0``, or None.
+    softcap: the teacher's softcap (Gemma), a number ``> 0``, or None.
+    tokens_per_shard: tokens per shard file (default: about 256 MiB per shard).
+    metadata: JSON-serialisable extras recorded in the manifest (teacher name, dataset, ...).
+    overwrite: replace an existing cache (of either kind) in ``directory``.
+
+  Returns:
+    The :class:`HiddenStateCacheInfo` of the written cache.
+
+  Raises:
+    FileExistsError: ``directory`` holds a cache and ``overwrite`` is false.
+    TeacherCacheError: another writer is writing to ``directory``, or a file cannot be written
+      (a full disk, a file-size limit: the error names the file; nothing is left behind).
+    ValueError, TypeError: a bad argument or batch, or batches that hold no token (nothing is
+      left behind).
+
+  Example:
+    >>> import tempfile, numpy as np
+    >>> from kdjax._src.cache import (write_hidden_state_cache, read_hidden_state_cache,
+    ...                               read_teacher_head)
+    >>> rng = np.random.default_rng(0)
+    >>> kernel = rng.normal(size=(8, 50)).astype(np.float32)  # [hidden, vocab]
+    >>> hidden = rng.normal(size=(2, 3, 8)).astype(np.float32)  # [batch, seq, hidden]
+    >>> path = tempfile.mkdtemp()
+    >>> info = write_hidden_state_cache(path, [hidden], teacher_kernel=kernel, softcap=30.0)
+    >>> info.num_tokens, info.bytes_per_token, info.vocab_size
+    (6, 32, 50)
+    >>> read = next(read_hidden_state_cache(path, batch_shape=(2, 3)))
+    >>> bool((read == hidden).all()), read_teacher_head(path).softcap
+    (True, 30.0)
+  """
+  kernel = _float_array("teacher_kernel", teacher_kernel)
+  if kernel.ndim != 2 or 0 in kernel.shape:
+    raise ValueError(
+        f"teacher_kernel must be a [hidden_size, vocab_size] matrix (flax.nnx.Linear layout; a "
+        f"PyTorch nn.Linear weight is its transpose), got shape {kernel.shape}.")
+  hidden_size, vocab_size = kernel.shape
+  if hidden_size > MAX_HIDDEN_SIZE:
+    raise ValueError(f"teacher_kernel has {hidden_size} rows, more than {MAX_HIDDEN_SIZE}.")
+  if not np.isfinite(kernel.astype(np.float32)).all():
+    raise ValueError("teacher_kernel must be finite, got NaN or inf entries.")
+  bias = None
+  if teacher_bias is not None:
+    bias = _float_array("teacher_bias", teacher_bias)
+    if bias.shape != (vocab_size,):
+      raise ValueError(
+          f"teacher_bias must have shape (vocab_size,) = ({vocab_size},) to match "
+          f"teacher_kernel.shape={kernel.shape}, got {bias.shape}.")
+    wide = bias.astype(np.float32)
+    if np.isnan(wide).any() or np.isposinf(wide).any():
+      raise ValueError(
+          "teacher_bias must be finite or -inf (a masked vocabulary entry), got NaN or +inf.")
+  logit_scale = _optional_positive("logit_scale", logit_scale)
+  softcap = _optional_positive("softcap", softcap)
+  directory, metadata = _check_write_arguments(directory, tokens_per_shard, metadata)
+
+  def write(writer: _Writer) -> dict[str, Any]:
+    head_parts = [_little_endian_bytes(kernel)]
+    if bias is not None:
+      head_parts.append(_little_endian_bytes(bias))
+    head_crc = 0
+    for part in head_parts:
+      head_crc = zlib.crc32(part, head_crc)
+    head_file = writer.head_name()
+    writer.create(head_file, head_parts)
+    manifest = _write_hidden_shards(writer, batches, hidden_size=hidden_size,
+                                    vocab_size=vocab_size, tokens_per_shard=tokens_per_shard)
+    manifest.update(
+        vocab_size=int(vocab_size),
+        head={"file": head_file, "kernel_dtype": kernel.dtype.name,
+              "bias_dtype": None if bias is None else bias.dtype.name,
+              "num_bytes": sum(map(len, head_parts)), "crc32": head_crc,
+              "logit_scale": logit_scale, "softcap": softcap},
+        metadata=metadata)
+    return manifest
+
+  _commit(directory, overwrite, write)
+  return open_hidden_state_cache(directory)
+
+
+def _write_hidden_shards(writer: _Writer, batches: Iterable[Any], *, hidden_size: int,
+                         vocab_size: int, tokens_per_shard: int | None) -> dict[str, Any]:
+  """Writes the hidden-state batches as shards; returns the manifest without the head."""
+  dtype: np.dtype | None = None
+  batch_shape: tuple[int, ...] | None = None
+  stream: _ShardStream | None = None
+  batch_index = -1
+  for batch_index, batch in enumerate(batches):
+    hidden = _float_array(f"batch {batch_index}", batch)
+    if hidden.ndim < 1 or hidden.shape[-1] != hidden_size:
+      hint = ""
+      if hidden.ndim and hidden.shape[-1] == vocab_size:
+        hint = (" teacher_kernel looks transposed: a PyTorch nn.Linear weight is [vocab, d]; "
+                "pass its transpose.")
+      raise ValueError(
+          f"batch {batch_index}: hidden states must have shape [..., hidden_size] with "
+          f"hidden_size = teacher_kernel.shape[0] = {hidden_size} (the input of the teacher's "
+          f"output projection), got {hidden.shape}.{hint}")
+    if dtype is None:
+      dtype = hidden.dtype
+      stream = _ShardStream(writer, tokens_per_shard or max(
+          1, DEFAULT_SHARD_BYTES // (hidden_size * dtype.itemsize)))
+    elif hidden.dtype != dtype:
+      raise TypeError(
+          f"batch {batch_index}: dtype {hidden.dtype} differs from the first batch's {dtype}; "
+          "hidden states are stored as given, in one dtype: cast every batch to it.")
+    if hidden.size:
+      batch_shape = _batch_shape(batch_index, hidden.shape[:-1] or (1,), batch_shape)
+    rows = hidden.reshape(-1, hidden_size)
+    if not np.isfinite(rows.astype(np.float32)).all():
+      raise ValueError(
+          f"batch {batch_index}: hidden states must be finite, got NaN or inf (check the "
+          "teacher's activations).")
+    stream.add([rows.astype(_FLOAT_DTYPES[dtype.name])])  # type: ignore[union-attr]  # set with dtype
+  if dtype is None or stream is None:
+    raise ValueError("batches is empty: there is nothing to cache.")
+  if batch_shape is None:
+    raise ValueError(
+        f"batches hold no tokens ({batch_index + 1} batches, each of size 0): there is nothing "
+        "to cache.")
+  shards = stream.finish()
+  return {
+      "format": FORMAT, "version": HIDDEN_STATES_VERSION, "kind": "hidden_states",
+      "num_tokens": sum(s.num_tokens for s in shards), "batch_shape": list(batch_shape),
+      "hidden_size": int(hidden_size), "hidden_dtype": dtype.name,
       "shards": [shard._asdict() for shard in shards],
   }
 
@@ -587,7 +965,7 @@ def _file_kind(mode: int) -> str:
   return "not a plain file"
 
 
-def _read_manifest(directory: str) -> CacheInfo:
+def _read_manifest(directory: str) -> CacheInfo | HiddenStateCacheInfo:
   path = os.path.join(directory, MANIFEST)
   if not os.path.lexists(path):
     raise TeacherCacheError(
@@ -606,10 +984,17 @@ def _read_manifest(directory: str) -> CacheInfo:
   manifest = _Manifest(path, data)
   fmt, version = data.get("format"), data.get("version")
   if fmt != FORMAT or type(version) is not int or version not in READABLE_VERSIONS:
+    versions = ", ".join(map(str, READABLE_VERSIONS[:-1])) + f" or {READABLE_VERSIONS[-1]}"
     raise TeacherCacheError(
-        f"{path!r} is not a {FORMAT} manifest of version "
-        f"{' or '.join(map(str, READABLE_VERSIONS))} (format={_short(fmt)}, "
+        f"{path!r} is not a {FORMAT} manifest of version {versions} (format={_short(fmt)}, "
         f"version={_short(version)}).")
+  kind = "topk"  # what versions 1 and 2 hold
+  if version >= 3:
+    kind = manifest.get(data, "kind", "kind")
+    if not isinstance(kind, str) or kind not in KINDS:
+      raise manifest.error("kind", f"one of {list(KINDS)}", kind)
+  if kind == "hidden_states":
+    return _hidden_state_manifest(directory, manifest, data)
   vocab_size = manifest.integer(data, "vocab_size", "vocab_size", 1, 2**32)
   k = manifest.integer(data, "k", "k", 1, 2**31 - 1)
   num_tokens = manifest.integer(data, "num_tokens", "num_tokens", 0, 2**63 - 1)
@@ -626,13 +1011,28 @@ def _read_manifest(directory: str) -> CacheInfo:
   temperature = manifest.get(data, "temperature", "temperature")
   if not _is_positive_finite(temperature):
     raise manifest.error("temperature", "a finite number > 0", temperature)
+  metadata = _manifest_metadata(manifest, data)
+  shards = _shard_entries(manifest, data, num_tokens,
+                          bytes_per_token(k, vocab_size, logprob_dtype=logprob_dtype))
+  return CacheInfo(directory, num_tokens, k, vocab_size, ids_name, logprob_dtype,
+                   float(temperature), shards, metadata, batch_shape)
+
+
+def _manifest_metadata(manifest: _Manifest, data: dict) -> dict[str, Any]:
   metadata = data.get("metadata", {})
   if not isinstance(metadata, dict):
     raise manifest.error("metadata", "a JSON object", metadata)
+  return metadata
+
+
+def _shard_entries(manifest: _Manifest, data: dict, num_tokens: int,
+                   token_bytes: int) -> tuple[ShardInfo, ...]:
+  """The manifest's ``shards``: plain file names of the writer's form, each listed once, with
+  counts that agree with ``token_bytes`` per token and add up to ``num_tokens``."""
+  path = manifest.path
   entries = manifest.get(data, "shards", "shards")
   if not isinstance(entries, list):
     raise manifest.error("shards", "a list", entries)
-  token_bytes = bytes_per_token(k, vocab_size, logprob_dtype=logprob_dtype)
   shards: list[ShardInfo] = []
   seen: dict[str, int] = {}
   for index, entry in enumerate(entries):
@@ -660,8 +1060,59 @@ def _read_manifest(directory: str) -> CacheInfo:
     raise TeacherCacheError(
         f"{path!r} is corrupted: field 'num_tokens' is {num_tokens} but the shard token counts "
         f"do not add up to it.")
-  return CacheInfo(directory, num_tokens, k, vocab_size, ids_name, logprob_dtype,
-                   float(temperature), tuple(shards), metadata, batch_shape)
+  return tuple(shards)
+
+
+def _optional_number(manifest: _Manifest, mapping: dict, key: str, field: str) -> float | None:
+  value = manifest.get(mapping, key, field)
+  if value is None:
+    return None
+  if not _is_positive_finite(value):
+    raise manifest.error(field, "a finite number > 0 or null", value)
+  return float(value)
+
+
+def _hidden_state_manifest(directory: str, manifest: _Manifest,
+                           data: dict) -> HiddenStateCacheInfo:
+  """The fields of a hidden-state cache (version 3, kind "hidden_states"), each checked."""
+  vocab_size = manifest.integer(data, "vocab_size", "vocab_size", 1, 2**32)
+  hidden_size = manifest.integer(data, "hidden_size", "hidden_size", 1, MAX_HIDDEN_SIZE)
+  num_tokens = manifest.integer(data, "num_tokens", "num_tokens", 0, 2**63 - 1)
+  batch_shape = _recorded_batch_shape(manifest, data, num_tokens)
+  hidden_dtype = manifest.get(data, "hidden_dtype", "hidden_dtype")
+  if not isinstance(hidden_dtype, str) or hidden_dtype not in _FLOAT_DTYPES:
+    raise manifest.error("hidden_dtype", f"one of {sorted(_FLOAT_DTYPES)}", hidden_dtype)
+  entry = manifest.get(data, "head", "head")
+  if not isinstance(entry, dict):
+    raise manifest.error("head", "a JSON object", entry)
+  file = manifest.get(entry, "file", "head.file")
+  if not isinstance(file, str) or not _HEAD_FILE.fullmatch(file):
+    raise manifest.error("head.file", "a plain head file name such as 'head-0123abcd.bin'", file)
+  kernel_dtype = manifest.get(entry, "kernel_dtype", "head.kernel_dtype")
+  if not isinstance(kernel_dtype, str) or kernel_dtype not in _FLOAT_DTYPES:
+    raise manifest.error("head.kernel_dtype", f"one of {sorted(_FLOAT_DTYPES)}", kernel_dtype)
+  bias_dtype = manifest.get(entry, "bias_dtype", "head.bias_dtype")
+  if bias_dtype is not None and (not isinstance(bias_dtype, str)
+                                 or bias_dtype not in _FLOAT_DTYPES):
+    raise manifest.error("head.bias_dtype", f"null or one of {sorted(_FLOAT_DTYPES)}",
+                         bias_dtype)
+  num_bytes = manifest.integer(entry, "num_bytes", "head.num_bytes", 1, 2**63 - 1)
+  expected = head_bytes(hidden_size, vocab_size, kernel_dtype=kernel_dtype,
+                        bias_dtype=bias_dtype)
+  if num_bytes != expected:
+    raise TeacherCacheError(
+        f"{manifest.path!r} is corrupted: field 'head.num_bytes' is {num_bytes} for a "
+        f"[{hidden_size}, {vocab_size}] {kernel_dtype} kernel"
+        f"{'' if bias_dtype is None else f' and a {bias_dtype} bias'} ({expected} bytes).")
+  crc = manifest.integer(entry, "crc32", "head.crc32", 0, 2**32 - 1)
+  head = HeadInfo(file, kernel_dtype, bias_dtype, num_bytes, crc,
+                  _optional_number(manifest, entry, "logit_scale", "head.logit_scale"),
+                  _optional_number(manifest, entry, "softcap", "head.softcap"))
+  metadata = _manifest_metadata(manifest, data)
+  shards = _shard_entries(manifest, data, num_tokens,
+                          hidden_state_bytes_per_token(hidden_size, hidden_dtype))
+  return HiddenStateCacheInfo(directory, num_tokens, hidden_size, hidden_dtype, vocab_size, head,
+                              shards, metadata, batch_shape)
 
 
 def _recorded_batch_shape(manifest: _Manifest, data: dict, num_tokens: int) -> tuple[int, ...]:
@@ -701,6 +1152,51 @@ def _shard_path(directory: str, file: str) -> str:
   return os.path.join(directory, file)
 
 
+def _head_path(directory: str, file: str) -> str:
+  """The path of a head file named ``file``, which must be a plain name the writer produces."""
+  if not isinstance(file, str) or not _HEAD_FILE.fullmatch(file):
+    raise TeacherCacheError(
+        f"{_short(file)} is not a plain head file name such as 'head-0123abcd.bin' (a file "
+        "inside the cache folder).")
+  return os.path.join(directory, file)
+
+
+def _check_file_size(path: str, name: str, num_bytes: int) -> None:
+  try:
+    status = os.lstat(path)
+  except FileNotFoundError:
+    raise TeacherCacheError(f"{name} {path!r} is missing.") from None
+  if not stat.S_ISREG(status.st_mode):
+    raise TeacherCacheError(
+        f"{name} {path!r} is not a regular file ({_file_kind(status.st_mode)}).")
+  if status.st_size != num_bytes:
+    raise TeacherCacheError(
+        f"{name} {path!r} is "
+        f"{'truncated' if status.st_size < num_bytes else 'too long'}: the manifest "
+        f"records {num_bytes} bytes, the file has {status.st_size}.")
+
+
+def _open_checked(directory: str | os.PathLike, kind: str) -> CacheInfo | HiddenStateCacheInfo:
+  """The manifest of the cache in ``directory``, which must be of ``kind``, with every file it
+  lists present at its recorded size."""
+  directory = os.fspath(directory)
+  info = _read_manifest(directory)
+  if isinstance(info, HiddenStateCacheInfo) and kind == "topk":
+    raise TeacherCacheError(
+        f"{directory!r} holds a teacher's hidden states (a hidden-state cache), not top-k "
+        "log-probabilities: read it with kdjax.read_hidden_state_cache and "
+        "kdjax.read_teacher_head, and distill with the fused losses.")
+  if isinstance(info, CacheInfo) and kind == "hidden_states":
+    raise TeacherCacheError(
+        f"{directory!r} holds sparse (top-k) teacher log-probabilities, not hidden states: "
+        "read it with kdjax.read_teacher_cache and distill with kdjax.sparse_distill_loss.")
+  if isinstance(info, HiddenStateCacheInfo):
+    _check_file_size(_head_path(directory, info.head.file), "head", info.head.num_bytes)
+  for shard in info.shards:
+    _check_file_size(_shard_path(directory, shard.file), "shard", shard.num_bytes)
+  return info
+
+
 def open_teacher_cache(directory: str | os.PathLike) -> CacheInfo:
   """Reads and checks a cache's manifest, and that every shard file has its recorded size.
 
@@ -714,25 +1210,60 @@ def open_teacher_cache(directory: str | os.PathLike) -> CacheInfo:
 
   Raises:
     TeacherCacheError: no manifest (missing or unfinished cache), an unreadable or
-      inconsistent manifest (naming the field), or a missing or truncated shard.
+      inconsistent manifest (naming the field), a missing or truncated shard, or a
+      hidden-state cache (see :func:`open_hidden_state_cache`).
   """
-  directory = os.fspath(directory)
-  info = _read_manifest(directory)
-  for shard in info.shards:
-    shard_path = _shard_path(directory, shard.file)
-    try:
-      status = os.lstat(shard_path)
-    except FileNotFoundError:
-      raise TeacherCacheError(f"shard {shard_path!r} is missing.") from None
-    if not stat.S_ISREG(status.st_mode):
-      raise TeacherCacheError(
-          f"shard {shard_path!r} is not a regular file ({_file_kind(status.st_mode)}).")
-    if status.st_size != shard.num_bytes:
-      raise TeacherCacheError(
-          f"shard {shard_path!r} is "
-          f"{'truncated' if status.st_size < shard.num_bytes else 'too long'}: the manifest "
-          f"records {shard.num_bytes} bytes, the file has {status.st_size}.")
+  info = _open_checked(directory, "topk")
+  assert isinstance(info, CacheInfo)
   return info
+
+
+def open_hidden_state_cache(directory: str | os.PathLike) -> HiddenStateCacheInfo:
+  """Reads and checks a hidden-state cache's manifest, and the sizes of its files.
+
+  As :func:`open_teacher_cache` does for a top-k cache: every field is checked (the head's
+  dtypes, its byte count against its shape, the logit scale and softcap), the head and the
+  shards must be plain file names of the writer's form, inside ``directory``, regular files of
+  their recorded sizes.
+
+  Returns:
+    The :class:`HiddenStateCacheInfo`: ``num_tokens``, ``hidden_size``, ``hidden_dtype``,
+    ``vocab_size``, ``batch_shape`` (the token shape the cache was written in), ``head`` (its
+    file, dtypes, logit scale and softcap), ``metadata`` and ``bytes_per_token``.
+
+  Raises:
+    TeacherCacheError: no manifest, an unreadable or inconsistent manifest (naming the field),
+      a missing or truncated file, or a top-k cache (see :func:`open_teacher_cache`).
+
+  Example:
+    >>> import tempfile, numpy as np
+    >>> from kdjax._src.cache import open_hidden_state_cache, write_hidden_state_cache
+    >>> path = tempfile.mkdtemp()
+    >>> _ = write_hidden_state_cache(path, [np.ones((4, 16), np.float32)],
+    ...                              teacher_kernel=np.ones((16, 100), np.float32))
+    >>> info = open_hidden_state_cache(path)
+    >>> info.hidden_size, info.hidden_dtype, info.vocab_size, info.batch_shape
+    (16, 'float32', 100, (4,))
+  """
+  info = _open_checked(directory, "hidden_states")
+  assert isinstance(info, HiddenStateCacheInfo)
+  return info
+
+
+def _read_file(path: str, name: str, num_bytes: int, crc32: int, *, verify: bool) -> bytes:
+  """A file's bytes, after checking its size and (with ``verify``) its CRC-32."""
+  with _open_regular_file(path, f"{name} {path!r}") as f:
+    payload = f.read(num_bytes + 1)
+  if len(payload) != num_bytes:
+    raise TeacherCacheError(
+        f"{name} {path!r} is {'truncated' if len(payload) < num_bytes else 'too long'}: "
+        f"the manifest records {num_bytes} bytes, the file has "
+        f"{'more' if len(payload) > num_bytes else len(payload)}.")
+  if verify and zlib.crc32(payload) != crc32:
+    raise TeacherCacheError(
+        f"{name} {path!r} is corrupted: its CRC-32 is {zlib.crc32(payload):#010x}, the "
+        f"manifest records {crc32:#010x}.")
+  return payload
 
 
 def read_shard(info: CacheInfo, index: int, *, verify: bool = True) -> tuple[np.ndarray,
@@ -744,17 +1275,7 @@ def read_shard(info: CacheInfo, index: int, *, verify: bool = True) -> tuple[np.
   """
   shard = info.shards[index]
   path = _shard_path(info.directory, shard.file)
-  with _open_regular_file(path, f"shard {path!r}") as f:
-    payload = f.read(shard.num_bytes + 1)
-  if len(payload) != shard.num_bytes:
-    raise TeacherCacheError(
-        f"shard {path!r} is {'truncated' if len(payload) < shard.num_bytes else 'too long'}: "
-        f"the manifest records {shard.num_bytes} bytes, the file has "
-        f"{'more' if len(payload) > shard.num_bytes else len(payload)}.")
-  if verify and zlib.crc32(payload) != shard.crc32:
-    raise TeacherCacheError(
-        f"shard {path!r} is corrupted: its CRC-32 is {zlib.crc32(payload):#010x}, the manifest "
-        f"records {shard.crc32:#010x}.")
+  payload = _read_file(path, "shard", shard.num_bytes, shard.crc32, verify=verify)
   ids_dtype = np.dtype(info.id_dtype).newbyteorder("<")
   id_bytes = shard.num_tokens * info.k * ids_dtype.itemsize
   ids = np.frombuffer(payload, ids_dtype, count=shard.num_tokens * info.k)
@@ -766,6 +1287,97 @@ def read_shard(info: CacheInfo, index: int, *, verify: bool = True) -> tuple[np.
     raise TeacherCacheError(
         f"shard {path!r} is corrupted: it holds NaN or +inf log-probabilities.")
   return ids, logprobs.reshape(shard.num_tokens, info.k)
+
+
+def read_hidden_shard(info: HiddenStateCacheInfo, index: int, *,
+                      verify: bool = True) -> np.ndarray:
+  """One shard's hidden states ``[tokens, hidden_size]`` in the stored dtype, after the checks
+  of :func:`read_shard`; a NaN or infinite value is reported as corruption."""
+  shard = info.shards[index]
+  path = _shard_path(info.directory, shard.file)
+  payload = _read_file(path, "shard", shard.num_bytes, shard.crc32, verify=verify)
+  hidden = np.frombuffer(payload, _FLOAT_DTYPES[info.hidden_dtype]).reshape(
+      shard.num_tokens, info.hidden_size)
+  if not np.isfinite(hidden.astype(np.float32)).all():
+    raise TeacherCacheError(f"shard {path!r} is corrupted: it holds NaN or infinite values.")
+  return hidden
+
+
+def read_teacher_head(directory: str | os.PathLike, *, verify: bool = True) -> TeacherHead:
+  """The teacher's output layer stored in a hidden-state cache, checked before it is returned.
+
+  The head file's size and (with ``verify``, the default) CRC-32 are checked against the
+  manifest; a NaN or infinite kernel entry, or a NaN or ``+inf`` bias entry, is corruption.
+
+  Returns:
+    A :class:`TeacherHead`: ``kernel`` ``[hidden_size, vocab_size]`` and ``bias``
+    ``[vocab_size]`` or None (NumPy, in their stored dtypes), ``logit_scale`` and ``softcap``
+    (numbers or None), for the teacher side of :func:`kdjax.fused_linear_distill_loss`.
+
+  Raises:
+    TeacherCacheError: as :func:`open_hidden_state_cache`, or a corrupted head.
+  """
+  info = open_hidden_state_cache(directory)
+  head = info.head
+  path = _head_path(info.directory, head.file)
+  payload = _read_file(path, "head", head.num_bytes, head.crc32, verify=verify)
+  kernel_dtype = _FLOAT_DTYPES[head.kernel_dtype]
+  count = info.hidden_size * info.vocab_size
+  kernel = np.frombuffer(payload, kernel_dtype, count=count).reshape(info.hidden_size,
+                                                                    info.vocab_size)
+  if not np.isfinite(kernel.astype(np.float32)).all():
+    raise TeacherCacheError(f"head {path!r} is corrupted: its kernel holds NaN or inf.")
+  bias = None
+  if head.bias_dtype is not None:
+    bias = np.frombuffer(payload, _FLOAT_DTYPES[head.bias_dtype],
+                         offset=count * kernel_dtype.itemsize)
+    wide = bias.astype(np.float32)
+    if np.isnan(wide).any() or np.isposinf(wide).any():
+      raise TeacherCacheError(f"head {path!r} is corrupted: its bias holds NaN or +inf.")
+  return TeacherHead(kernel, bias, head.logit_scale, head.softcap)
+
+
+def _check_read(info: CacheInfo | HiddenStateCacheInfo, batch_shape: tuple[int, ...],
+                start_token: int, drop_remainder: bool) -> None:
+  """The checks of a read (see :func:`read_teacher_cache`), before the first batch."""
+  if not 0 <= start_token <= info.num_tokens:
+    raise ValueError(
+        f"start_token must be in [0, num_tokens={info.num_tokens}], got {start_token}.")
+  written = info.batch_shape
+  if written is not None:
+    if len(batch_shape) != len(written) or batch_shape[1:] != written[1:]:
+      rows = "(n,)" if len(written) == 1 else f"(n, {', '.join(map(str, written[1:]))})"
+      raise TeacherCacheError(
+          f"{info.directory!r} was written in batches of token shape {written}, but "
+          f"batch_shape={batch_shape} was asked: its rows would not line up with the written "
+          f"ones. Read with batch_shape={written}, or {rows} for n rows per batch.")
+    row_tokens = math.prod(written[1:])
+    if start_token % row_tokens:
+      raise TeacherCacheError(
+          f"start_token={start_token} is inside a row of {info.directory!r}, which was written "
+          f"in batches of token shape {written} ({row_tokens} tokens per row): pass a multiple "
+          f"of {row_tokens}.")
+  batch_tokens = math.prod(batch_shape)
+  left = info.num_tokens - start_token
+  if left < batch_tokens and (drop_remainder or not left):
+    raise TeacherCacheError(
+        f"batch_shape={batch_shape} takes {batch_tokens} tokens per batch, but "
+        f"{info.directory!r} holds {left} tokens from start_token={start_token} "
+        f"(num_tokens={info.num_tokens}): the read would yield no batch. Pass a smaller "
+        "batch_shape" + (", or drop_remainder=False for a shorter batch." if left else "."))
+  remainder = left % batch_tokens
+  if remainder and not drop_remainder and remainder % math.prod(batch_shape[1:]):
+    raise ValueError(
+        f"the last {remainder} cached tokens do not fill whole rows of batch_shape[1:] = "
+        f"{batch_shape[1:]}; pass drop_remainder=True to drop them.")
+
+
+def _check_start_token(start_token: Any) -> int:
+  if not _is_integer(start_token):
+    raise TypeError(
+        f"start_token must be an integer (the number of cached tokens to skip), got "
+        f"{_short(start_token)} of type {type(start_token).__name__}.")
+  return int(start_token)
 
 
 def read_teacher_cache(
@@ -810,47 +1422,63 @@ def read_teacher_cache(
     TypeError: ``batch_shape`` or ``start_token`` is not made of integers (``bool`` included).
     ValueError: ``batch_shape`` has an axis < 1, or ``start_token`` is outside the cache.
     TeacherCacheError: a missing, truncated or corrupted manifest or shard; a ``batch_shape``
-      whose rows are not those of the written batches, or a ``start_token`` inside a row; or a
-      read that would yield no batch at all (a batch larger than the tokens left).
+      whose rows are not those of the written batches, or a ``start_token`` inside a row; a
+      read that would yield no batch at all (a batch larger than the tokens left); or a
+      hidden-state cache (see :func:`read_hidden_state_cache`).
   """
   batch_shape = _check_batch_shape(batch_shape)
-  if not _is_integer(start_token):
-    raise TypeError(
-        f"start_token must be an integer (the number of cached tokens to skip), got "
-        f"{_short(start_token)} of type {type(start_token).__name__}.")
-  start_token = int(start_token)
+  start_token = _check_start_token(start_token)
   info = open_teacher_cache(directory)
-  if not 0 <= start_token <= info.num_tokens:
-    raise ValueError(
-        f"start_token must be in [0, num_tokens={info.num_tokens}], got {start_token}.")
-  written = info.batch_shape
-  if written is not None:
-    if len(batch_shape) != len(written) or batch_shape[1:] != written[1:]:
-      rows = "(n,)" if len(written) == 1 else f"(n, {', '.join(map(str, written[1:]))})"
-      raise TeacherCacheError(
-          f"{info.directory!r} was written in batches of token shape {written}, but "
-          f"batch_shape={batch_shape} was asked: its rows would not line up with the written "
-          f"ones. Read with batch_shape={written}, or {rows} for n rows per batch.")
-    row_tokens = math.prod(written[1:])
-    if start_token % row_tokens:
-      raise TeacherCacheError(
-          f"start_token={start_token} is inside a row of {info.directory!r}, which was written "
-          f"in batches of token shape {written} ({row_tokens} tokens per row): pass a multiple "
-          f"of {row_tokens}.")
-  batch_tokens = math.prod(batch_shape)
-  left = info.num_tokens - start_token
-  if left < batch_tokens and (drop_remainder or not left):
-    raise TeacherCacheError(
-        f"batch_shape={batch_shape} takes {batch_tokens} tokens per batch, but "
-        f"{info.directory!r} holds {left} tokens from start_token={start_token} "
-        f"(num_tokens={info.num_tokens}): the read would yield no batch. Pass a smaller "
-        "batch_shape" + (", or drop_remainder=False for a shorter batch." if left else "."))
-  remainder = left % batch_tokens
-  if remainder and not drop_remainder and remainder % math.prod(batch_shape[1:]):
-    raise ValueError(
-        f"the last {remainder} cached tokens do not fill whole rows of batch_shape[1:] = "
-        f"{batch_shape[1:]}; pass drop_remainder=True to drop them.")
-  return _batches(info, batch_shape, start_token, drop_remainder=drop_remainder, verify=verify)
+  _check_read(info, batch_shape, start_token, drop_remainder)
+  batches = _batches(info, batch_shape, start_token, (info.k,),
+                     lambda index: read_shard(info, index, verify=verify),
+                     drop_remainder=drop_remainder)
+  return ((ids, logprobs) for ids, logprobs in batches)
+
+
+def read_hidden_state_cache(
+    directory: str | os.PathLike,
+    *,
+    batch_shape: tuple[int, ...],
+    start_token: int = 0,
+    drop_remainder: bool = True,
+    verify: bool = True,
+) -> Iterator[np.ndarray]:
+  """Yields teacher hidden-state batches aligned with token batches of shape ``batch_shape``.
+
+  The reader of :func:`write_hidden_state_cache`'s caches, with every argument, check and rule
+  of :func:`read_teacher_cache`: the rows asked for must be the rows written
+  (:attr:`HiddenStateCacheInfo.batch_shape`), ``start_token`` a whole number of rows, and the
+  read must yield at least one batch; each shard's size and CRC-32 are checked before any of it
+  is returned. The teacher's output layer is read once with :func:`read_teacher_head`.
+
+  Yields:
+    Hidden states ``batch_shape + (hidden_size,)`` in the stored dtype; pass them as
+    ``teacher_hidden`` to :func:`kdjax.fused_linear_distill_loss` (or its siblings), with the
+    head's kernel, bias, logit scale and softcap.
+
+  Raises:
+    TypeError, ValueError, TeacherCacheError: as :func:`read_teacher_cache`; a top-k cache is a
+      :class:`TeacherCacheError` too.
+
+  Example:
+    >>> import tempfile, numpy as np
+    >>> from kdjax._src.cache import read_hidden_state_cache, write_hidden_state_cache
+    >>> hidden = np.arange(48, dtype=np.float32).reshape(3, 2, 8)  # [batch, seq, hidden]
+    >>> path = tempfile.mkdtemp()
+    >>> _ = write_hidden_state_cache(path, [hidden[:2], hidden[2:]],
+    ...                              teacher_kernel=np.ones((8, 10), np.float32))
+    >>> [batch.shape for batch in read_hidden_state_cache(path, batch_shape=(1, 2))]
+    [(1, 2, 8), (1, 2, 8), (1, 2, 8)]
+  """
+  batch_shape = _check_batch_shape(batch_shape)
+  start_token = _check_start_token(start_token)
+  info = open_hidden_state_cache(directory)
+  _check_read(info, batch_shape, start_token, drop_remainder)
+  batches = _batches(info, batch_shape, start_token, (info.hidden_size,),
+                     lambda index: (read_hidden_shard(info, index, verify=verify),),
+                     drop_remainder=drop_remainder)
+  return (hidden for (hidden,) in batches)
 
 
 def _is_integer(value: Any) -> bool:
@@ -875,34 +1503,37 @@ def _check_batch_shape(batch_shape: Any) -> tuple[int, ...]:
   return shape
 
 
-def _batches(info: CacheInfo, batch_shape: tuple[int, ...], start_token: int, *,
-             drop_remainder: bool, verify: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """The batches of :func:`read_teacher_cache`, whose arguments are checked."""
+def _batches(info: CacheInfo | HiddenStateCacheInfo, batch_shape: tuple[int, ...],
+             start_token: int, entry_shape: tuple[int, ...], read, *,
+             drop_remainder: bool) -> Iterator[tuple[np.ndarray, ...]]:
+  """The batches of a checked read: ``read(shard index)`` gives the shard's arrays, each
+  ``[tokens, *entry_shape]``; each batch holds them reshaped to ``batch_shape + entry_shape``."""
   batch_tokens = math.prod(batch_shape)
-  buffered_ids: list[np.ndarray] = []
-  buffered_lp: list[np.ndarray] = []
-  buffered = 0
+  buffered: list[list[np.ndarray]] = []
+  count = 0
   shard_start = 0
   for index, shard in enumerate(info.shards):
     shard_end = shard_start + shard.num_tokens
     if shard_end <= start_token:
       shard_start = shard_end
       continue
-    ids, logprobs = read_shard(info, index, verify=verify)
+    arrays = read(index)
     skip = max(0, start_token - shard_start)
-    buffered_ids.append(ids[skip:])
-    buffered_lp.append(logprobs[skip:])
-    buffered += shard.num_tokens - skip
+    if not buffered:
+      buffered = [[] for _ in arrays]
+    for parts, array in zip(buffered, arrays, strict=True):
+      parts.append(array[skip:])
+    count += shard.num_tokens - skip
     shard_start = shard_end
-    if buffered < batch_tokens:
+    if count < batch_tokens:
       continue
-    all_ids, all_lp = np.concatenate(buffered_ids), np.concatenate(buffered_lp)
-    full = buffered // batch_tokens * batch_tokens
+    joined = [np.concatenate(parts) for parts in buffered]
+    full = count // batch_tokens * batch_tokens
     for offset in range(0, full, batch_tokens):
-      yield (all_ids[offset:offset + batch_tokens].reshape(batch_shape + (info.k,)),
-             all_lp[offset:offset + batch_tokens].reshape(batch_shape + (info.k,)))
-    buffered_ids, buffered_lp = [all_ids[full:]], [all_lp[full:]]
-    buffered -= full
-  if buffered and not drop_remainder:  # Whole rows (checked by read_teacher_cache).
-    shape = (buffered // math.prod(batch_shape[1:]),) + batch_shape[1:] + (info.k,)
-    yield np.concatenate(buffered_ids).reshape(shape), np.concatenate(buffered_lp).reshape(shape)
+      yield tuple(array[offset:offset + batch_tokens].reshape(batch_shape + entry_shape)
+                  for array in joined)
+    buffered = [[array[full:]] for array in joined]
+    count -= full
+  if count and not drop_remainder:  # Whole rows (checked by _check_read).
+    shape = (count // math.prod(batch_shape[1:]),) + batch_shape[1:] + entry_shape
+    yield tuple(np.concatenate(parts).reshape(shape) for parts in buffered)
