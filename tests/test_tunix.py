@@ -391,6 +391,25 @@ def test_fused_head_of_qwen3_equals_its_logits(example_models):
 
 
 @needs_tunix
+def test_head_forward_compiles_without_the_logits(example_models):
+  """Under jit the model's own logits, unused, are dropped: no [batch, seq, vocab] array."""
+  from flax import nnx
+
+  from kdjax.integrations import tunix as kdjax_tunix
+
+  example = _example()
+  _, student = example_models  # untied; no other activation is [2, 16, 128]
+  inputs = example.model_inputs(example.make_batch(np.random.default_rng(3), batch=2))
+  graphdef, state = nnx.split(student)
+  logits_shape = f"f32[2,{example.SEQ},{example.VOCAB}]"
+  for forward, has_logits in ((kdjax_tunix.logits_forward, True),
+                              (kdjax_tunix.head_forward, False)):
+    program = jax.jit(lambda state, inputs, forward=forward: forward(
+        nnx.merge(graphdef, state), **inputs)).lower(state, inputs).compile().as_text()
+    assert (logits_shape in program) == has_logits, forward.__name__
+
+
+@needs_tunix
 def test_example_trains_with_tunix_trainer_and_the_fused_head():
   result = subprocess.run(
       [sys.executable, str(ROOT / "examples" / "tunix_distill.py"), "--fused", "--steps", "12"],
