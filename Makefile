@@ -43,6 +43,7 @@ bench: $(VENV)/.test
 	$(PY) benchmarks/bench_sharded.py
 	$(PY) benchmarks/bench_cache.py
 	$(PY) benchmarks/bench_compile.py
+	$(PY) benchmarks/bench_metrics.py
 
 # Warnings are errors. The API pages are generated afresh, so a removed name leaves no stale page.
 docs: $(VENV)/.docs

@@ -15,15 +15,19 @@ from kdjax._src.features import hidden_state_loss, hidden_state_loss_sum_and_cou
 from kdjax._src.fused import (
     fused_linear_distill_loss,
     fused_linear_distill_loss_sum_and_count,
+    fused_linear_distill_loss_with_metrics,
     fused_linear_distill_with_cross_entropy,
     fused_linear_distill_with_cross_entropy_sum_and_count,
+    fused_linear_distill_with_cross_entropy_with_metrics,
 )
 from kdjax._src.implementations import IMPLEMENTATIONS
 from kdjax._src.losses import (
     distill_loss,
     distill_loss_sum_and_count,
+    distill_loss_with_metrics,
     distill_with_cross_entropy,
     distill_with_cross_entropy_sum_and_count,
+    distill_with_cross_entropy_with_metrics,
     forward_kl,
     generalized_jsd,
     kd_loss,
@@ -34,6 +38,7 @@ from kdjax._src.losses import (
     soft_cross_entropy,
     total_variation,
 )
+from kdjax._src.metrics import DistillMetrics, TokenMetrics
 from kdjax._src.sampling import sample_teacher
 from kdjax._src.sharded import (
     vocab_parallel_distill_loss,
@@ -43,6 +48,7 @@ from kdjax._src.sparse import (
     TAILS,
     sparse_distill_loss,
     sparse_distill_loss_sum_and_count,
+    sparse_distill_loss_with_metrics,
     topk_teacher,
 )
 from kdjax._src.uld import align_tokenizations, align_tokenizations_batch, uld_loss
@@ -55,21 +61,27 @@ DIVERGENCES: tuple[str, ...] = tuple(sorted(_DIVERGENCE_SPECS))
 
 __all__ = (
     "DIVERGENCES",
+    "DistillMetrics",
     "IMPLEMENTATIONS",
     "TAILS",
     "TeacherCacheError",
+    "TokenMetrics",
     "align_tokenizations",
     "align_tokenizations_batch",
     "align_vocab",
     "distill_loss",
     "distill_loss_sum_and_count",
+    "distill_loss_with_metrics",
     "distill_with_cross_entropy",
     "distill_with_cross_entropy_sum_and_count",
+    "distill_with_cross_entropy_with_metrics",
     "forward_kl",
     "fused_linear_distill_loss",
     "fused_linear_distill_loss_sum_and_count",
+    "fused_linear_distill_loss_with_metrics",
     "fused_linear_distill_with_cross_entropy",
     "fused_linear_distill_with_cross_entropy_sum_and_count",
+    "fused_linear_distill_with_cross_entropy_with_metrics",
     "generalized_jsd",
     "hidden_state_loss",
     "hidden_state_loss_sum_and_count",
@@ -87,6 +99,7 @@ __all__ = (
     "soft_cross_entropy",
     "sparse_distill_loss",
     "sparse_distill_loss_sum_and_count",
+    "sparse_distill_loss_with_metrics",
     "topk_teacher",
     "total_variation",
     "uld_loss",

@@ -42,6 +42,9 @@ class Config(NamedTuple):
   data_axis_name: Hashable | None = None
   tail: str | None = None  # sparse teachers: what to do with the mass outside the top k.
   top_k: int | None = None  # ULD: sorted entries compared per token (None: all of them).
+  # The metrics forms: per-token entropies and top-1 agreement with the values
+  # (recipe.MetricRows), from the same walk over the logits.
+  metrics: bool = False
 
   def hyperparameters_with(self, traced: Mapping[str, Array]) -> dict[str, Any]:
     """The static and traced hyperparameters as one dict, by name."""

@@ -42,19 +42,20 @@ from kdjax._src.config import Config, zero_cotangents
 Array = jax.Array
 
 # block_fn(config, hp, logits_block, *other_blocks, weights=..., with_grad=...)
-#   -> (recipe.Rows, float32 gradient with respect to logits_block, or None)
-BlockFn = Callable[..., tuple[recipe.Rows, Array | None]]
+#   -> (recipe.row_type(config) rows, float32 gradient with respect to logits_block, or None)
+BlockFn = Callable[..., tuple[recipe.Rows | recipe.MetricRows, Array | None]]
 
 # loop(config, traced, logits, weights, others, *, with_grad)
-#   -> (value, divergence, cross_entropy[, gradient]): per-token float32 [tokens] rows of
-#   [tokens, vocab] logits and, with_grad, the gradient of sum(weights * value) (weights None:
-#   of sum(value)) with respect to the logits, in their dtype.
+#   -> (value, divergence, cross_entropy[, metrics...][, gradient]): per-token float32 [tokens]
+#   rows (recipe.row_type(config)'s fields) of [tokens, vocab] logits and, with_grad, the
+#   gradient of sum(weights * value) (weights None: of sum(value)) with respect to the logits,
+#   in their dtype.
 Loop = Callable[..., tuple[Array, ...]]
 
 
 def teacher_logits_block(config: Config, hp: Mapping, logits: Array, teacher_logits: Array,
                          labels: Array | None = None, *, weights: Array | None,
-                         with_grad: bool) -> tuple[recipe.Rows, Array | None]:
+                         with_grad: bool) -> tuple[recipe.Rows | recipe.MetricRows, Array | None]:
   """The block function of dense teachers: the recipe over this device's vocabulary."""
   return recipe.block(config, hp, logits, teacher_logits, labels, weights,
                       reduce=recipe.VocabReduce(config.axis_name), with_grad=with_grad)
@@ -102,7 +103,7 @@ def _map_blocks(block_fn: BlockFn, config: Config, traced, logits, weights, othe
     return (*rows, grad.astype(logits.dtype)) if with_grad else tuple(rows)
 
   inputs = (logits, *(() if weights is None else (weights,)), *others)
-  outputs = (jnp.zeros((num_tokens,), jnp.float32),) * len(recipe.Rows._fields)
+  outputs = (jnp.zeros((num_tokens,), jnp.float32),) * len(recipe.row_type(config)._fields)
   overwrite = {}
   if with_grad:  # The gradient is written over the logits (see map_token_blocks).
     outputs += (logits,)
@@ -113,12 +114,12 @@ def _map_blocks(block_fn: BlockFn, config: Config, traced, logits, weights, othe
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _per_token(loop, config, traced, logits, *others):
-  return recipe.Rows(*loop(config, traced, logits, None, others, with_grad=False))
+  return recipe.row_type(config)(*loop(config, traced, logits, None, others, with_grad=False))
 
 
 def _per_token_fwd(loop, config, traced, logits, *others):
   *rows, grad = loop(config, traced, logits, None, others, with_grad=True)
-  return recipe.Rows(*rows), (grad, traced, len(others))
+  return recipe.row_type(config)(*rows), (grad, traced, len(others))
 
 
 def _per_token_bwd(loop, config, residuals, cotangents):
@@ -134,13 +135,14 @@ _per_token.defvjp(_per_token_fwd, _per_token_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _weighted_sum(loop, config, traced, logits, weights, *others):
-  rows = recipe.Rows(*loop(config, traced, logits, weights, others, with_grad=False))
+  rows = recipe.row_type(config)(*loop(config, traced, logits, weights, others,
+                                        with_grad=False))
   return reductions.weighted_total(rows.value, weights), rows
 
 
 def _weighted_sum_fwd(loop, config, traced, logits, weights, *others):
-  *rows, grad = loop(config, traced, logits, weights, others, with_grad=True)
-  rows = recipe.Rows(*rows)
+  *row_arrays, grad = loop(config, traced, logits, weights, others, with_grad=True)
+  rows = recipe.row_type(config)(*row_arrays)
   return ((reductions.weighted_total(rows.value, weights), rows),
           (grad, traced, len(others)))
 
@@ -163,13 +165,15 @@ def _flat(logits: Array, others) -> tuple[Array, list[Array]]:
   return logits.reshape(num_tokens, logits.shape[-1]), flat_others
 
 
-def _unflat(rows: recipe.Rows, token_shape) -> recipe.Rows:
-  return recipe.Rows(*(x.reshape(token_shape) for x in rows))
+def _unflat(rows: recipe.Rows | recipe.MetricRows, token_shape
+            ) -> recipe.Rows | recipe.MetricRows:
+  return type(rows)(*(x.reshape(token_shape) for x in rows))
 
 
 def per_token(loop: Loop, config: Config, traced: Mapping[str, Array], logits: Array,
-              *others: Array) -> recipe.Rows:
-  """Per-token :class:`recipe.Rows` of ``logits`` ``[..., vocab]`` (shape ``[...]``).
+              *others: Array) -> recipe.Rows | recipe.MetricRows:
+  """Per-token :class:`recipe.Rows` of ``logits`` ``[..., vocab]`` (shape ``[...]``), or
+  :class:`recipe.MetricRows` for ``config.metrics``.
 
   ``loop`` computes them (:func:`blocked`, or a kernel). ``others`` are its other per-token
   inputs (``[..., ...]``: teacher logits,
@@ -178,13 +182,12 @@ def per_token(loop: Loop, config: Config, traced: Mapping[str, Array], logits: A
   """
   flat_logits, flat_others = _flat(logits, others)
   rows = _per_token(loop, config, traced, flat_logits, *flat_others)
-  rows = _unflat(rows, logits.shape[:-1])
-  return rows._replace(divergence=lax.stop_gradient(rows.divergence),
-                       cross_entropy=lax.stop_gradient(rows.cross_entropy))
+  return recipe.constant_but_value(_unflat(rows, logits.shape[:-1]))
 
 
 def weighted_sum(loop: Loop, config: Config, traced: Mapping[str, Array], logits: Array,
-                 weights: Array, *others: Array) -> tuple[Array, recipe.Rows]:
+                 weights: Array, *others: Array
+                 ) -> tuple[Array, recipe.Rows | recipe.MetricRows]:
   """``(sum_i weights[i] * value[i], rows)``: the fastest way to a reduced loss.
 
   ``weights`` (``logits.shape[:-1]``, float32; ``reductions.reduction_weights``) are constants

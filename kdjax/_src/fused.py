@@ -51,8 +51,10 @@ from kdjax._src import (
     reference,
 )
 from kdjax._src import config as config_lib
+from kdjax._src import metrics as metrics_lib
 from kdjax._src.config import Config, zero_cotangents
 from kdjax._src.head import Grads, Inputs, Params
+from kdjax._src.metrics import DistillMetrics
 
 Array = jax.Array
 
@@ -153,6 +155,8 @@ def _loop(config: Config, traced, inputs: Inputs, labels: Array | None,
   # share of every block, and the kernel gradient is accumulated per share ([groups, d, vocab]),
   # so that it is summed over the devices once, after the loop, not in every block.
   devices = blocking.mesh_devices(inputs.student_hidden, inputs.teacher_hidden)
+  row_type = recipe.row_type(config)
+  num_rows = len(row_type._fields)
 
   def run(block: int):
     groups = devices if devices > 1 and block % devices == 0 and num_tokens % block == 0 else 1
@@ -166,7 +170,7 @@ def _loop(config: Config, traced, inputs: Inputs, labels: Array | None,
         return tuple(rows)
       return (*rows, grads.hidden, grads.kernel, *((grads.bias,) if with_bias else ()))
 
-    outputs = (jnp.zeros((num_tokens,), jnp.float32),) * len(recipe.Rows._fields)
+    outputs = (jnp.zeros((num_tokens,), jnp.float32),) * num_rows
     sums = ()
     if with_grad:
       # Sharded, the partial hidden-state gradients stay float32 until they are summed.
@@ -181,16 +185,17 @@ def _loop(config: Config, traced, inputs: Inputs, labels: Array | None,
         fn, per_token_inputs, outputs, sums=sums, block=block, strided=groups > 1,
         weights=weights_index)
     if groups > 1 and with_grad:  # one sum over the devices' shares
-      results = (*results[:4], *(jnp.sum(x, axis=0) for x in results[4:]))
+      results = (*results[:num_rows + 1],
+                 *(jnp.sum(x, axis=0) for x in results[num_rows + 1:]))
     return results
 
   results = blocking.per_platform(
       run, num_tokens, params.student_kernel.shape[1], cpu=blocking.FUSED,
       accelerator=blocking.FUSED_ACCELERATOR, block=config.token_block, groups=devices)
-  rows = recipe.Rows(*results[:3])
+  rows = row_type(*results[:num_rows])
   if not with_grad:
     return rows, None
-  d_hidden, d_kernel, *d_bias = results[3:]
+  d_hidden, d_kernel, *d_bias = results[num_rows:]
   if config.axis_name is not None:
     # Each shard saw only its vocabulary columns: sum the partial hidden-state gradients.
     d_hidden = lax.psum(d_hidden, config.axis_name)
@@ -273,8 +278,10 @@ def _reference_rows(config: Config, traced, inputs: Inputs, labels, counted: Arr
 
 def per_token(config: Config, traced, inputs: Inputs, labels: Array | None = None,
               weights: Array | None = None, *,
-              counted: Array | None = None) -> tuple[recipe.Rows, Array | None]:
-  """Fused per-token rows of hidden states ``[tokens, d]`` (validated, flattened).
+              counted: Array | None = None
+              ) -> tuple[recipe.Rows | recipe.MetricRows, Array | None]:
+  """Fused per-token rows of hidden states ``[tokens, d]`` (validated, flattened), with their
+  metrics for ``config.metrics``.
 
   ``labels`` ``[tokens]`` are read for the cross entropy only. Returns ``(rows, total)``.
   ``weights is None``: ``total`` is None and the rows' value is differentiable (the blocked
@@ -300,9 +307,7 @@ def per_token(config: Config, traced, inputs: Inputs, labels: Array | None = Non
     total = reductions.weighted_total(rows.value, weights)
     return jax.tree.map(lax.stop_gradient, rows), total
   if weights is None:
-    rows = _per_token(config, traced, inputs, labels)
-    return rows._replace(divergence=lax.stop_gradient(rows.divergence),
-                         cross_entropy=lax.stop_gradient(rows.cross_entropy)), None
+    return recipe.constant_but_value(_per_token(config, traced, inputs, labels)), None
   total, rows = _weighted(config, traced, lax.stop_gradient(weights), inputs, labels)
   return jax.tree.map(lax.stop_gradient, rows), total
 
@@ -328,9 +333,10 @@ def prepare(student_hidden, student_kernel, teacher_hidden, teacher_kernel, stud
             teacher_bias, *, labels, where, token_weights, reduction, normalizer, ignore_index,
             divergence, temperature, beta, alpha, temperature_squared, logit_scale, softcap,
             token_block, vocab_block, implementation, vocab_mismatch_hint, kd_coef=None,
-            axis_name=None, data_axis_name=None) -> Prepared:
+            axis_name=None, data_axis_name=None, metrics=False) -> Prepared:
   """Checks every argument of a fused loss and builds its config (``kd_coef``: the hard-label
-  cross entropy's weight is ``1 - kd_coef``; None: no cross entropy)."""
+  cross entropy's weight is ``1 - kd_coef``; None: no cross entropy; ``metrics``: the
+  metrics forms)."""
   inputs = checks.linear_heads(
       student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
       teacher_bias, vocab_mismatch_hint=vocab_mismatch_hint)
@@ -358,7 +364,7 @@ def prepare(student_hidden, student_kernel, teacher_hidden, teacher_kernel, stud
       cross_entropy=kd_coef is not None, reduction=reduction, ignore_index=ignore_index,
       implementation=implementation, token_block=tokens.token_block,
       vocab_block=checks.positive_int("vocab_block", vocab_block, optional=True),
-      axis_name=axis_name, data_axis_name=data_axis_name)
+      axis_name=axis_name, data_axis_name=data_axis_name, metrics=metrics)
   student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias, teacher_bias = (
       inputs)
   return Prepared(config, traced, Inputs(student_hidden, teacher_hidden, Params(
@@ -369,7 +375,7 @@ def prepare(student_hidden, student_kernel, teacher_hidden, teacher_kernel, stud
 def loss(config: Config, traced, inputs: Inputs, labels, where, normalizer, token_weights, *,
          output: str = "loss"):
   """The reduced fused loss of hidden states ``[..., d]`` (the token shape is ``[...]``):
-  ``reductions.outputs(output, ...)``."""
+  ``reductions.outputs(output, ...)``, or ``(loss, metrics)`` for ``output="metrics"``."""
   token_shape = inputs.student_hidden.shape[:-1]
   mask = reductions.token_mask(token_shape, labels, where, config.ignore_index)
   vocab_size = inputs.params.student_kernel.shape[1]
@@ -391,6 +397,10 @@ def loss(config: Config, traced, inputs: Inputs, labels, where, normalizer, toke
   loss, rows = reductions.reduced_loss(
       compute, mask, reduction=reduction, normalizer=normalizer,
       data_axis_name=config.data_axis_name, invalid=invalid, token_weights=token_weights)
+  if output == "metrics":
+    return loss, metrics_lib.from_rows(rows, mask, cross_entropy=config.cross_entropy,
+                                       reduction=reduction, normalizer=normalizer,
+                                       invalid=invalid, token_weights=token_weights)
   return reductions.outputs(output, loss, rows, mask, reduction=reduction,
                             normalizer=normalizer, invalid=invalid, token_weights=token_weights)
 
@@ -509,17 +519,22 @@ def _call(student_hidden, student_kernel, teacher_hidden, teacher_kernel, labels
       student_hidden, student_kernel, teacher_hidden, teacher_kernel, student_bias,
       teacher_bias, labels=labels,
       vocab_mismatch_hint="If the larger vocabulary only adds padding columns, slice the "
-      "kernel (and bias) to the shared vocabulary first.", **options)
+      "kernel (and bias) to the shared vocabulary first.", metrics=output == "metrics",
+      **options)
   if prepared.config.vocab_block is None:
     return _loss(*prepared, output=output)
   # On Explicit axes the vocabulary tiles' loops carry per-row statistics and gradient
   # accumulators whose sharding their bodies decide, and a tile sliced out of a
   # vocabulary-sharded kernel has none: the partitioner decides, as on Auto axes.
+  hidden = prepared.inputs.student_hidden
+  token_spec = meshes.token_spec(hidden, hidden.ndim - 1)
   if output == "sum_count" or prepared.config.reduction != "none":
     out_specs: Any = (P(), P()) if output == "sum_count" else P()
   else:
-    hidden = prepared.inputs.student_hidden
-    out_specs = meshes.token_spec(hidden, hidden.ndim - 1)
+    out_specs = token_spec
+  if output == "metrics":
+    out_specs = metrics_lib.out_specs(out_specs, token_spec,
+                                      cross_entropy=prepared.config.cross_entropy)
   return meshes.on_auto_axes(functools.partial(_loss, prepared.config, output=output),
                              tuple(prepared)[1:], out_specs)
 
@@ -572,6 +587,65 @@ def fused_linear_distill_loss_sum_and_count(
       ignore_index=ignore_index, where=where, token_weights=token_weights, reduction="sum",
       normalizer=None, token_block=token_block, vocab_block=vocab_block,
       implementation=implementation, output="sum_count")
+
+
+def fused_linear_distill_loss_with_metrics(
+    student_hidden: ArrayLike,
+    student_kernel: ArrayLike,
+    teacher_hidden: ArrayLike,
+    teacher_kernel: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float | ArrayLike = 0.5,
+    alpha: float | ArrayLike = 0.1,
+    temperature: float | ArrayLike = 1.0,
+    temperature_squared: bool = False,
+    student_bias: ArrayLike | None = None,
+    teacher_bias: ArrayLike | None = None,
+    logit_scale: Any = None,
+    softcap: Any = None,
+    ignore_index: int = -100,
+    where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    reduction: str = "mean",
+    normalizer: ArrayLike | None = None,
+    token_block: int | None = None,
+    vocab_block: int | None = None,
+    implementation: str | None = None,
+) -> tuple[Array, DistillMetrics]:
+  """:func:`fused_linear_distill_loss` and its metrics, the logits still never materialised.
+
+  The loss is :func:`fused_linear_distill_loss`'s (the same value and gradient); the metrics
+  are those of :func:`kdjax.distill_loss_with_metrics` on the logits ``z`` of each model (after
+  the logit scale and softcap): each token block computes them with its values, and with
+  ``vocab_block`` the walk over the vocabulary tiles follows each row's top-1 id and sums the
+  entropies with the terms. Arguments as in :func:`fused_linear_distill_loss`.
+
+  Returns:
+    ``(loss, metrics)``: the loss and a :class:`kdjax.DistillMetrics`. With
+    ``reduction="sum"``, ``(loss, metrics.token_count)`` is what
+    :func:`fused_linear_distill_loss_sum_and_count` returns.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, kdjax
+    >>> keys = jax.random.split(jax.random.key(0), 3)
+    >>> hidden = jax.random.normal(keys[0], (6, 16))
+    >>> w_s, w_t = (jax.random.normal(k, (16, 50)) for k in keys[1:])
+    >>> loss, metrics = kdjax.fused_linear_distill_loss_with_metrics(
+    ...     hidden, w_s, hidden, w_t, vocab_block=16)
+    >>> _, dense = kdjax.distill_loss_with_metrics(hidden @ w_s, hidden @ w_t)
+    >>> bool(jnp.allclose(metrics.student_entropy, dense.student_entropy, rtol=1e-5))
+    True
+  """
+  return _call(
+      student_hidden, student_kernel, teacher_hidden, teacher_kernel, labels,
+      divergence=divergence, beta=beta, alpha=alpha, temperature=temperature,
+      temperature_squared=temperature_squared, student_bias=student_bias,
+      teacher_bias=teacher_bias, logit_scale=logit_scale, softcap=softcap,
+      ignore_index=ignore_index, where=where, token_weights=token_weights, reduction=reduction,
+      normalizer=normalizer, token_block=token_block, vocab_block=vocab_block,
+      implementation=implementation, output="metrics")
 
 
 def fused_linear_distill_with_cross_entropy(
@@ -707,3 +781,59 @@ def fused_linear_distill_with_cross_entropy_sum_and_count(
       ignore_index=ignore_index, where=where, token_weights=token_weights, reduction="sum",
       normalizer=None, token_block=token_block, vocab_block=vocab_block,
       implementation=implementation, output="sum_count")
+
+
+def fused_linear_distill_with_cross_entropy_with_metrics(
+    student_hidden: ArrayLike,
+    student_kernel: ArrayLike,
+    teacher_hidden: ArrayLike,
+    teacher_kernel: ArrayLike,
+    labels: ArrayLike,
+    *,
+    kd_coef: float | ArrayLike = 0.5,
+    divergence: str = "forward_kl",
+    beta: float | ArrayLike = 0.5,
+    alpha: float | ArrayLike = 0.1,
+    temperature: float | ArrayLike = 1.0,
+    temperature_squared: bool = False,
+    student_bias: ArrayLike | None = None,
+    teacher_bias: ArrayLike | None = None,
+    logit_scale: Any = None,
+    softcap: Any = None,
+    ignore_index: int = -100,
+    where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    reduction: str = "mean",
+    normalizer: ArrayLike | None = None,
+    token_block: int | None = None,
+    vocab_block: int | None = None,
+    implementation: str | None = None,
+) -> tuple[Array, DistillMetrics]:
+  """:func:`fused_linear_distill_with_cross_entropy` and its metrics, from the same blocks.
+
+  The loss is :func:`fused_linear_distill_with_cross_entropy`'s (the same value and
+  gradient); the metrics are those of :func:`kdjax.distill_with_cross_entropy_with_metrics` on
+  the logits of each model, ``metrics.cross_entropy`` the hard-label term. Arguments as in
+  :func:`fused_linear_distill_with_cross_entropy`.
+
+  Returns:
+    ``(loss, metrics)``: the loss and a :class:`kdjax.DistillMetrics`. With
+    ``reduction="sum"``, ``(loss, metrics.token_count)`` is what
+    :func:`fused_linear_distill_with_cross_entropy_sum_and_count` returns.
+
+  Example:
+    >>> import jax.numpy as jnp, kdjax
+    >>> hidden, kernel = jnp.zeros((3, 4)), jnp.zeros((4, 10))
+    >>> loss, metrics = kdjax.fused_linear_distill_with_cross_entropy_with_metrics(
+    ...     hidden, kernel, hidden, kernel, jnp.array([1, 2, -100]), kd_coef=0.5)
+    >>> round(float(metrics.student_entropy), 4)  # a uniform student: log(10)
+    2.3026
+  """
+  return _call(
+      student_hidden, student_kernel, teacher_hidden, teacher_kernel, labels, kd_coef=kd_coef,
+      divergence=divergence, beta=beta, alpha=alpha, temperature=temperature,
+      temperature_squared=temperature_squared, student_bias=student_bias,
+      teacher_bias=teacher_bias, logit_scale=logit_scale, softcap=softcap,
+      ignore_index=ignore_index, where=where, token_weights=token_weights, reduction=reduction,
+      normalizer=normalizer, token_block=token_block, vocab_block=vocab_block,
+      implementation=implementation, output="metrics")

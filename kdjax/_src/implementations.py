@@ -14,7 +14,9 @@
   tokens (:func:`token_split`). Where no kernel applies (a vocabulary sharded over a mesh axis,
   tokens that do not split evenly over the mesh, a dtype the kernels do not take, a TPU block
   that does not fit VMEM) it is a ValueError that says why: ``"pallas"`` never runs another
-  engine.
+  engine for the loss. The metrics forms (``*_with_metrics``) are the exception: the kernels
+  compute the loss alone, so with ``"pallas"`` (and by default on GPUs and TPUs) they run the
+  blocked engine.
 * ``None`` (the default): the best implementation for the platform the program is lowered for
   (``platforms.per_platform``: only that platform's engine is traced): the blocked engine on CPU,
   the kernels on GPUs and TPUs where they apply (per device on a mesh), the blocked engine
@@ -41,7 +43,7 @@ import jax.numpy as jnp
 
 from kdjax._src import checks, dense, pallas, platforms, reductions
 from kdjax._src.config import Config
-from kdjax._src.recipe import Rows
+from kdjax._src.recipe import MetricRows, Rows
 
 Array = jax.Array
 
@@ -82,11 +84,15 @@ def dense_loop(config: Config, block_fn: dense.BlockFn, *, kernels: bool) -> den
   interpreted kernel on CPU, refuses (``ValueError``) where no kernel applies, and has no
   forward mode. Only the loop of the platform lowered for is traced
   (``platforms.per_platform``); on a mesh each device runs the kernel on its own tokens
-  (:func:`kernel_loop`).
+  (:func:`kernel_loop`). With ``config.metrics`` every platform runs the blocked engine,
+  ``implementation="pallas"`` included: the kernels compute the loss's rows only.
   """
   blocked = dense.blocked(block_fn)
   if not kernels or config.implementation == "blocked":
     return blocked
+  if config.metrics:  # The kernels compute the loss alone: the metrics forms run blocked.
+    return platforms.per_platform(cpu=dense.blocked(block_fn, platform="cpu"), default=blocked,
+                                  jvp=blocked)
   if config.implementation == "pallas":
     return _checked(platforms.per_platform(
         cpu=kernel_loop(pallas.INTERPRET, blocked, strict=True),
@@ -253,9 +259,10 @@ def _check_then_run(loop: dense.Loop, config: Config, traced, logits: Array, wei
 
 def materialised(config: Config, traced: Mapping[str, Array], logits: Array,
                  others: Sequence[Array], weights: Array | None, *, mask: Array,
-                 block_fn: dense.BlockFn, reference_fn: Callable[..., Rows],
-                 kernels: bool = False) -> tuple[Rows, Array | None]:
-  """Per-token rows of materialised ``logits`` and, with ``weights``, ``sum(weights * value)``.
+                 block_fn: dense.BlockFn, reference_fn: Callable[..., Rows | MetricRows],
+                 kernels: bool = False) -> tuple[Rows | MetricRows, Array | None]:
+  """Per-token rows of materialised ``logits`` (with their metrics for ``config.metrics``)
+  and, with ``weights``, ``sum(weights * value)``.
 
   ``block_fn`` is the blocked engine's block function and ``reference_fn`` the readable
   definition, both taking ``(logits, *others)``; ``kernels``: the Pallas kernels compute

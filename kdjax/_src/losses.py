@@ -17,6 +17,8 @@ from jax.typing import ArrayLike
 
 from kdjax._src import checks, dense, implementations, reductions, reference
 from kdjax._src import config as config_lib
+from kdjax._src import metrics as metrics_lib
+from kdjax._src.metrics import DistillMetrics
 
 Array = jax.Array
 
@@ -27,7 +29,8 @@ def _distill(config, traced, logits, teacher_logits, labels, where, normalizer, 
   """The one jitted body behind every public loss in this module.
 
   ``output`` selects what is returned: ``"loss"`` (the reduced loss), ``"sum_count"``
-  (``(sum, count)``) or ``"combined"`` (the loss and its two terms, each reduced alike).
+  (``(sum, count)``), ``"combined"`` (the loss and its two terms, each reduced alike) or
+  ``"metrics"`` (the loss and its :class:`DistillMetrics`; ``config.metrics``).
   """
   mask = reductions.token_mask(logits.shape[:-1], labels, where, config.ignore_index)
   invalid = reductions.invalid_tokens(mask, labels, logits.shape[-1], traced)
@@ -39,6 +42,10 @@ def _distill(config, traced, logits, teacher_logits, labels, where, normalizer, 
           block_fn=dense.teacher_logits_block, reference_fn=reference.per_token, kernels=True),
       mask, reduction=reduction, normalizer=normalizer, invalid=invalid,
       token_weights=token_weights)
+  if output == "metrics":
+    return loss, metrics_lib.from_rows(rows, mask, cross_entropy=config.cross_entropy,
+                                       reduction=reduction, normalizer=normalizer,
+                                       invalid=invalid, token_weights=token_weights)
   return reductions.outputs(output, loss, rows, mask, reduction=reduction,
                             normalizer=normalizer, invalid=invalid, token_weights=token_weights)
 
@@ -59,7 +66,7 @@ def _call(logits, teacher_logits, labels, *, divergence, beta, alpha, temperatur
       hp, divergence=divergence, temperature_squared=bool(temperature_squared),
       cross_entropy=kd_coef is not None, reduction=reduction, ignore_index=ignore_index,
       implementation=implementations.check(implementation, kernels=True),
-      token_block=tokens.token_block)
+      token_block=tokens.token_block, metrics=output == "metrics")
   return _distill(config, traced, logits, teacher_logits, tokens.labels, tokens.where,
                   tokens.normalizer, tokens.token_weights, output=output)
 
@@ -205,6 +212,72 @@ def distill_loss_sum_and_count(
       ignore_index=ignore_index, where=where, token_weights=token_weights, reduction="sum",
       normalizer=None,
       token_block=token_block, implementation=implementation, output="sum_count")
+
+
+def distill_loss_with_metrics(
+    logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float | ArrayLike = 0.5,
+    alpha: float | ArrayLike = 0.1,
+    temperature: float | ArrayLike = 1.0,
+    temperature_squared: bool = False,
+    ignore_index: int = -100,
+    where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    reduction: str = "mean",
+    normalizer: ArrayLike | None = None,
+    token_block: int | None = None,
+    implementation: str | None = None,
+) -> tuple[Array, DistillMetrics]:
+  r""":func:`distill_loss` and the metrics a distillation run logs, from the same pass.
+
+  The loss is :func:`distill_loss`'s, with the same value and gradient. The metrics are, per
+  token, the divergence term :math:`T^{2[\text{temperature\_squared}]} D(p_i, q_i)`, the
+  entropies and the top-1 agreement
+
+  .. math::
+
+      H(q_i) = -\sum_v q_{iv} \log q_{iv}, \qquad H(p_i) = -\sum_v p_{iv} \log p_{iv},
+      \qquad a_i = \big[\arg\max_v \text{logits}_{iv} =
+      \arg\max_v \text{teacher\_logits}_{iv}\big]
+
+  at the temperature :math:`T` (entropies in nats, not scaled by :math:`T^2`; a tie goes to
+  the lowest id), each reduced as the loss is: its mask, ``token_weights``, ``reduction`` and
+  ``normalizer``. The blocks the loss walks give them (no second pass over the logits), under
+  ``stop_gradient``. The pair plugs into ``jax.value_and_grad(f, has_aux=True)``.
+
+  Args:
+    logits, teacher_logits, labels: as in :func:`distill_loss`.
+    implementation: as in :func:`distill_loss`, except that ``"pallas"`` and the default on
+      GPUs and TPUs run the blocked engine: the kernels compute the loss alone.
+    Others: as in :func:`distill_loss`.
+
+  Returns:
+    ``(loss, metrics)``: the loss of :func:`distill_loss` and a :class:`kdjax.DistillMetrics`
+    (``metrics.per_token`` holds the unreduced values, ``metrics.token_count`` the number of
+    counted tokens). With ``reduction="sum"``, ``(loss, metrics.token_count)`` is what
+    :func:`distill_loss_sum_and_count` returns and ``(metrics.student_entropy,
+    metrics.token_count)`` is the entropy's ``(sum, count)``.
+
+  Example:
+    >>> import jax.numpy as jnp, kdjax
+    >>> logits = jnp.log(jnp.array([[0.5, 0.25, 0.25], [0.2, 0.3, 0.5]]))
+    >>> teacher = jnp.log(jnp.array([[0.25, 0.5, 0.25], [0.1, 0.1, 0.8]]))
+    >>> loss, metrics = kdjax.distill_loss_with_metrics(logits, teacher)
+    >>> round(float(metrics.student_entropy), 4), float(metrics.top1_agreement)
+    (1.0347, 0.5)
+    >>> metrics.per_token.top1_agreement.tolist()
+    [0.0, 1.0]
+  """
+  return _call(
+      logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
+      temperature=temperature, temperature_squared=temperature_squared,
+      ignore_index=ignore_index, where=where, token_weights=token_weights, reduction=reduction,
+      normalizer=normalizer, token_block=token_block, implementation=implementation,
+      output="metrics")
 
 
 def kd_loss(
@@ -361,6 +434,59 @@ def distill_with_cross_entropy_sum_and_count(
       ignore_index=ignore_index, where=where, token_weights=token_weights, reduction="sum",
       normalizer=None, token_block=token_block, implementation=implementation,
       output="sum_count", kd_coef=kd_coef)
+
+
+def distill_with_cross_entropy_with_metrics(
+    logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    kd_coef: float | ArrayLike = 0.5,
+    divergence: str = "forward_kl",
+    beta: float | ArrayLike = 0.5,
+    alpha: float | ArrayLike = 0.1,
+    temperature: float | ArrayLike = 1.0,
+    temperature_squared: bool = False,
+    ignore_index: int = -100,
+    where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    reduction: str = "mean",
+    normalizer: ArrayLike | None = None,
+    token_block: int | None = None,
+    implementation: str | None = None,
+) -> tuple[Array, DistillMetrics]:
+  """:func:`distill_with_cross_entropy` and its metrics, from the same pass over the logits.
+
+  The loss is :func:`distill_with_cross_entropy`'s (the same value and gradient); the metrics
+  are :func:`distill_loss_with_metrics`'s, with ``metrics.cross_entropy`` the hard-label term
+  (at temperature 1) and ``metrics.divergence`` the distillation term, each reduced as the loss
+  is: what ``return_components=True`` gives, and the entropies and top-1 agreement besides.
+
+  Args:
+    implementation: as in :func:`distill_loss_with_metrics`.
+    Others: as in :func:`distill_with_cross_entropy`.
+
+  Returns:
+    ``(loss, metrics)``: the loss and a :class:`kdjax.DistillMetrics`. With
+    ``reduction="sum"``, ``(loss, metrics.token_count)`` is what
+    :func:`distill_with_cross_entropy_sum_and_count` returns.
+
+  Example:
+    >>> import jax.numpy as jnp, kdjax
+    >>> logits, teacher = jnp.zeros((3, 4)), jnp.zeros((3, 4))
+    >>> loss, metrics = kdjax.distill_with_cross_entropy_with_metrics(
+    ...     logits, teacher, jnp.array([1, 2, -100]), kd_coef=0.5)
+    >>> round(float(metrics.cross_entropy), 4), round(float(metrics.teacher_entropy), 4)
+    (1.3863, 1.3863)
+    >>> float(metrics.token_count)
+    2.0
+  """
+  return _call(
+      logits, teacher_logits, labels, divergence=divergence, beta=beta, alpha=alpha,
+      temperature=temperature, temperature_squared=temperature_squared,
+      ignore_index=ignore_index, where=where, token_weights=token_weights, reduction=reduction,
+      normalizer=normalizer, token_block=token_block, implementation=implementation,
+      output="metrics", kd_coef=kd_coef)
 
 
 def shift_labels(labels: ArrayLike, *, ignore_index: int = -100) -> Array:

@@ -31,7 +31,7 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
-from kdjax._src import blocking, dense
+from kdjax._src import blocking, dense, recipe
 from kdjax._src.config import Config
 
 Array = jax.Array
@@ -106,7 +106,7 @@ def _with_varying(aval, axes: frozenset):
   return aval.update(vma=axes)
 
 
-def _abstract_eval(*avals, with_grad: bool, **_):
+def _abstract_eval(*avals, with_grad: bool, config: Config, **_):
   logits = avals[0]
   sharding = getattr(logits, "sharding", None)
   row_sharding = None
@@ -117,7 +117,8 @@ def _abstract_eval(*avals, with_grad: bool, **_):
   varying = frozenset().union(*(blocking.varying_axes(a) for a in avals))
   row = logits.update(shape=logits.shape[:1], dtype=jax.numpy.float32, weak_type=False,
                       **({} if row_sharding is None else {"sharding": row_sharding}))
-  outs = [_with_varying(row, varying)] * 3  # value, divergence, cross_entropy
+  # value, divergence, cross_entropy (and the metrics for config.metrics)
+  outs = [_with_varying(row, varying)] * len(recipe.row_type(config)._fields)
   if with_grad:
     outs.append(_with_varying(logits.update(weak_type=False), varying))
   return outs

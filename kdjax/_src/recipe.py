@@ -27,6 +27,13 @@ tile by tile with statistics per lane (the Pallas kernels):
 5. **Gradient** (:func:`student_grad`): ``c (g - q sum_v g) + c_ce (softmax(x) - onehot(label))``
    per entry, ``g = d value / d log q``, with respect to the raw student logits.
 
+With ``config.metrics`` (the losses' metrics forms) the same walk also gives, per token, the
+student's and the teacher's entropies at ``T`` (``-sum_v q_v log q_v`` from the distributions of
+step 2, summed with the terms of step 3; ``0 log 0 = 0``) and whether their largest raw logits
+are at the same id (the lowest id of a tie: the entries equal to the maxima of step 1):
+:class:`MetricRows`, made by :func:`with_metrics`. The kernels' walk (:func:`lanes`) does not
+compute them.
+
 Conventions applied here, once, per token: a token whose student or teacher row has no mass (all
 ``-inf``) contributes 0 with a zero gradient; a NaN or ``+inf`` logit, a hard label outside
 ``[0, vocab)``, or an input a caller flags as invalid makes the token's value and gradient NaN;
@@ -79,6 +86,10 @@ class VocabReduce(NamedTuple):
   def size(self, width: int) -> Array | int:
     """The whole vocabulary's size, for this array's ``width`` entries."""
     return width if self.axis_name is None else lax.axis_size(self.axis_name) * width
+
+  def min(self, x: Array) -> Array:
+    row_min = jnp.min(x, axis=-1)
+    return row_min if self.axis_name is None else lax.pmin(row_min, self.axis_name)
 
 
 WHOLE_ROW = VocabReduce()
@@ -257,6 +268,65 @@ class Rows(NamedTuple):
   cross_entropy: Array  # the hard-label cross entropy; 0 without it.
 
 
+class MetricRows(NamedTuple):
+  """:class:`Rows` and the per-token metrics of ``config.metrics`` (float32 ``[rows]``)."""
+
+  value: Array
+  divergence: Array
+  cross_entropy: Array
+  student_entropy: Array  # -sum q log q at temperature T; 0 for a row with no mass.
+  teacher_entropy: Array  # -sum p log p at temperature T.
+  top1_agreement: Array  # 1 where both rows' largest logits are at one id, else 0.
+
+
+def row_type(config: Config) -> type[Rows] | type[MetricRows]:
+  """The per-token rows an engine returns for ``config``: with the metrics or without."""
+  return MetricRows if config.metrics else Rows
+
+
+def constant_but_value(rows: Rows | MetricRows) -> Rows | MetricRows:
+  """``rows`` with every field but ``value`` under ``stop_gradient`` (they are for logging)."""
+  return rows._replace(**{name: lax.stop_gradient(getattr(rows, name))
+                          for name in rows._fields[1:]})
+
+
+def entropy_terms(d: div.Dist) -> Array:
+  """``-p_v log p_v`` per entry, 0 where ``p_v`` has no mass (``0 log 0 = 0``)."""
+  return jnp.where(d.has_mass, -d.prob * d.safe_log, 0.0)
+
+
+_NO_ID = jnp.iinfo(jnp.int32).max
+
+
+def top_ids(x: Array, row_max: Array, start) -> Array:
+  """int32 ``[rows, entries]``: the vocabulary id (``start + j``) of each entry of ``x`` that is
+  its row's largest, ``row_max``, and the largest int32 elsewhere; their minimum over the row
+  is the top-1 id, the lowest of a tie (``jnp.argmax``'s), for a compare and a minimum an
+  entry."""
+  ids = start + lax.broadcasted_iota(jnp.int32, x.shape, 1)
+  return jnp.where(x == row_max[..., None], ids, _NO_ID)
+
+
+def with_metrics(rows: Rows, student: Stats, teacher: Stats, student_entropy: Array,
+                 teacher_entropy: Array, student_top: Array, teacher_top: Array, *,
+                 invalid: Array | None = None) -> MetricRows:
+  """``rows`` and their metrics from whole-row statistics, entropy sums and top-1 ids.
+
+  A side whose row has a NaN or ``+inf`` logit has a NaN entropy; the agreement is NaN when
+  either side has one, and 0 when either row has no mass (no top-1 token to agree on). A row
+  with no mass has entropy 0 (its sum is empty). ``invalid`` (bool ``[rows]``, optional):
+  inputs a caller found invalid, NaN everywhere.
+  """
+  student_bad, teacher_bad = jnp.isnan(student.sum_exp), jnp.isnan(teacher.sum_exp)
+  if invalid is not None:
+    student_bad, teacher_bad = student_bad | invalid, teacher_bad | invalid
+  empty = (student.sum_exp == 0) | (teacher.sum_exp == 0)
+  agree = jnp.where(empty, 0.0, (student_top == teacher_top).astype(jnp.float32))
+  return MetricRows(*rows, jnp.where(student_bad, jnp.nan, student_entropy),
+                    jnp.where(teacher_bad, jnp.nan, teacher_entropy),
+                    jnp.where(student_bad | teacher_bad, jnp.nan, agree))
+
+
 class GradScale(NamedTuple):
   """Per-row coefficients of the gradient with respect to the raw student logits."""
 
@@ -342,9 +412,11 @@ def student_grad(scale: GradScale, dlog_q: Array | float, student_prob: Array, s
 
 def block(config: Config, hp: Mapping[str, Any], logits: Array, teacher_logits: Array,
           labels: Array | None = None, weights: Array | None = None, *,
-          reduce: VocabReduce = WHOLE_ROW, with_grad: bool = True) -> tuple[Rows, Array | None]:
-  """Per-token results of a block of rows and, ``with_grad``, the gradient of
-  ``sum(weights * value)`` with respect to ``logits`` (float32 ``[rows, vocab]``).
+          reduce: VocabReduce = WHOLE_ROW, with_grad: bool = True
+          ) -> tuple[Rows | MetricRows, Array | None]:
+  """Per-token results of a block of rows (with their metrics for ``config.metrics``) and,
+  ``with_grad``, the gradient of ``sum(weights * value)`` with respect to ``logits`` (float32
+  ``[rows, vocab]``).
 
   ``logits`` and ``teacher_logits`` are ``[rows, vocab]`` in any float dtype (this device's
   slice of the vocabulary with a mesh ``reduce``); ``labels`` ``[rows]`` are read only for the
@@ -378,14 +450,20 @@ def block(config: Config, hp: Mapping[str, Any], logits: Array, teacher_logits: 
   sums = Sums(reduce.sum(entry_terms.value),
               reduce.sum(entry_terms.dlog_q) if with_grad else None, label)
   rows, scale = finish(config, hp, student, teacher, sums, weights=weights, **ce)
+  result: Rows | MetricRows = rows
+  if config.metrics:
+    student_top, teacher_top = (reduce.min(top_ids(x, stats.max, reduce.start(width)))
+                                for x, stats in ((x_student, student), (x_teacher, teacher)))
+    result = with_metrics(rows, student, teacher, reduce.sum(entropy_terms(q)),
+                          reduce.sum(entropy_terms(p)), student_top, teacher_top)
   if not with_grad:
-    return rows, None
+    return result, None
   ce_grad = None
   if config.cross_entropy:
     ce_grad = (ce_exps * _safe_reciprocal(ce_sum_exp)[:, None],
                one_hot(labels, start, width, like=logits))  # type: ignore[arg-type]  # checked above
-  return rows, student_grad(scale, entry_terms.dlog_q, q.prob,
-                            sums.dlog_q, ce_grad)  # type: ignore[arg-type]  # with_grad: summed
+  return result, student_grad(scale, entry_terms.dlog_q, q.prob,
+                              sums.dlog_q, ce_grad)  # type: ignore[arg-type]  # with_grad: summed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,13 +481,14 @@ class Tile(NamedTuple):
 def tiled(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array,
           vocab_width: int, labels: Array | None = None, weights: Array | None = None,
           reduce: VocabReduce = WHOLE_ROW, emit=None, emit_init: Any = None
-          ) -> tuple[Rows, Any]:
+          ) -> tuple[Rows | MetricRows, Any]:
   """The recipe over a block of rows whose vocabulary is walked tile by tile, in three walks.
 
   The first folds the tiles' row statistics with :func:`combine`; the second sums the terms
   (and the label's entry for the cross entropy); then :func:`finish`; with ``emit``, the third
   recomputes each tile and hands its gradient over. Only per-row statistics are kept between
-  tiles, so no row needs to fit anywhere whole.
+  tiles, so no row needs to fit anywhere whole. With ``config.metrics`` the second walk also
+  sums the entropies and finds each row's top-1 ids.
 
   Args:
     config, hp: the static config and the hyperparameters.
@@ -429,7 +508,8 @@ def tiled(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array,
     emit_init: the first ``carry`` of ``emit``.
 
   Returns:
-    ``(rows, carry)``: the per-token :class:`Rows` and ``emit``'s last carry (None without it).
+    ``(rows, carry)``: the per-token :class:`Rows` (:class:`MetricRows` for ``config.metrics``)
+    and ``emit``'s last carry (None without it).
   """
   inv_temperature = inverse_temperature(hp)
   # The cross entropy's softmax is at temperature 1: the student's own unless T may differ.
@@ -452,20 +532,29 @@ def tiled(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array,
     x_student, x_teacher, context = read(tile)
     q = distribution(x_student, student, inv_temperature)
     p = distribution(x_teacher, teacher, inv_temperature)
-    return x_student, context, q, terms(config, hp, p, q)
+    return x_student, x_teacher, context, q, p, terms(config, hp, p, q)
 
   def sums_step(tile, partial):
-    x_student, _, _, entry_terms = tile_terms(tile)
-    value, dlog_q, label = partial
+    x_student, x_teacher, _, q, p, entry_terms = tile_terms(tile)
+    value, dlog_q, label, *metrics = partial
     value = value + jnp.sum(entry_terms.value, axis=-1)
     if emit is not None:
       dlog_q = dlog_q + jnp.sum(entry_terms.dlog_q, axis=-1)
     if config.cross_entropy:
       label = label + label_entry(x_student, labels, start + tile.start, student.max,
                                   gather=False)
-    return value, dlog_q, label
+    if metrics:  # the entropies' sums and the top-1 ids so far
+      student_entropy, teacher_entropy, student_top, teacher_top = metrics
+      metrics = [student_entropy + jnp.sum(entropy_terms(q), axis=-1),
+                 teacher_entropy + jnp.sum(entropy_terms(p), axis=-1),
+                 *(jnp.minimum(top, jnp.min(top_ids(x, stats.max, start + tile.start), axis=-1))
+                   for top, x, stats in ((student_top, x_student, student),
+                                         (teacher_top, x_teacher, teacher)))]
+    return value, dlog_q, label, *metrics
 
-  value, dlog_q, label = walk(sums_step, (zeros, zeros, zeros))
+  no_id = zeros.astype(jnp.int32) + _NO_ID  # varying like zeros inside shard_map
+  value, dlog_q, label, *metrics = walk(
+      sums_step, (zeros,) * 3 + ((zeros, zeros, no_id, no_id) if config.metrics else ()))
   sums = Sums(reduce.sum(value[:, None]), reduce.sum(dlog_q[:, None]) if emit else None,
               reduce.sum(label[:, None]) if config.cross_entropy else None)
   ce: dict[str, Any] = {}
@@ -473,11 +562,17 @@ def tiled(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array,
     ce = dict(labels=labels, vocab_size=reduce.size(vocab_width),
               cross_entropy_sum_exp=ce_stats.sum_exp)
   rows, scale = finish(config, hp, student, teacher, sums, weights=weights, **ce)
+  result: Rows | MetricRows = rows
+  if config.metrics:
+    student_entropy, teacher_entropy = (reduce.sum(h[:, None]) for h in metrics[:2])
+    student_top, teacher_top = (reduce.min(top[:, None]) for top in metrics[2:])
+    result = with_metrics(rows, student, teacher, student_entropy, teacher_entropy,
+                          student_top, teacher_top)
   if emit is None:
-    return rows, None
+    return result, None
 
   def grad_step(tile, carry):
-    x_student, context, q, entry_terms = tile_terms(tile)
+    x_student, _, context, q, _, entry_terms = tile_terms(tile)
     ce_grad = None
     if config.cross_entropy:
       softmax = distribution(x_student, ce_stats, 1.0).prob if separate else q.prob
@@ -485,7 +580,7 @@ def tiled(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array,
     return emit(tile, context, student_grad(scale, entry_terms.dlog_q, q.prob, sums.dlog_q,
                                             ce_grad), carry)
 
-  return rows, walk(grad_step, emit_init)
+  return result, walk(grad_step, emit_init)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,9 @@ the oracle every other implementation is tested against, in float32 and float64.
 several ``[tokens, vocab]`` float32 arrays alive for the backward pass: use it to check, or for
 small problems.
 
+With ``config.metrics`` it also computes the metrics of ``recipe.MetricRows`` from the same
+distributions: the entropies ``-sum p log p`` and the top-1 agreement of ``jnp.argmax``.
+
 It follows the conventions of the other implementations exactly: logits are shifted by their row
 maximum before they are divided by the temperature; a row with no mass contributes 0; a NaN or
 ``+inf`` logit, or a hard label outside ``[0, vocab)``, makes its token's value NaN; the inputs
@@ -24,7 +27,7 @@ from jax import lax
 
 from kdjax._src import divergences as div
 from kdjax._src.config import Config
-from kdjax._src.recipe import Rows
+from kdjax._src.recipe import MetricRows, Rows
 
 Array = jax.Array
 
@@ -55,9 +58,27 @@ def _finish(config: Config, hp: Mapping, divergence: Array, empty: Array,
   return jnp.where(invalid, jnp.nan, jnp.where(empty, 0.0, scale * divergence))
 
 
+def _entropy(d: div.Dist) -> Array:
+  return -jnp.sum(jnp.where(d.has_mass, d.prob * d.safe_log, 0.0), axis=-1)
+
+
+def _with_metrics(config: Config, rows: Rows, entropies: tuple[Array, Array],
+                  tops: tuple[Array, Array], bad: tuple[Array, Array],
+                  empty: Array) -> Rows | MetricRows:
+  """``rows`` with the metrics of the (student, teacher) pairs ``entropies`` and top-1 ``tops``,
+  NaN on a ``bad`` side, the agreement 0 where a side is ``empty``."""
+  if not config.metrics:
+    return rows
+  student_bad, teacher_bad = bad
+  agree = jnp.where(empty, 0.0, (tops[0] == tops[1]).astype(rows.value.dtype))
+  return MetricRows(*rows, lax.stop_gradient(jnp.where(student_bad, jnp.nan, entropies[0])),
+                    lax.stop_gradient(jnp.where(teacher_bad, jnp.nan, entropies[1])),
+                    jnp.where(student_bad | teacher_bad, jnp.nan, agree))
+
+
 def per_token(config: Config, traced: Mapping[str, Array], logits: Array,
               teacher_logits: Array, labels: Array | None = None, *,
-              counted: Array | None = None) -> Rows:
+              counted: Array | None = None) -> Rows | MetricRows:
   """Per-token rows of ``[..., vocab]`` logits; only ``value`` carries a gradient.
 
   ``counted`` (bool ``[...]``, optional) marks the tokens whose value is used.
@@ -70,10 +91,14 @@ def per_token(config: Config, traced: Mapping[str, Array], logits: Array,
   p = div.dist(log_softmax(teacher, inv_temperature))
   terms = div.DIVERGENCES[config.divergence].terms(p, q, hp)
   empty = jnp.all(student == -jnp.inf, axis=-1) | jnp.all(teacher == -jnp.inf, axis=-1)
-  invalid = _not_a_distribution(student) | _not_a_distribution(teacher)
+  bad = _not_a_distribution(student), _not_a_distribution(teacher)
+  invalid = bad[0] | bad[1]
   divergence = _finish(config, hp, jnp.sum(terms.value, axis=-1), empty, invalid)
+  metrics = ((_entropy(q), _entropy(p)),
+             (jnp.argmax(student, axis=-1), jnp.argmax(teacher, axis=-1)), bad, empty)
   if not config.cross_entropy:
-    return Rows(divergence, lax.stop_gradient(divergence), jnp.zeros_like(divergence))
+    return _with_metrics(config, Rows(divergence, lax.stop_gradient(divergence),
+                                      jnp.zeros_like(divergence)), *metrics)
   vocab = student.shape[-1]
   valid = (labels >= 0) & (labels < vocab)  # type: ignore[operator]  # cross entropy: given
   label_log_prob = jnp.take_along_axis(
@@ -83,12 +108,13 @@ def per_token(config: Config, traced: Mapping[str, Array], logits: Array,
   # kd_coef 0 or 1 drops the other term exactly (0 * inf is NaN); an invalid label stays NaN.
   hard = jnp.where(kd_coef == 1, jnp.where(valid, 0.0, jnp.nan), (1.0 - kd_coef) * cross_entropy)
   value = jnp.where(kd_coef == 0, 0.0, kd_coef * divergence) + hard
-  return Rows(value, lax.stop_gradient(divergence), lax.stop_gradient(cross_entropy))
+  return _with_metrics(config, Rows(value, lax.stop_gradient(divergence),
+                                    lax.stop_gradient(cross_entropy)), *metrics)
 
 
 def sparse_per_token(config: Config, traced: Mapping[str, Array], logits: Array,
                      teacher_ids: Array, teacher_logprobs: Array, *,
-                     counted: Array | None = None) -> Rows:
+                     counted: Array | None = None) -> Rows | MetricRows:
   """Per-token rows of the student ``[..., vocab]`` against a top-k teacher (``[..., k]``)."""
   hp = config.hyperparameters_with(traced)
   student = _inputs(logits, counted)
@@ -110,10 +136,19 @@ def sparse_per_token(config: Config, traced: Mapping[str, Array], logits: Array,
     log_p_top = jnp.concatenate([log_p_top, _log(p_rest)], axis=-1)
   terms = div.DIVERGENCES[config.divergence].terms(div.dist(log_p_top), div.dist(log_q_top), hp)
   empty = jnp.all(teacher_logprobs == -jnp.inf, axis=-1)
-  invalid = (_not_a_distribution(student) | jnp.any(jnp.isnan(log_p_top), axis=-1)
-             | jnp.any((teacher_ids < 0) | (teacher_ids >= vocab), axis=-1))
-  divergence = _finish(config, hp, jnp.sum(terms.value, axis=-1), empty, invalid)
-  return Rows(divergence, lax.stop_gradient(divergence), jnp.zeros_like(divergence))
+  bad = _not_a_distribution(student), jnp.any(jnp.isnan(log_p_top), axis=-1)
+  bad_ids = jnp.any((teacher_ids < 0) | (teacher_ids >= vocab), axis=-1)
+  divergence = _finish(config, hp, jnp.sum(terms.value, axis=-1), empty,
+                       bad[0] | bad[1] | bad_ids)
+  rows = Rows(divergence, lax.stop_gradient(divergence), jnp.zeros_like(divergence))
+  # The teacher's top-1 token: the lowest id of its largest stored log-probability.
+  largest = teacher_logprobs == jnp.max(teacher_logprobs, axis=-1, keepdims=True)
+  teacher_top = jnp.min(jnp.where(largest, teacher_ids, jnp.iinfo(teacher_ids.dtype).max),
+                        axis=-1)
+  return _with_metrics(
+      config, rows, entropies=(_entropy(div.dist(log_q)), _entropy(div.dist(log_p_top))),
+      tops=(jnp.argmax(student, axis=-1), teacher_top), bad=(bad[0] | bad_ids, bad[1] | bad_ids),
+      empty=empty | jnp.all(student == -jnp.inf, axis=-1))
 
 
 def _log(x: Array) -> Array:

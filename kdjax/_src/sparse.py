@@ -66,6 +66,8 @@ from jax.typing import ArrayLike
 from kdjax._src import blocking, checks, implementations, meshes, recipe, reductions, reference
 from kdjax._src import config as config_lib
 from kdjax._src import divergences as div
+from kdjax._src import metrics as metrics_lib
+from kdjax._src.metrics import DistillMetrics
 
 Array = jax.Array
 
@@ -349,7 +351,13 @@ def _append(d: div.Dist, log_rest: Array, prob_rest: Array) -> div.Dist:
 
 def _block(config: config_lib.Config, hp, logits, ids, teacher_logprobs, *, weights,
            with_grad: bool):
-  """One block of tokens: the recipe on the ``k`` teacher ids (plus the tail bucket)."""
+  """One block of tokens: the recipe on the ``k`` teacher ids (plus the tail bucket).
+
+  With ``config.metrics``: the student's entropy over its whole vocabulary, the teacher's over
+  the categories the divergence compares (the ``k`` ids, renormalised or not, and the rest for
+  ``"bucket"``), and the agreement of the student's top-1 id with the teacher's (the lowest id
+  of its largest stored log-probability).
+  """
   inv_temperature = recipe.inverse_temperature(hp)
   x = logits.astype(jnp.float32)
   x_top = recipe.gather_entries(x, ids)
@@ -357,7 +365,8 @@ def _block(config: config_lib.Config, hp, logits, ids, teacher_logprobs, *, weig
   # The stored log-probabilities are normalised: their statistics only serve to renormalise
   # them over the k ids and to find empty (all -inf) and NaN rows.
   teacher, _ = recipe.statistics(log_p, 1.0)
-  invalid = ~jnp.all((ids >= 0) & (ids < x.shape[-1]), axis=-1)
+  bad_ids = ~jnp.all((ids >= 0) & (ids < x.shape[-1]), axis=-1)
+  invalid = bad_ids
   if config.tail == "renormalize":
     student, top_exps = recipe.statistics(x_top, inv_temperature)
     q = recipe.distribution(x_top, student, inv_temperature, top_exps)
@@ -384,13 +393,27 @@ def _block(config: config_lib.Config, hp, logits, ids, teacher_logprobs, *, weig
                      jnp.sum(terms.dlog_q, axis=-1) if with_grad else None)
   rows, scale = recipe.finish(config, hp, student, teacher, sums, weights=weights,
                               invalid=invalid)
+  result: recipe.Rows | recipe.MetricRows = rows
+  if config.metrics:
+    if config.tail == "renormalize":  # the whole row, read for the student's entropy alone
+      whole, whole_exps = recipe.statistics(x, inv_temperature)
+      q_whole = recipe.distribution(x, whole, inv_temperature, whole_exps)
+    else:
+      whole, q_whole = student, q_full
+    at_max = log_p == teacher.max[:, None]
+    teacher_top = jnp.min(jnp.where(at_max, ids, jnp.iinfo(jnp.int32).max), axis=-1)
+    result = recipe.with_metrics(
+        rows, whole, teacher, jnp.sum(recipe.entropy_terms(q_whole), axis=-1),
+        jnp.sum(recipe.entropy_terms(p), axis=-1),
+        jnp.min(recipe.top_ids(x, whole.max, 0), axis=-1), teacher_top,
+        invalid=bad_ids)
   if not with_grad:
-    return rows, None
+    return result, None
   if config.tail == "renormalize":
     # The student distribution lives on the k ids only: the gradient is zero elsewhere.
     grad_top = recipe.student_grad(
         scale, terms.dlog_q, q.prob, sums.dlog_q)  # type: ignore[arg-type]  # with_grad: summed
-    return rows, recipe.scatter_entries(jnp.zeros(x.shape, jnp.float32), ids, grad_top)
+    return result, recipe.scatter_entries(jnp.zeros(x.shape, jnp.float32), ids, grad_top)
   k = ids.shape[-1]
   rest_dlog_q: Array | float = 0.0
   if config.tail == "bucket":
@@ -403,21 +426,26 @@ def _block(config: config_lib.Config, hp, logits, ids, teacher_logprobs, *, weig
   # scatter instead of materialising a dense dlog_q that is zero almost everywhere.
   grad = recipe.student_grad(
       scale, rest_dlog_q, q_full.prob, sums.dlog_q)  # type: ignore[arg-type]  # with_grad: summed
-  return rows, recipe.scatter_entries(grad, ids, recipe.scale_entries(scale, terms.dlog_q[:, :k]))
+  return result, recipe.scatter_entries(grad, ids,
+                                        recipe.scale_entries(scale, terms.dlog_q[:, :k]))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "output"))
 def _sparse(config, traced, logits, teacher_ids, teacher_logprobs, labels, where, normalizer,
             token_weights, *, output):
   mask = reductions.token_mask(logits.shape[:-1], labels, where, config.ignore_index)
+  reduction = "sum" if output == "sum_count" else config.reduction
+  invalid = reductions.invalid_tokens(mask, labels, logits.shape[-1], traced)
   loss, rows = reductions.reduced_loss(
       lambda weights: implementations.materialised(
           config, traced, logits, (teacher_ids.astype(jnp.int32), teacher_logprobs), weights,
           mask=mask, block_fn=_block, reference_fn=reference.sparse_per_token),
-      mask, reduction="sum" if output == "sum_count" else config.reduction,
-      normalizer=normalizer,
-      invalid=reductions.invalid_tokens(mask, labels, logits.shape[-1], traced),
+      mask, reduction=reduction, normalizer=normalizer, invalid=invalid,
       token_weights=token_weights)
+  if output == "metrics":
+    return loss, metrics_lib.from_rows(rows, mask, cross_entropy=False, reduction=reduction,
+                                       normalizer=normalizer, invalid=invalid,
+                                       token_weights=token_weights)
   return reductions.outputs(output, loss, rows, mask)
 
 
@@ -448,16 +476,20 @@ def _call(logits, teacher_ids, teacher_logprobs, labels, *, tail, divergence, be
   config, traced = config_lib.build(
       hp, divergence=divergence, tail=tail, temperature_squared=bool(temperature_squared),
       reduction=reduction, ignore_index=ignore_index,
-      implementation=implementations.check(implementation), token_block=tokens.token_block)
+      implementation=implementations.check(implementation), token_block=tokens.token_block,
+      metrics=output == "metrics")
   problem = sparse_teacher_problem(_concrete(teacher_ids), _concrete(teacher_logprobs))
   if problem is not None:
     raise ValueError(problem)
   # On Explicit axes the gather and scatter at the ids along a (possibly vocabulary-sharded)
   # row have no unambiguous sharding: the partitioner decides them, as on Auto axes.
+  token_spec = meshes.token_spec(logits, logits.ndim - 1)
   if output == "sum_count" or reduction != "none":
     out_specs: Any = (P(), P()) if output == "sum_count" else P()
   else:
-    out_specs = meshes.token_spec(logits, logits.ndim - 1)
+    out_specs = token_spec
+  if output == "metrics":
+    out_specs = metrics_lib.out_specs(out_specs, token_spec, cross_entropy=False)
   return meshes.on_auto_axes(
       functools.partial(_sparse, config, output=output),
       (traced, logits, teacher_ids, teacher_logprobs, tokens.labels, tokens.where,
@@ -611,3 +643,60 @@ def sparse_distill_loss_sum_and_count(
       token_weights=token_weights,
       reduction="sum", normalizer=None, token_block=token_block,
       implementation=implementation, output="sum_count")
+
+
+def sparse_distill_loss_with_metrics(
+    logits: ArrayLike,
+    teacher_ids: ArrayLike,
+    teacher_logprobs: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    tail: str = "bucket",
+    divergence: str = "forward_kl",
+    beta: float | ArrayLike = 0.5,
+    alpha: float | ArrayLike = 0.1,
+    temperature: float | ArrayLike = 1.0,
+    temperature_squared: bool = False,
+    ignore_index: int = -100,
+    where: ArrayLike | None = None,
+    token_weights: ArrayLike | None = None,
+    reduction: str = "mean",
+    normalizer: ArrayLike | None = None,
+    token_block: int | None = None,
+    implementation: str | None = None,
+) -> tuple[Array, DistillMetrics]:
+  r""":func:`sparse_distill_loss` and its metrics, from the same pass over the student's logits.
+
+  The loss is :func:`sparse_distill_loss`'s (the same value and gradient). The metrics are those
+  of :func:`kdjax.distill_loss_with_metrics`, with the teacher known only on its ``k`` ids:
+
+  * ``student_entropy``: over the student's whole vocabulary, at ``temperature``;
+  * ``teacher_entropy``: over the categories the divergence compares, as ``tail`` makes them:
+    the ``k`` stored probabilities (``"zero"``: :math:`-\sum_K p \log p`, a lower bound of the
+    full teacher's entropy), renormalised over them (``"renormalize"``), or with the rest of the
+    vocabulary as one more category (``"bucket"``: :math:`-\sum_K p \log p - p_r \log p_r`);
+  * ``top1_agreement``: whether the student's largest logit is at the teacher's top-1 id, the
+    lowest id of its largest stored log-probability (``topk_teacher``'s first).
+
+  Arguments as in :func:`sparse_distill_loss`.
+
+  Returns:
+    ``(loss, metrics)``: the loss and a :class:`kdjax.DistillMetrics`. With
+    ``reduction="sum"``, ``(loss, metrics.token_count)`` is what
+    :func:`sparse_distill_loss_sum_and_count` returns.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import kdjax
+    >>> teacher = jnp.log(jnp.array([[0.5, 0.3, 0.1, 0.1]]))
+    >>> ids, logprobs = kdjax.topk_teacher(teacher, 2)
+    >>> loss, metrics = kdjax.sparse_distill_loss_with_metrics(teacher, ids, logprobs)
+    >>> float(metrics.top1_agreement), round(float(metrics.teacher_entropy), 4)  # 0.5, 0.3, 0.2
+    (1.0, 1.0297)
+  """
+  return _call(
+      logits, teacher_ids, teacher_logprobs, labels, tail=tail, divergence=divergence,
+      beta=beta, alpha=alpha, temperature=temperature,
+      temperature_squared=temperature_squared, ignore_index=ignore_index, where=where,
+      token_weights=token_weights, reduction=reduction, normalizer=normalizer,
+      token_block=token_block, implementation=implementation, output="metrics")
