@@ -192,13 +192,35 @@ def cross_entropy(logits, tokens):
   return jnp.sum(jnp.where(valid, per_token, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def distill_objective(logits, teacher_logits, tokens, *, kd_coef, divergence, temperature):
+def distill_objective_with_metrics(logits, teacher_logits, tokens, *, kd_coef, divergence,
+                                   temperature):
   """``(1 - kd_coef) * cross_entropy + kd_coef * divergence(teacher || student)`` from kdjax,
-  returned with its two components ``(ce, kd)``."""
-  return kdjax.distill_with_cross_entropy(
+  returned with its ``kdjax.DistillMetrics`` (the two components, the entropies and the top-1
+  agreement, from the same pass over the logits)."""
+  return kdjax.distill_with_cross_entropy_with_metrics(
       logits, teacher_logits, kdjax.shift_labels(tokens, ignore_index=IGNORE_INDEX),
       kd_coef=kd_coef, divergence=divergence, temperature=temperature,
-      ignore_index=IGNORE_INDEX, return_components=True)
+      ignore_index=IGNORE_INDEX)
+
+
+def distill_objective(logits, teacher_logits, tokens, **objective):
+  """The objective of :func:`distill_objective_with_metrics` with its two components
+  ``(ce, kd)``."""
+  loss, metrics = distill_objective_with_metrics(logits, teacher_logits, tokens, **objective)
+  return loss, (metrics.cross_entropy, metrics.divergence)
+
+
+# What a train step logs of a distillation objective (kdjax.DistillMetrics' fields, under the
+# names of the history), next to the cross entropy "ce".
+TRAIN_METRICS = {"kd": "divergence", "student_entropy": "student_entropy",
+                 "teacher_entropy": "teacher_entropy", "top1_agreement": "top1_agreement"}
+
+
+def _logs(ce, metrics=None) -> dict:
+  logs = {"ce": ce}
+  if metrics is not None:
+    logs.update({name: getattr(metrics, field) for name, field in TRAIN_METRICS.items()})
+  return logs
 
 
 def make_optimizer(*, learning_rate: float, steps: int,
@@ -215,39 +237,40 @@ def make_optimizer(*, learning_rate: float, steps: int,
 
 def make_loss_fn(graphdef, teacher=None, *, kd_coef=0.0, divergence="forward_kl",
                  temperature=1.0):
-  """``loss_fn(params, tokens) -> (loss, ce)`` of a student.
+  """``loss_fn(params, tokens) -> (loss, logs)`` of a student, ``logs`` a dict of scalars.
 
-  Without ``teacher`` the loss is the cross entropy; with ``teacher=(graphdef, params)`` it is
-  kdjax's combined objective against the teacher's logits.
+  Without ``teacher`` the loss is the cross entropy, logged as ``"ce"``; with
+  ``teacher=(graphdef, params)`` it is kdjax's combined objective against the teacher's logits,
+  and ``logs`` also holds its metrics (:data:`TRAIN_METRICS`).
   """
 
   def loss_fn(params, tokens):
     logits = apply(graphdef, params, tokens)
     if teacher is None:
       ce = cross_entropy(logits, tokens)
-      return ce, ce
+      return ce, _logs(ce)
     teacher_graphdef, teacher_params = teacher
     # No gradient reaches the teacher: its parameters are not differentiated, and kdjax treats
     # teacher_logits as a constant anyway.
     teacher_logits = apply(teacher_graphdef, teacher_params, tokens)
-    loss, (ce, _) = distill_objective(
+    loss, metrics = distill_objective_with_metrics(
         logits, teacher_logits, tokens, kd_coef=kd_coef, divergence=divergence,
         temperature=temperature)
-    return loss, ce
+    return loss, _logs(metrics.cross_entropy, metrics)
 
   return loss_fn
 
 
 def make_train_step(graphdef, optimizer, teacher=None, **objective):
-  """A jitted ``(params, opt_state, tokens) -> (params, opt_state, loss, ce)`` step of the
-  objective of :func:`make_loss_fn`."""
+  """A jitted ``(params, opt_state, tokens) -> (params, opt_state, loss, logs)`` step of the
+  objective of :func:`make_loss_fn` (``logs``: its dict of scalars)."""
   loss_fn = make_loss_fn(graphdef, teacher, **objective)
 
   @jax.jit
   def train_step(params, opt_state, tokens):
-    (loss, ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens)
+    (loss, logs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, ce
+    return optax.apply_updates(params, updates), opt_state, loss, logs
 
   return train_step
 
@@ -322,13 +345,19 @@ def continuation_mask(total_len: int, prompt_len: int) -> np.ndarray:
   return (positions >= prompt_len - 1) & (positions < total_len - 1)
 
 
-def on_policy_objective(logits, teacher_logits, prompt_len: int, *, divergence, beta,
-                        temperature):
-  """Divergence between the teacher and the student on the generated positions only: no
-  hard-label cross entropy, since the labels there are the student's own samples."""
+def on_policy_objective_with_metrics(logits, teacher_logits, prompt_len: int, *, divergence,
+                                     beta, temperature):
+  """Divergence between the teacher and the student on the generated positions only (no
+  hard-label cross entropy, since the labels there are the student's own samples), with its
+  ``kdjax.DistillMetrics`` on those positions."""
   mask = jnp.broadcast_to(continuation_mask(logits.shape[-2], prompt_len), logits.shape[:-1])
-  return kdjax.distill_loss(logits, teacher_logits, divergence=divergence, beta=beta,
-                            temperature=temperature, where=mask)
+  return kdjax.distill_loss_with_metrics(logits, teacher_logits, divergence=divergence,
+                                         beta=beta, temperature=temperature, where=mask)
+
+
+def on_policy_objective(logits, teacher_logits, prompt_len: int, **objective):
+  """The loss of :func:`on_policy_objective_with_metrics`."""
+  return on_policy_objective_with_metrics(logits, teacher_logits, prompt_len, **objective)[0]
 
 
 def is_on_policy_step(step: int, fraction: float) -> bool:
@@ -347,11 +376,12 @@ def sampling_key(seed: int, step: int, *, stream: str = "train"):
 
 def make_on_policy_step(graphdef, optimizer, teacher, *, sample_length, sample_temperature,
                         divergence, beta, temperature):
-  """A jitted ``(params, opt_state, tokens, key) -> (params, opt_state, loss, ce)`` step on the
-  student's own samples: the first ``seq_len - sample_length`` tokens of each training window are
-  the prompt, the student continues it, the teacher scores the continuation, and the student
-  is trained with :func:`on_policy_objective`. ``ce`` is the student's cross entropy on the
-  training window itself (for logging; no gradient)."""
+  """A jitted ``(params, opt_state, tokens, key) -> (params, opt_state, loss, logs)`` step on
+  the student's own samples: the first ``seq_len - sample_length`` tokens of each training
+  window are the prompt, the student continues it, the teacher scores the continuation, and the
+  student is trained with :func:`on_policy_objective`. ``logs["ce"]`` is the student's cross
+  entropy on the training window itself (no gradient), the other entries the objective's
+  metrics on the generated positions (:data:`TRAIN_METRICS`)."""
   teacher_graphdef, teacher_params = teacher
 
   @jax.jit
@@ -362,13 +392,14 @@ def make_on_policy_step(graphdef, optimizer, teacher, *, sample_length, sample_t
     teacher_logits = apply(teacher_graphdef, teacher_params, samples)
 
     def loss_fn(params):
-      return on_policy_objective(apply(graphdef, params, samples), teacher_logits, prompt_len,
-                                 divergence=divergence, beta=beta, temperature=temperature)
+      return on_policy_objective_with_metrics(
+          apply(graphdef, params, samples), teacher_logits, prompt_len, divergence=divergence,
+          beta=beta, temperature=temperature)
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     ce = cross_entropy(apply(graphdef, params, tokens), tokens)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, ce
+    return optax.apply_updates(params, updates), opt_state, loss, _logs(ce, metrics)
 
   return on_policy_step
 
@@ -486,11 +517,16 @@ class Phase:
   on_policy: dict = dataclasses.field(default_factory=dict)
 
 
-def _history_entry(history, step, tokens_seen, heldout_loss, train_loss):
+def _history_entry(history, step, tokens_seen, heldout_loss, logs=None):
   history["step"].append(step)
   history["tokens"].append(tokens_seen)
   history["heldout_loss"].append(heldout_loss)
-  history["train_loss"].append(train_loss)
+  history["train_loss"].append(None if logs is None else float(logs["ce"]))
+  # The last step's metrics of a distillation objective (None for the others and at step 0);
+  # a history restored from a checkpoint saved without them gets None before.
+  for name in TRAIN_METRICS:
+    values = history.setdefault(f"train_{name}", [None] * (len(history["step"]) - 1))
+    values.append(float(logs[name]) if logs is not None and name in logs else None)
 
 
 def _set_aside(phase: Phase, checkpoints: pathlib.Path, digests: pathlib.Path,
@@ -594,7 +630,8 @@ def train(phase: Phase, train_tokens: np.ndarray, heldout: list[np.ndarray], *,
                              warmup=max(1, phase.steps // 20))
   opt_state = jax.jit(optimizer.init)(params)
   tokens_per_step = phase.batch_size * phase.seq_len
-  history = {"step": [], "tokens": [], "heldout_loss": [], "train_loss": []}
+  history = {"step": [], "tokens": [], "heldout_loss": [], "train_loss": [],
+             **{f"train_{name}": [] for name in TRAIN_METRICS}}
 
   checkpoints = (phase.folder / "checkpoints").absolute()
   digests = phase.folder / "checkpoint_digests"
@@ -642,10 +679,11 @@ def train(phase: Phase, train_tokens: np.ndarray, heldout: list[np.ndarray], *,
     batch = train_batch(train_tokens, step, seed=phase.seed, batch_size=phase.batch_size,
                         seq_len=phase.seq_len)
     if fraction and is_on_policy_step(step, fraction):
-      params, opt_state, loss, ce = on_policy_step(params, opt_state, batch,
-                                                   sampling_key(phase.seed, step))
+      params, opt_state, loss, logs = on_policy_step(params, opt_state, batch,
+                                                     sampling_key(phase.seed, step))
     else:
-      params, opt_state, loss, ce = train_step(params, opt_state, batch)
+      params, opt_state, loss, logs = train_step(params, opt_state, batch)
+    ce = logs["ce"]
     done = step + 1
     if step_sleep:
       time.sleep(step_sleep)  # Test hook: widens the window in which a test kills the run.
@@ -655,16 +693,26 @@ def train(phase: Phase, train_tokens: np.ndarray, heldout: list[np.ndarray], *,
       clock, clock_step = now, done
       bar.set_postfix(loss=f"{float(loss):.3f}", ce=f"{float(ce):.3f}", tok_s=f"{rate:,.0f}")
     if done % phase.eval_every == 0 or done == phase.steps:
-      _history_entry(history, done, done * tokens_per_step, evaluate(params), float(ce))
+      _history_entry(history, done, done * tokens_per_step, evaluate(params), logs)
       if not progress:
         print(f"{phase.name} step {done}: train ce {float(ce):.4f}, "
-              f"held-out {history['heldout_loss'][-1]:.4f}, {rate:,.0f} tokens/s", flush=True)
+              f"held-out {history['heldout_loss'][-1]:.4f}{_metrics_text(logs)}, "
+              f"{rate:,.0f} tokens/s", flush=True)
     if done % phase.checkpoint_every == 0 or done == phase.steps:
       save(done)
   bar.close()
   manager.wait_until_finished()
   manager.close()
   return graphdef, params, history
+
+
+def _metrics_text(logs) -> str:
+  """The distillation metrics of a log line (empty without them)."""
+  if "kd" not in logs:
+    return ""
+  return (f", kd {float(logs['kd']):.4f}, entropy student {float(logs['student_entropy']):.3f}"
+          f" teacher {float(logs['teacher_entropy']):.3f}, top-1 agreement "
+          f"{float(logs['top1_agreement']):.3f}")
 
 
 def perplexity(loss: float) -> float:

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -142,13 +143,28 @@ def test_student_loss_is_the_reference_objective_of_both_models():
   loss_fn = _lm.make_loss_fn(graphdef, (teacher_graphdef, teacher_params),
                              divergence="generalized_jsd", **hp)
   tokens = np.arange(16, dtype=np.int32).reshape(2, 8)
-  loss, ce = jax.jit(loss_fn)(params, tokens)
+  loss, logs = jax.jit(loss_fn)(params, tokens)
   # The logits of both models, then the float64 objective: the teacher sees the same tokens
   # and the labels are shifted once.
-  want, want_ce, _ = _reference_objective(
-      apply(graphdef, params, tokens), apply(teacher_graphdef, teacher_params, tokens),
-      tokens, beta=0.5, **hp)
-  np.testing.assert_allclose([loss, ce], [want, want_ce], rtol=1e-5)
+  logits = apply(graphdef, params, tokens)
+  teacher_logits = apply(teacher_graphdef, teacher_params, tokens)
+  want, want_ce, want_kd = _reference_objective(logits, teacher_logits, tokens, beta=0.5, **hp)
+  np.testing.assert_allclose([loss, logs["ce"], logs["kd"]], [want, want_ce, want_kd],
+                             rtol=1e-5)
+  # The logged metrics, over the positions that have a next token, at the temperature.
+  def tempered(x):
+    x = np.asarray(x, np.float64)[:, :-1] / hp["temperature"]
+    log_p = x - x.max(-1, keepdims=True)
+    return log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
+
+  log_q, log_p = tempered(logits), tempered(teacher_logits)
+  np.testing.assert_allclose(
+      [logs["student_entropy"], logs["teacher_entropy"]],
+      [-(np.exp(log_q) * log_q).sum(-1).mean(), -(np.exp(log_p) * log_p).sum(-1).mean()],
+      rtol=1e-5)
+  agree = np.argmax(log_q, -1) == np.argmax(log_p, -1)
+  np.testing.assert_allclose(logs["top1_agreement"], agree.mean(), rtol=1e-6)
+  assert set(_lm.make_loss_fn(graphdef)(params, tokens)[1]) == {"ce"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,6 +460,25 @@ def test_demo_writes_table_plot_and_histories(reference_run):
     history = results["histories"][name]
     # Evaluations at step 0, every 4 steps, and at the end; the first is an untrained model's.
     assert history["step"] == ([0, 4, 8] if name == "teacher" else [0, 4, 8, 12])
+    # The distilled students' last step's metrics at each evaluation (none at step 0); none
+    # for the models trained on cross entropy alone.
+    distilled = name in ("student-KD", "student-GKD")
+    for metric in ("kd", "student_entropy", "teacher_entropy", "top1_agreement"):
+      values = history[f"train_{metric}"]
+      assert len(values) == len(history["step"]) and values[0] is None, (name, metric)
+      assert all((v is not None) == distilled for v in values[1:]), (name, metric, values)
+    if distilled:
+      assert all(0 <= v <= 1 for v in history["train_top1_agreement"][1:])
+      assert all(0 < v <= math.log(256) for v in history["train_student_entropy"][1:])
+      line = re.search(rf"^{name} step 12: train ce [\d.]+, held-out [\d.]+, kd ([\d.]+), "
+                       r"entropy student ([\d.]+) teacher ([\d.]+), top-1 agreement "
+                       r"([\d.]+), [\d,]+ tokens/s$", stdout, flags=re.M)
+      assert line, stdout
+      assert [float(x) for x in line.groups()] == [round(history[f"train_{m}"][-1], n) for m, n in (
+          ("kd", 4), ("student_entropy", 3), ("teacher_entropy", 3), ("top1_agreement", 3))]
+    else:
+      assert re.search(rf"^{name} step {history['step'][-1]}: train ce [\d.]+, held-out "
+                       r"[\d.]+, [\d,]+ tokens/s$", stdout, flags=re.M), stdout
     assert math.log(256) - 0.5 < history["heldout_loss"][0] < math.log(256) + 1.0
     assert history["heldout_loss"][-1] == rows[name]["loss"]
     assert history["heldout_loss"][-1] < history["heldout_loss"][0] - 0.3  # it learns

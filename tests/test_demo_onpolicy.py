@@ -209,7 +209,7 @@ def test_on_policy_step_trains_on_the_students_own_samples():
                                  sample_temperature=0.8, **hp)
   tokens = _prompts(batch=2, prompt_len=12, seed=4)
   key = jax.random.key(7)
-  new_params, _, loss, ce = step(params, optimizer.init(params), tokens, key)
+  new_params, _, loss, logs = step(params, optimizer.init(params), tokens, key)
   # The same loss by hand: the student continues the first 8 tokens with the same key, the
   # teacher scores that, and the objective counts the 4 generated positions.
   samples = _lm.sample_continuation(graphdef, params, tokens[:, :8], key, length=4,
@@ -219,7 +219,12 @@ def test_on_policy_step_trains_on_the_students_own_samples():
                                                 apply(*teacher, samples))
   np.testing.assert_allclose(loss, want, rtol=1e-6)
   np.testing.assert_allclose(
-      ce, jax.jit(_lm.cross_entropy)(apply(graphdef, params, tokens), tokens), rtol=1e-6)
+      logs["ce"], jax.jit(_lm.cross_entropy)(apply(graphdef, params, tokens), tokens),
+      rtol=1e-6)
+  # The objective's metrics, on the generated positions: its divergence is the loss.
+  assert set(logs) == {"ce", "kd", "student_entropy", "teacher_entropy", "top1_agreement"}
+  np.testing.assert_allclose(logs["kd"], loss, rtol=1e-6)
+  assert 0 <= logs["top1_agreement"] <= 1 and logs["student_entropy"] > 0
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), new_params, params)
   assert any(jax.tree.leaves(changed))
   # Deterministic given the key.
