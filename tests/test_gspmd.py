@@ -291,9 +291,11 @@ def test_auto_axes_of_several_devices_keep_the_blocked_engine():
 # ----------------------------------------------------------------------------------------------
 
 #: Public names that are not losses (nor topk_teacher): nothing to run on a mesh.
-NOT_LOSSES = {"DIVERGENCES", "IMPLEMENTATIONS", "TAILS", "TeacherCacheError",
-              "align_tokenizations", "align_tokenizations_batch", "align_vocab",
-              "open_teacher_cache", "read_teacher_cache", "shift_labels", "write_teacher_cache"}
+NOT_LOSSES = {"DIVERGENCES", "DistillMetrics", "IMPLEMENTATIONS", "TAILS", "TeacherCacheError",
+              "TokenMetrics", "align_tokenizations", "align_tokenizations_batch", "align_vocab",
+              "open_hidden_state_cache", "open_teacher_cache", "read_hidden_state_cache",
+              "read_teacher_cache", "read_teacher_head", "shift_labels",
+              "write_hidden_state_cache", "write_teacher_cache"}
 PER_TOKEN = ("forward_kl", "reverse_kl", "generalized_jsd", "skew_forward_kl", "skew_reverse_kl",
              "soft_cross_entropy", "total_variation")
 MATERIALISED = ("distill_loss", "distill_loss_sum_and_count", "distill_with_cross_entropy",
@@ -302,12 +304,18 @@ FUSED_LOSSES = ("fused_linear_distill_loss", "fused_linear_distill_loss_sum_and_
                 "fused_linear_distill_with_cross_entropy",
                 "fused_linear_distill_with_cross_entropy_sum_and_count")
 SPARSE = ("sparse_distill_loss", "sparse_distill_loss_sum_and_count")
-OTHERS = ("topk_teacher", "vocab_parallel_distill_loss",
+FEATURES = ("hidden_state_loss", "hidden_state_loss_sum_and_count")
+WITH_METRICS = ("distill_loss_with_metrics", "distill_with_cross_entropy_with_metrics",
+                "fused_linear_distill_loss_with_metrics",
+                "fused_linear_distill_with_cross_entropy_with_metrics",
+                "sparse_distill_loss_with_metrics")
+OTHERS = ("topk_teacher", "sample_teacher", "vocab_parallel_distill_loss",
           "vocab_parallel_fused_linear_distill_loss")
 
 
 def test_every_public_loss_has_an_explicit_axes_case():
-  covered = set(PER_TOKEN + MATERIALISED + FUSED_LOSSES + SPARSE + OTHERS)
+  covered = set(PER_TOKEN + MATERIALISED + FUSED_LOSSES + SPARSE + FEATURES + WITH_METRICS
+                + OTHERS)
   missing = set(kdjax.__all__) - NOT_LOSSES - covered
   assert not missing, f"add these to the Explicit-axes cases: {sorted(missing)}"
 
@@ -361,6 +369,26 @@ def topk(h, w, th, tw, y, ids, lp, b):
   return out_lp + out_ids.astype(jnp.float32) * 1e-3  # ids and log-probabilities compared
 
 
+def sampled(h, w, th, tw, y, ids, lp, b):
+  out_ids, out_lp = kdjax.sample_teacher(jax.random.key(3), h @ w + b, num_samples=K)
+  return jnp.where(jnp.isinf(out_lp), 0.0, out_lp) + out_ids.astype(jnp.float32) * 1e-3
+
+
+def features(name):
+  fn = getattr(kdjax, name)
+  return lambda h, w, th, tw, y, ids, lp, b: fn(h, th, projection=w[:, :D], where=y != -100)
+
+
+def with_metrics(name):  # the loss and its metrics, reduced, as one number
+  inner = (fused if name.startswith("fused") else sparse if name.startswith("sparse")
+           else materialised)(name)
+  def fn(*args):
+    loss, metrics = inner(*args)
+    return loss + 0.1 * (metrics.divergence + metrics.student_entropy + metrics.teacher_entropy
+                         + metrics.top1_agreement)
+  return fn
+
+
 def vocab_parallel(mesh, fused_head):
   model = "model" if "model" in mesh.axis_names else None
   specs = (P("data"), P(None, model), P("data"), P(None, model), P("data"), P("data"),
@@ -390,6 +418,11 @@ for name in t.SPARSE:
 CASES["sparse_distill_loss renormalize none"] = sparse(
     "sparse_distill_loss", tail="renormalize", reduction="none")
 CASES["topk_teacher"] = topk
+CASES["sample_teacher"] = sampled
+for name in ("hidden_state_loss", "hidden_state_loss_sum_and_count"):
+  CASES[name] = features(name)
+for name in t.WITH_METRICS:
+  CASES[name] = with_metrics(name)
 
 # What the shard_map losses compute, on one device.
 ONE_DEVICE = {
@@ -440,11 +473,12 @@ for label, mesh in MESHES.items():
         for g, x in zip(grads, (args[i] for i in FLOAT)):
           if g.sharding.spec != jax.typeof(x).sharding.spec:
             failures.append((case, "gradient sharded as", g.sharding.spec))
-        # ULD's sort needs each row whole on one device (and XLA:CPU's partitioner gathers the
+        # ULD's sort, and sample_teacher's draws and merge of repeated ids, need each row whole
+        # on one device (and XLA:CPU's partitioner gathers the
         # rows of lax.top_k, for its top_k, even on Auto axes). topk_teacher gathers only each
         # vocabulary slice's k candidates of this device's rows.
         allowed = {(T // mesh.shape["data"], K * mesh.shape.get("model", 1))}
-        if not name.startswith("uld_loss"):
+        if not name.startswith(("uld_loss", "sample_teacher")):
           for op, shapes in t._collectives(compiled.as_text()):
             if op in ("all-gather", "all-to-all") and any(
                 (T in s or T // mesh.shape["data"] in s) and not (
@@ -488,7 +522,8 @@ def test_every_public_loss_on_explicit_axes_equals_one_device():
   (kernels, biases and so logits sharded along it), every public loss and topk_teacher give
   the one-device value and gradients, each gradient sharded like its input: the sparse losses
   also with the teacher's ids and log-probabilities replicated, the fused heads with whole rows
-  and with vocabulary tiles. No collective gathers the tokens (ULD's sort gathers rows;
+  and with vocabulary tiles; the feature losses, the metrics forms and sample_teacher too.
+  No collective gathers the tokens (ULD's sort and sample_teacher gather rows;
   topk_teacher only each vocabulary slice's k candidates). On (8,), tokens only, the losses
   that failed there and the shard_map losses. One subprocess runs every case."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
