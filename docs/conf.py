@@ -27,7 +27,7 @@ root_doc = "index"
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 
 # MyST: anchors for section links (page.md#section), $...$ maths where a page wants it.
-myst_heading_anchors = 3
+myst_heading_anchors = 4
 myst_enable_extensions = ["dollarmath"]
 
 # API reference: one generated page per public name, written under _autosummary at build time.
