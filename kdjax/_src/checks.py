@@ -191,6 +191,22 @@ def positive_int(name: str, x: Any, *, optional: bool = False) -> int | None:
   return int(x)
 
 
+def entries_per_row(name: str, x: Any, *, function: str, vocab: int, why: str = "") -> int:
+  """A static count of entries kept per row (``topk_teacher``'s ``k``): a positive Python int,
+  at most ``vocab``; a traced value is refused with the way to mark it static."""
+  if isinstance(x, jax.core.Tracer):
+    raise TypeError(
+        f"{name} must be a static argument (a Python int: it sets the output's shape), got a "
+        f"traced value {x!r}. Under jax.jit, mark it static: jax.jit(kdjax.{function}, "
+        f"static_argnames='{name}').")
+  x = positive_int(name, x)
+  if x > vocab:
+    raise ValueError(
+        f"{name} must be <= the vocabulary size teacher_logits.shape[-1] = {vocab}{why}, got "
+        f"{name}={x}.")
+  return x
+
+
 def divergence(name: Any) -> str:
   if not isinstance(name, str) or name not in divergences.DIVERGENCES:
     raise ValueError(

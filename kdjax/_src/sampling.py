@@ -260,18 +260,9 @@ def sample_teacher(
   """
   key = _check_key(key)
   teacher_logits = checks.logits("teacher_logits", teacher_logits)
-  if isinstance(num_samples, jax.core.Tracer):
-    raise TypeError(
-        "num_samples must be a static argument (a Python int: it sets the output's shape), got "
-        f"a traced value {num_samples!r}. Under jax.jit, mark it static: "
-        "jax.jit(kdjax.sample_teacher, static_argnames='num_samples').")
-  num_samples = checks.positive_int("num_samples", num_samples)
-  vocab = teacher_logits.shape[-1]
-  if num_samples > vocab:
-    raise ValueError(
-        f"num_samples must be <= the vocabulary size teacher_logits.shape[-1] = {vocab} (the "
-        f"slots of repeated draws are padded with distinct ids not drawn), got "
-        f"num_samples={num_samples}.")
+  num_samples = checks.entries_per_row(
+      "num_samples", num_samples, function="sample_teacher", vocab=teacher_logits.shape[-1],
+      why=" (the slots of repeated draws are padded with distinct ids not drawn)")
   for name, value in (("temperature", temperature),
                       ("proposal_temperature", proposal_temperature)):
     if isinstance(value, (str, bytes)):

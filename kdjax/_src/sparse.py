@@ -181,16 +181,7 @@ def topk_teacher(
     ([[1, 2]], [0.6, 0.3])
   """
   teacher_logits = checks.logits("teacher_logits", teacher_logits)
-  if isinstance(k, jax.core.Tracer):
-    raise TypeError(
-        "k must be a static argument (a Python int: it sets the output's shape), got a traced "
-        f"value {k!r}. Under jax.jit, mark it static: jax.jit(kdjax.topk_teacher, "
-        "static_argnames='k').")
-  k = checks.positive_int("k", k)
-  vocab = teacher_logits.shape[-1]
-  if k > vocab:
-    raise ValueError(
-        f"k must be <= the vocabulary size teacher_logits.shape[-1] = {vocab}, got k={k}.")
+  k = checks.entries_per_row("k", k, function="topk_teacher", vocab=teacher_logits.shape[-1])
   temperature = checks.temperature(temperature)
   token_block = checks.positive_int("token_block", token_block, optional=True)
   inv_temperature = jnp.asarray(1.0 / temperature, jnp.float32)
