@@ -109,6 +109,9 @@ SM_CTAS = 32
 SM_SHARED = 233472
 CTA_RESERVED_SHARED = 1024
 ISSUE_PER_CLOCK = 4  # warp instructions an SM issues per cycle (one per scheduler)
+# Warp MUFU instructions (exp2, log2, reciprocal) an SM completes per cycle: 16 results a clock
+# (the CUDA programming guide's throughput table, compute capability 9.0), 1/8 of the FFMA rate.
+MUFU_PER_CLOCK = 0.5
 
 LLM = (16384, 128256, "bfloat16")
 SMALL_F32 = (8192, 32000, "float32")
@@ -375,8 +378,9 @@ def row_cost(sass: dict, *, vocab: int, tile: int, threads: int) -> dict[str, fl
   reads += ragged["wide_load_bytes"] * threads * valid
   writes += ragged["wide_store_bytes"] * threads * valid
   instructions = sum(w["instr"] for w in walks) * trips + ragged["instr"]
+  mufu = sum(w["mufu"] for w in walks) * trips + ragged["mufu"]
   return dict(reads=int(reads), writes=int(writes), trips=trips,
-              warp_instructions=instructions * threads // 32)
+              warp_instructions=instructions * threads // 32, warp_mufu=mufu * threads // 32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,6 +494,7 @@ def _kernel_row(case: Case, target: str, result: dict, kernel: str, tile: int) -
   per_program = sass["outside"]["instr"] * threads // 32 if sass["persistent"] else 0
   issue_clocks = (tokens * cost["warp_instructions"] + programs * per_program) / (
       chip.sms * ISSUE_PER_CLOCK)
+  mufu_clocks = tokens * cost["warp_mufu"] / (chip.sms * MUFU_PER_CLOCK)
   resident = min(ctas * chip.sms, programs)
   bound = 3 * vocab * itemsize
   return dict(
@@ -497,6 +502,7 @@ def _kernel_row(case: Case, target: str, result: dict, kernel: str, tile: int) -
       ctas_per_sm=ctas, occupancy=ctas * threads / SM_THREADS, **cost, bound_bytes=bound,
       bytes_vs_bound=(cost["reads"] + cost["writes"]) / bound,
       issue_ms=issue_clocks / (chip.clock_ghz * 1e9) * 1e3,
+      mufu_ms=mufu_clocks / (chip.clock_ghz * 1e9) * 1e3,
       hbm_ms=tokens * (cost["reads"] + cost["writes"]) / chip.bandwidth * 1e3,
       bound_ms=tokens * bound / chip.bandwidth * 1e3, resident_rows=resident,
       l2_footprint=resident * 2 * vocab * itemsize)
@@ -558,8 +564,8 @@ def print_report(target: str, tile: int, cases: dict[str, Case], results: dict) 
         "[tokens, vocab]\n")
   print("| case | SASS instr. | walks (innermost loops): instr / LDG.128 / STG.128 / MUFU / BAR "
         "/ SHFL / async | persistent | resident rows (L2 footprint) | issue-bound ms "
-        "| HBM ms, no reuse | HBM ms, bound |")
-  print("|" + "---|" * 8)
+        "| MUFU-bound ms | HBM ms, no reuse | HBM ms, bound |")
+  print("|" + "---|" * 9)
   for name, r in results.items():
     for row in r.get("rows") or []:
       sass = r["sass"][row["kernel"]]
@@ -569,10 +575,13 @@ def print_report(target: str, tile: int, cases: dict[str, Case], results: dict) 
                         for w in sass["walks"])
       print(f"| {name} | {sass['total']} | {walks} | {'yes' if sass['persistent'] else 'no'} "
             f"| {row['resident_rows']} ({row['l2_footprint'] / 2**20:.0f} MiB vs "
-            f"{chip.l2_bytes >> 20} MiB) | {row['issue_ms']:.1f} | {row['hbm_ms']:.1f} "
+            f"{chip.l2_bytes >> 20} MiB) | {row['issue_ms']:.1f} | {row['mufu_ms']:.1f} "
+            f"| {row['hbm_ms']:.1f} "
             f"| {row['bound_ms']:.1f} |")
   print(f"\nissue-bound: warp instructions per row x rows / ({chip.sms} SMs x {ISSUE_PER_CLOCK} "
-        f"a clock x {chip.clock_ghz} GHz), no stalls; HBM: the bytes counted above at "
+        f"a clock x {chip.clock_ghz} GHz), no stalls; MUFU-bound: the MUFU instructions alone "
+        f"(exponentials, logarithms, reciprocals) at {MUFU_PER_CLOCK} a clock per SM, the "
+        f"special-function units' rate; HBM: the bytes counted above at "
         f"{chip.bandwidth / 1e12:.2f} TB/s; bound: 3·V·itemsize bytes a row. (zero): a token "
         f"of weight 0 writes its zero gradient in this walk instead of the gradient's; not "
         f"counted.")

@@ -86,11 +86,17 @@ def _fma(a, b, c):
   return jnp.where(finite, high + low, a * b + c)
 
 
+def _reciprocal(x):
+  return 1.0 / x
+
+
 KERNELS = {
     "gpu-300": (pallas.Variant("triton", 128, interpret=True, lanes=32), 300),
-    # The GPU's arithmetic: maxima held as m c, entries y = fma(x, c, -m c).
+    # The GPU's arithmetic: maxima held as m c, entries y = fma(x, c, -m c); a reciprocal
+    # (a mixture's ratio read as e_t / m where its log is not needed).
     "gpu-fma-300": (pallas.Variant("triton", 128, interpret=True, lanes=32,
-                                   arith=recipe.Arith(jnp.exp2, _fma)), 300),
+                                   arith=recipe.Arith(jnp.exp2, _fma, reciprocal=_reciprocal)),
+                    300),
     "tpu-300": (pallas.Variant("mosaic", 256, interpret=True, rows=8), 300),
     "tpu-384": (pallas.Variant("mosaic", 256, interpret=True, rows=8), 384),
 }
@@ -234,6 +240,100 @@ def test_folds_only_where_the_value_needs_no_final_normaliser():
   assert {name for name, fold in online.items() if fold is not None} == {
       "forward_kl", "reverse_kl", "soft_cross_entropy"}
   assert div.DIVERGENCES["generalized_jsd"].online({"beta": jnp.float32(0.0)}) is None
+
+
+MIXTURES = [("generalized_jsd", "beta"), ("skew_forward_kl", "alpha"),
+            ("skew_reverse_kl", "alpha")]
+
+
+def _mixture_float64(mixture, log_p, log_q):
+  """A MixtureValue's definition in float64: the value ``teacher KL(p || m) + student KL(q ||
+  m)`` and each entry's derivative with respect to ``log q``."""
+  p, q = np.exp(log_p), np.exp(log_q)
+  m = mixture.mix_teacher * p + mixture.mix_student * q
+  safe_m = np.where(m > 0, m, 1.0)
+
+  def kl_terms(x, log_x):
+    return np.where(x > 0, x * (np.where(x > 0, log_x, 0.0) - np.log(safe_m)), 0.0)
+
+  value = mixture.teacher * kl_terms(p, log_p) + mixture.student * kl_terms(q, log_q)
+  log_ratio = np.where(q > 0, np.where(q > 0, log_q, 0.0) - np.log(safe_m), 0.0)
+  dlog_q = q * (mixture.student * (log_ratio + 1.0)
+                - mixture.mix_student * (mixture.teacher * p + mixture.student * q) / safe_m)
+  return value.sum(-1), dlog_q
+
+
+@pytest.mark.parametrize("divergence,name", MIXTURES)
+@pytest.mark.parametrize("weight", [1e-3, 0.3, 0.999])
+def test_mixture_forms_are_the_divergences(divergence, name, weight):
+  """Each ``mixture`` entry of DIVERGENCES states the divergence's value and the derivative of
+  its terms with respect to log q -- checked against the float64 definition (tests/reference.py)
+  and the spec's own terms, with entries of -inf on either side."""
+  hp = {name: weight}
+  mixture = div.DIVERGENCES[divergence].mixture(hp)
+  assert mixture is not None
+  rng = np.random.default_rng(1)
+  student, teacher = rng.normal(size=(2, 6, 50)) * 3
+  teacher[1, :10] = -np.inf
+  student[2, 5:20] = -np.inf
+  teacher[3, 30:40] = student[3, 30:40] = -np.inf
+  log_q, log_p = reference.log_softmax(student), reference.log_softmax(teacher)
+  value, dlog_q = _mixture_float64(mixture, log_p, log_q)
+  np.testing.assert_allclose(value, reference.per_token(divergence, student, teacher, **hp),
+                             rtol=1e-12, atol=1e-14)
+  with jax.enable_x64(True):
+    terms = div.DIVERGENCES[divergence].terms(
+        div.dist(jnp.asarray(log_p)), div.dist(jnp.asarray(log_q)), hp)
+    np.testing.assert_allclose(dlog_q, np.asarray(terms.dlog_q), rtol=1e-10, atol=1e-14)
+
+
+def test_mixture_forms_only_for_a_static_interior_weight():
+  """Endpoints (a KL, or 0) and traced weights take the divergence's terms instead."""
+  forms = {name: spec.mixture(dict(beta=0.5, alpha=0.1))
+           for name, spec in div.DIVERGENCES.items()}
+  assert {name for name, form in forms.items() if form is not None} == {
+      "generalized_jsd", "skew_forward_kl", "skew_reverse_kl"}
+  assert forms["generalized_jsd"].own_weights and not forms["skew_forward_kl"].own_weights
+  for divergence, name in MIXTURES:
+    for weight in (0.0, 1.0, 0, 1, jnp.float32(0.5)):
+      assert div.DIVERGENCES[divergence].mixture({name: weight}) is None
+
+
+@pytest.mark.parametrize("kernel", ["gpu-fma-300", "tpu-300"])
+@pytest.mark.parametrize("divergence,name", MIXTURES)
+@pytest.mark.parametrize("weight", [1e-3, 0.999])
+def test_mixture_kernels_near_the_endpoints_match_float64(kernel, divergence, name, weight):
+  """The kernels' mixture form with a weight near 0 or 1 (a mixture nearly one side), on
+  nearly equal distributions (values of 1e-7 and less) and on ordinary ones."""
+  variant, vocab = KERNELS[kernel]
+  rng = np.random.default_rng(zlib.crc32(f"{kernel} {divergence} {weight}".encode()))
+  student = rng.normal(size=(8, vocab)).astype(np.float32) * 3
+  teacher = rng.normal(size=(8, vocab)).astype(np.float32) * 3
+  teacher[:4] = student[:4] + 1e-3 * rng.normal(size=(4, vocab)).astype(np.float32)
+  student[5, :40] = -np.inf
+  teacher[6, 50:90] = -np.inf
+  hp = checks.hyperparameters(divergence, temperature=1.0, **{name: weight})
+  config, traced = config_lib.build(hp, divergence=divergence, temperature_squared=True,
+                                    cross_entropy=False)
+  loop = pallas.loop(variant, dense.blocked(dense.teacher_logits_block))
+
+  def total(engine, x):
+    rows = dense.per_token(engine, config, traced, x, jnp.asarray(teacher))
+    return jnp.sum(rows.value), rows
+
+  def oracle(x):
+    rows = reference_impl.per_token(config, traced, x, jnp.asarray(teacher))
+    return jnp.sum(rows.value), rows
+
+  x = jnp.asarray(student)
+  (_, rows), grad = jax.value_and_grad(lambda x: total(loop, x), has_aux=True)(x)
+  _, want_grad = jax.value_and_grad(oracle, has_aux=True)(x)
+  want = reference.per_token(divergence, student, teacher, **{name: weight})
+  got = np.asarray(rows.value, np.float64)
+  # Nearly equal rows: about float32's rounding of the terms' sum (entropies of a few nats),
+  # as the reference's own float32 evaluation.
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+  _assert_grads_close(np.asarray(grad), np.asarray(want_grad), want, np.ones(8, bool))
 
 
 @pytest.mark.parametrize("implementation", ["reference", "blocked", "pallas"])

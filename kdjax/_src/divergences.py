@@ -213,16 +213,67 @@ def _jsd_fold(hp: Mapping[str, Scalar]) -> OnlineValue | None:
   return None
 
 
+class MixtureValue(NamedTuple):
+  """How a divergence of a mixture reads where the value needs the final normalisers.
+
+  The value is ``teacher * KL(p || m) + student * KL(q || m)`` with the mixture
+  ``m = mix_teacher * p + mix_student * q`` (both weights in ``(0, 1)``, so ``m`` has mass
+  wherever ``p`` or ``q`` has), and its derivative with respect to ``log q_v`` is
+  ``q_v (student (log(q_v / m_v) + 1) - mix_student (teacher p_v + student q_v) / m_v)``. A
+  kernel reads the entries in base 2 from the row maxima and needs per entry two exponentials
+  and one logarithm of the mixture and, where the coefficients are not the mixture's own weights
+  (the skew divergences, each with one side's), an exponential of ``log(p / m)`` (or ``q``'s)
+  for the ratio: the generalized JSD's coefficients are its weights, so its
+  ``(teacher p + student q) / m`` is 1.
+  """
+
+  mix_teacher: float
+  mix_student: float
+  teacher: float
+  student: float
+
+  @property
+  def own_weights(self) -> bool:
+    """Whether the KL coefficients are the mixture's weights (``(teacher p + student q) = m``)."""
+    return (self.teacher, self.student) == (self.mix_teacher, self.mix_student)
+
+
+def _interior(hp: Mapping[str, Scalar], name: str) -> float | None:
+  """A static hyperparameter strictly inside ``(0, 1)``, else None (traced, or an endpoint,
+  where the divergence is not a proper mixture's)."""
+  value = hp[name]
+  if isinstance(value, (int, float)) and 0.0 < value < 1.0:
+    return float(value)
+  return None
+
+
+def _jsd_mixture(hp: Mapping[str, Scalar]) -> MixtureValue | None:
+  beta = _interior(hp, "beta")
+  return None if beta is None else MixtureValue(beta, 1.0 - beta, beta, 1.0 - beta)
+
+
+def _skew_forward_mixture(hp: Mapping[str, Scalar]) -> MixtureValue | None:
+  alpha = _interior(hp, "alpha")
+  return None if alpha is None else MixtureValue(alpha, 1.0 - alpha, 1.0, 0.0)
+
+
+def _skew_reverse_mixture(hp: Mapping[str, Scalar]) -> MixtureValue | None:
+  alpha = _interior(hp, "alpha")
+  return None if alpha is None else MixtureValue(1.0 - alpha, alpha, 0.0, 1.0)
+
+
 class DivergenceSpec(NamedTuple):
   """One divergence: its elementwise terms, the hyperparameters they read, and (``online``)
   how its value folds online with the row statistics, for given hyperparameters: an
-  :class:`OnlineValue`, or None when the value needs the final normalisers."""
+  :class:`OnlineValue`, or None when the value needs the final normalisers; and (``mixture``)
+  where it does, whether it is a mixture's :class:`MixtureValue` (None: only its terms)."""
 
   name: str
   terms: Callable[..., Terms]  # (teacher, student, hyperparameters, log=jnp.log)
   hyperparameters: tuple[str, ...]
   formula: str
   online: Callable[[Mapping[str, Scalar]], OnlineValue | None] = _no_fold
+  mixture: Callable[[Mapping[str, Scalar]], MixtureValue | None] = _no_fold
 
 
 DIVERGENCES: dict[str, DivergenceSpec] = {
@@ -234,13 +285,14 @@ DIVERGENCES: dict[str, DivergenceSpec] = {
                        lambda hp: _REVERSE_KL_ONLINE),
         DivergenceSpec(
             "generalized_jsd", _generalized_jsd, ("beta",),
-            "beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q", _jsd_fold),
+            "beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q", _jsd_fold,
+            _jsd_mixture),
         DivergenceSpec(
             "skew_forward_kl", _skew_forward_kl, ("alpha",),
-            "KL(p || alpha p + (1 - alpha) q)"),
+            "KL(p || alpha p + (1 - alpha) q)", mixture=_skew_forward_mixture),
         DivergenceSpec(
             "skew_reverse_kl", _skew_reverse_kl, ("alpha",),
-            "KL(q || alpha q + (1 - alpha) p)"),
+            "KL(q || alpha q + (1 - alpha) p)", mixture=_skew_reverse_mixture),
         DivergenceSpec("total_variation", _total_variation, (), "0.5 sum |p - q|"),
         DivergenceSpec("soft_cross_entropy", _soft_cross_entropy, (), "-sum p log q",
                        lambda hp: OnlineValue("teacher", 0.0, -1.0, 0.0, -1.0)),

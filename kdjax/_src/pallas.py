@@ -10,7 +10,8 @@ program of its grid takes a block of rows and walks their vocabulary tile by til
    and, when the divergence's value folds online (its ``DIVERGENCES`` entry), the value's sums
    -- combined across the lanes once, at the end of the walk;
 2. only where the value needs the final normalisers, a second walk sums the divergence's terms
-   (:func:`recipe.terms`) per lane;
+   per lane: a mixture's KL terms in base 2 where its ``DIVERGENCES`` entry has a ``mixture``
+   form, :func:`recipe.terms` otherwise;
 3. :func:`recipe.finish`: the per-token values and the gradient's row coefficients;
 4. with the gradient, a last walk writes it tile by tile (:func:`recipe.student_grad`), rounded
    once to the logits' dtype, over the logits' buffer (``input_output_aliases``: in a train
@@ -268,6 +269,7 @@ class _Refs(NamedTuple):
   logits: Any
   teacher: Any
   labels: Any  # [rows] int32 (cross entropy only), else None.
+  label_logits: Any  # [rows] float32: the student's logit at the label (cross entropy only).
   weights: Any  # [rows] float32 (weighted sums only), else None.
   hyperparameters: Any  # [k] float32: the traced hyperparameters by sorted name, else None.
   rows: tuple  # value, divergence, cross_entropy: [rows] float32.
@@ -295,6 +297,7 @@ def _body(config: Config, names: tuple[str, ...], layout: _Layout, refs: _Refs) 
         zeros=jnp.zeros((tiles.rows, tiles.lanes), jnp.float32), lane_width=tiles.lanes,
         vocab_width=tiles.vocab,
         labels=layout.read_rows(refs.labels) if config.cross_entropy else None,
+        label_logits=(layout.read_rows(refs.label_logits) if config.cross_entropy else None),
         weights=None if refs.weights is None else layout.read_rows(refs.weights),
         emit=None if refs.grad is None else write_grad, emit_init=0, arith=layout.arith)
     for ref, row in zip(refs.rows, rows, strict=True):
@@ -311,7 +314,8 @@ def _body(config: Config, names: tuple[str, ...], layout: _Layout, refs: _Refs) 
     def at(ref):
       return None if ref is None else ref.at[pl.ds(first, layout.group)]
 
-    group(_Refs(at(refs.logits), at(refs.teacher), at(refs.labels), at(refs.weights),
+    group(_Refs(at(refs.logits), at(refs.teacher), at(refs.labels), at(refs.label_logits),
+                at(refs.weights),
                 refs.hyperparameters, tuple(at(ref) for ref in refs.rows), at(refs.grad)))
     return carry
 
@@ -365,7 +369,18 @@ def _gpu_log(x: Array) -> Array:
   return _gpu_asm("lg2.approx.ftz.f32", jnp.maximum(x, tiny)) * 0.6931471805599453
 
 
-_GPU_ARITH = recipe.Arith(_gpu_exp2, _gpu_fma, _gpu_log)
+def _gpu_log2(x: Array) -> Array:
+  """``log2`` of positive normal numbers as one ``MUFU.LG2``."""
+  return _gpu_asm("lg2.approx.ftz.f32", x)
+
+
+def _gpu_reciprocal(x: Array) -> Array:
+  """``1 / x`` of positive normal numbers as one ``MUFU.RCP`` (PTX's ``rcp.approx.ftz``, about
+  1 ulp, against the IEEE division's Newton steps and special cases)."""
+  return _gpu_asm("rcp.approx.ftz.f32", x)
+
+
+_GPU_ARITH = recipe.Arith(_gpu_exp2, _gpu_fma, _gpu_log, _gpu_log2, _gpu_reciprocal)
 
 
 def gpu_tile(vocab: int, dtypes, tile: int = GPU_TILE, lanes: int = GPU_LANES) -> int:
@@ -432,8 +447,13 @@ def _call(variant: Variant, config: Config, traced: Mapping[str, Array], logits:
   inputs, in_specs = [logits, teacher_logits], [block_spec, block_spec]
   if config.cross_entropy:
     # Every id outside [0, vocab) means "not a vocabulary id": clip before narrowing to int32.
-    inputs.append(layout.row_array(jnp.clip(labels, -1, vocab).astype(jnp.int32)))
-    in_specs.append(layout.row_spec())
+    labels = jnp.clip(labels, -1, vocab).astype(jnp.int32)
+    inputs.append(layout.row_array(labels))
+    # The label's logit, gathered here (one entry a row) rather than matched entry by entry in
+    # a walk; a label outside the vocabulary reads any entry: its token is NaN.
+    label_logits = jnp.take_along_axis(logits, jnp.clip(labels, 0, vocab - 1)[:, None], axis=1)
+    inputs.append(layout.row_array(label_logits[:, 0].astype(jnp.float32)))
+    in_specs += [layout.row_spec()] * 2
   if weights is not None:
     inputs.append(layout.row_array(weights.astype(jnp.float32)))
     in_specs.append(layout.row_spec())
@@ -456,10 +476,11 @@ def _call(variant: Variant, config: Config, traced: Mapping[str, Array], logits:
     ins, outs = list(all_refs[:len(inputs)]), all_refs[len(inputs):]
     logits_ref, teacher_ref = ins.pop(0), ins.pop(0)
     labels_ref = ins.pop(0) if config.cross_entropy else None
+    label_logits_ref = ins.pop(0) if config.cross_entropy else None
     weights_ref = ins.pop(0) if weights is not None else None
     hp_ref = ins.pop(0) if names else None
-    refs = _Refs(logits_ref, teacher_ref, labels_ref, weights_ref, hp_ref, tuple(outs[:num_rows]),
-                 outs[num_rows] if with_grad else None)
+    refs = _Refs(logits_ref, teacher_ref, labels_ref, label_logits_ref, weights_ref, hp_ref,
+                 tuple(outs[:num_rows]), outs[num_rows] if with_grad else None)
     _body(config, names, layout, refs)
 
   results = pl.pallas_call(

@@ -631,6 +631,11 @@ class Arith(NamedTuple):
   exp2: Callable[[Array], Array] = jnp.exp2
   fma: Callable[[Any, Any, Any], Array] | None = None
   log: Callable[[Array], Array] = jnp.log  # of positive numbers (a mixture's probabilities).
+  # log2 of positive normal numbers (a kernel's mixture, from its base-2 entries).
+  log2: Callable[[Array], Array] = lambda x: jnp.log(x) * _LOG2_E
+  # 1 / x of positive normal numbers as cheaply as an exp2 (None: a mixture's ratio is read as
+  # 2**log2(p / m) instead).
+  reciprocal: Callable[[Array], Array] | None = None
 
   def hold(self, row_max: Array, scale) -> Array:
     """A raw max as the statistics hold it (``-inf`` stays ``-inf``)."""
@@ -744,6 +749,150 @@ def _kernel_distribution(x: Array, side: _Side, scale, arith: Arith) -> tuple[di
   return div.Dist(log, exps * side.inverse_sum, has_mass, jnp.where(has_mass, log, 0.0)), exps
 
 
+class _MixtureEntries(NamedTuple):
+  """A chunk's entries of a mixture divergence (``divergences.MixtureValue``) in base 2, all
+  relative to the teacher's normaliser ``S_t``: ``p = e_t / S_t``, ``q = e_s R / S_t`` with
+  ``R = S_t / S_s``, ``m = mixture / S_t``; so ``log2(p / m) = y_t - log2 mixture`` and
+  ``log2(q / m) = y_s + log2 R - log2 mixture``."""
+
+  x_student: Array
+  y_student: Array
+  y_teacher: Array
+  student_exps: Array  # e_s = 2**y_s
+  kl_teacher: Array | float  # teacher e_t (0 where the coefficient is)
+  kl_student: Array | float  # student e_s R
+  mass: Array  # the mixture (kept above the smallest normal float)
+  log_mixture: Array  # its log2
+
+  def student_gap(self, row: _MixtureRow) -> Array:
+    """``log2(q / m)``."""
+    return (self.y_student + row.log2_ratio) - self.log_mixture
+
+
+class _MixtureRow(NamedTuple):
+  """Per-row constants of a mixture's entries, ``[rows, 1]``."""
+
+  ratio: Array  # R = S_t / S_s
+  log2_ratio: Array  # log2 R
+
+
+def _mixture_row(student: _Side, teacher: _Side) -> _MixtureRow:
+  return _MixtureRow(student.inverse_sum / teacher.inverse_sum,
+                     (teacher.log_sum - student.log_sum) * _LOG2_E)
+
+
+def _mixture_entries(mixture: div.MixtureValue, x_student: Array, x_teacher: Array,
+                     student: _Side, teacher: _Side, row: _MixtureRow, scale,
+                     arith: Arith) -> _MixtureEntries:
+  """The entries of a chunk: two ``exp2`` and one ``log2`` of the mixture."""
+  y_student = arith.scaled(x_student, student.shift, scale)
+  y_teacher = arith.scaled(x_teacher, teacher.shift, scale)
+  e_student, e_teacher = arith.exp2(y_student), arith.exp2(y_teacher)
+  teacher_products: dict[float, Array] = {}
+  student_products: dict[float, Array] = {}
+
+  def teacher_times(k: float) -> Array:  # k e_t
+    if k not in teacher_products:
+      teacher_products[k] = e_teacher if k == 1 else e_teacher * k
+    return teacher_products[k]
+
+  def student_times(k: float) -> Array:  # k e_s R
+    if k not in student_products:
+      student_products[k] = e_student * (row.ratio * k)
+    return student_products[k]
+
+  kl_teacher = teacher_times(mixture.teacher) if mixture.teacher else 0.0
+  kl_student = student_times(mixture.student) if mixture.student else 0.0
+  # One multiply-add where the teacher's weighted term is not a KL coefficient's as well.
+  mass = (teacher_times(mixture.mix_teacher) + student_times(mixture.mix_student)
+          if mixture.mix_teacher in teacher_products
+          else arith.madd(e_teacher, mixture.mix_teacher, student_times(mixture.mix_student)))
+  mass = jnp.maximum(mass, float(jnp.finfo(jnp.float32).tiny))
+  return _MixtureEntries(x_student, y_student, y_teacher, e_student, kl_teacher, kl_student,
+                         mass, arith.log2(mass))
+
+
+def _mixture_ratio(mixture: div.MixtureValue, entries: _MixtureEntries, row: _MixtureRow,
+                   arith: Arith, student_gap: Array | None = None, *,
+                   needs_log: bool = True) -> Array | float:
+  """``(teacher p + student q) / m``: 1 with the mixture's own weights, else one side's
+  ``2**log2(p / m)`` (or ``q``'s), an ``exp2`` instead of a division; or, where nothing else
+  needs the mixture's log (``needs_log=False``) and the kernel has a reciprocal as cheap, the
+  teacher's ``e_t / mixture``."""
+  if mixture.own_weights:
+    return 1.0
+  assert not (mixture.teacher and mixture.student), "a ratio of one side's"
+  if mixture.teacher:
+    if not needs_log and arith.reciprocal is not None:
+      return entries.kl_teacher * arith.reciprocal(entries.mass)
+    return mixture.teacher * arith.exp2(entries.y_teacher - entries.log_mixture)
+  gap = entries.student_gap(row) if student_gap is None else student_gap
+  return mixture.student * arith.exp2(gap)
+
+
+def _mixture_fold(mixture: div.MixtureValue, sums: tuple[Array, Array, Array],
+                  entries: _MixtureEntries, row: _MixtureRow,
+                  arith: Arith) -> tuple[Array, Array, Array]:
+  """Per-lane sums ``(V_t, V_s, W)`` with a chunk more: ``V_t = sum teacher e_t log2(p / m)``,
+  ``V_s = sum student e_s R log2(q / m)`` and ``W = sum e_s R ratio`` (the last only without
+  the mixture's own weights). An entry without mass has ``e = 0``: its gap is clamped."""
+  value_teacher, value_student, weighted = sums
+  student_gap = entries.student_gap(row) if mixture.student else None
+  if mixture.teacher:
+    gap = jnp.maximum(entries.y_teacher - entries.log_mixture, _LOWEST)
+    value_teacher = arith.madd(entries.kl_teacher, gap, value_teacher)
+  if student_gap is not None:
+    value_student = arith.madd(entries.kl_student, jnp.maximum(student_gap, _LOWEST),
+                               value_student)
+  if not mixture.own_weights:
+    hat_student = (entries.kl_student if mixture.student == 1
+                   else entries.student_exps * row.ratio)
+    weighted = arith.madd(hat_student, _mixture_ratio(mixture, entries, row, arith,
+                                                      student_gap), weighted)
+  return value_teacher, value_student, weighted
+
+
+def _mixture_sums(mixture: div.MixtureValue, sums: tuple[Array, Array, Array],
+                  teacher: _Side) -> tuple[Array, Array]:
+  """The value and ``sum_v dlog_q`` per row from the reduced ``(V_t, V_s, W)``:
+  ``value = ln 2 (V_t + V_s) / S_t`` and
+  ``sum dlog_q = ln 2 V_s / S_t + student - mix_student W / S_t``
+  (``W / S_t = 1`` with the mixture's own weights)."""
+  value_teacher, value_student, weighted = sums
+  inverse_sum = teacher.inverse_sum[:, 0]
+  value = (value_teacher + value_student) * (inverse_sum * _LN_2)
+  dlog_q = value_student * (inverse_sum * _LN_2)
+  if mixture.own_weights:
+    rest = mixture.student - mixture.mix_student  # 0 for the generalized JSD
+    return value, dlog_q + rest if rest else dlog_q
+  return value, dlog_q + (mixture.student - mixture.mix_student * weighted * inverse_sum)
+
+
+def _mixture_grad(mixture: div.MixtureValue, scale: GradScale, sum_dlog_q: Array,
+                  entries: _MixtureEntries, student: _Side, row: _MixtureRow,
+                  arith: Arith) -> Array:
+  """The divergence's share of a chunk's gradient, ``coefficient q (dlog_q / q - sum dlog_q)``:
+  ``e_s (k_1 (y_s - log2 mixture) + k_2 ratio + k_0)`` with the rows' constants folded
+  first."""
+  coefficient = scale.divergence[:, None] * student.inverse_sum
+  constant = mixture.student - sum_dlog_q[:, None]
+  if mixture.own_weights:
+    constant = constant - mixture.mix_student
+  inner = coefficient * constant
+  student_gap = None
+  if mixture.student:
+    k_1 = coefficient * (mixture.student * _LN_2)
+    gap = entries.y_student - entries.log_mixture
+    inner = arith.madd(gap, k_1, arith.madd(row.log2_ratio, k_1, inner))
+    student_gap = gap + row.log2_ratio
+  if not mixture.own_weights:
+    ratio = _mixture_ratio(mixture, entries, row, arith, student_gap,
+                           needs_log=bool(mixture.student))
+    inner = arith.madd(ratio, coefficient * -mixture.mix_student, inner)
+  # An entry without student mass: 0, or NaN in a NaN token (as its coefficient).
+  return jnp.where(entries.x_student > -jnp.inf, entries.student_exps * inner, 0.0 * coefficient)
+
+
 def reduce_lanes(lanes: Lanes, online: div.OnlineValue | None, scale, arith: Arith) -> Lanes:
   """Combines the lanes of every row (``[rows, lanes]`` to ``[rows]``): once per walk. A
   lane's sums are rescaled by ``2**(m_lane c - m_row c)``: 0 for a lane with no mass, NaN when
@@ -829,8 +978,9 @@ def _online_grad(online: div.OnlineValue, scale: GradScale, sum_dlog_q: Array,
 
 
 def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, lane_width: int,
-          vocab_width: int, labels: Array | None = None, weights: Array | None = None,
-          emit=None, emit_init: Any = None, arith: Arith = JNP_ARITH) -> tuple[Rows, Any]:
+          vocab_width: int, labels: Array | None = None, label_logits: Array | None = None,
+          weights: Array | None = None, emit=None, emit_init: Any = None,
+          arith: Arith = JNP_ARITH) -> tuple[Rows, Any]:
   """The recipe over a block of rows whose vocabulary a kernel walks tile by tile, keeping
   statistics per lane and combining the lanes once per walk (:func:`reduce_lanes`).
 
@@ -852,11 +1002,16 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
     emit: ``emit(tile, context, grad_chunks, carry)`` (context None where a token of weight 0
       in a one-row block gets its zero gradient without its tiles being read).
     zeros: float32 zeros ``[rows, lane_width]``.
+    label_logits: float32 ``[rows]``, the student's raw logit at each row's label, gathered by
+      the caller (any number for a label outside the vocabulary); None: matched entry by entry
+      in a walk.
     lane_width: the lanes of the per-lane statistics.
     arith: the kernel's ``exp2`` and multiply-add (:class:`Arith`).
   """
   scale = inverse_temperature(hp) * _LOG2_E
-  online = div.DIVERGENCES[config.divergence].online(hp)
+  spec = div.DIVERGENCES[config.divergence]
+  online = spec.online(hp)
+  mixture = spec.mixture(hp) if online is None else None
   separate = config.cross_entropy and not config.is_static("temperature", 1.0)
   empty = Stats(zeros - jnp.inf, zeros)
 
@@ -902,7 +1057,8 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
 
   folds = None if online is None else zeros  # the online value's mass and offset
   first = Lanes(empty, empty, empty if separate else None, folds, folds,
-                zeros if config.cross_entropy and online is not None else None)
+                zeros if config.cross_entropy and online is not None and label_logits is None
+                else None)
   rows = reduce_lanes(walk(first_step, first), online, scale, arith)
   student, teacher = _side(rows.student), _side(rows.teacher)
   ce_stats = rows.cross_entropy if separate else rows.student
@@ -914,9 +1070,29 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
     p, _ = _kernel_distribution(x_teacher, teacher, scale, arith)
     return q, student_exps, terms(config, hp, p, q, arith.log)
 
+  mixture_row = None if mixture is None else _mixture_row(student, teacher)
   if online is not None:
     value, dlog_q = online_sums(online, rows)
-    label = rows.label
+    label = rows.label if label_logits is None else label_logits
+  elif mixture is not None:
+    assert mixture_row is not None
+
+    def mixture_step(tile, partial):
+      *folded, label = partial
+      xs, xt, masks = counted_chunks(tile, *read(tile)[:2])
+      for x_student, x_teacher in zip(xs, xt, strict=True):
+        entries = _mixture_entries(mixture, x_student, x_teacher, student, teacher,
+                                   mixture_row, scale, arith)
+        folded = _mixture_fold(mixture, tuple(folded), entries, mixture_row, arith)
+      if config.cross_entropy and label_logits is None:
+        label = with_label(label, tile, xs, masks)
+      return (*folded, label)
+
+    value_teacher, value_student, weighted, label = (
+        jnp.sum(x, axis=-1) for x in walk(mixture_step, (zeros,) * 4))
+    value, dlog_q = _mixture_sums(mixture, (value_teacher, value_student, weighted), teacher)
+    if label_logits is not None:
+      label = label_logits
   else:
     def sums_step(tile, partial):
       value, dlog_q, label = partial
@@ -926,11 +1102,13 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
         value = value + entry_terms.value
         if emit is not None:
           dlog_q = dlog_q + entry_terms.dlog_q
-      if config.cross_entropy:
+      if config.cross_entropy and label_logits is None:
         label = with_label(label, tile, xs, masks)
       return value, dlog_q, label
 
     value, dlog_q, label = (jnp.sum(x, axis=-1) for x in walk(sums_step, (zeros,) * 3))
+    if label_logits is not None:
+      label = label_logits
   label_entry_sum = None
   ce: dict[str, Any] = {}
   if config.cross_entropy:
@@ -950,7 +1128,14 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
     xs, xt, context = read(tile)
     grads = []
     for start, x_student, x_teacher in zip(starts(tile), xs, xt, strict=True):
-      if online is not None:
+      if mixture is not None:
+        assert mixture_row is not None
+        entries = _mixture_entries(mixture, x_student, x_teacher, student, teacher,
+                                   mixture_row, scale, arith)
+        grad = _mixture_grad(mixture, grad_scale, sums.dlog_q, entries, student, mixture_row,
+                             arith)
+        student_exps = entries.student_exps
+      elif online is not None:
         y_student = arith.scaled(x_student, student.shift, scale)
         student_exps = arith.exp2(y_student)
         grad = _online_grad(
