@@ -494,3 +494,23 @@ def test_lowering_for_cpu_traces_no_kernel(monkeypatch):
   _assert_close(grad, want_grad, rtol=2e-4)
   with pytest.raises(AssertionError, match="a kernel was traced"):
     traced.lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("vmem_mib,rows,stash", [(128, 64, True), (64, 32, False)])
+def test_tpu_blocks_stash_a_mixture_only_where_it_costs_no_rows(monkeypatch, vmem_mib, rows,
+                                                                  stash):
+  """A mixture divergence's TPU kernel keeps a group's gradient in VMEM between its last two
+  walks where that leaves the block its rows (v5e, v6e: 128 MiB), not where it would halve them
+  (v5p: 64 MiB); the KL family never stashes (its gradient walk is its second)."""
+  monkeypatch.setattr(pallas, "_tpu_vmem_capacity", lambda: vmem_mib << 20)
+  dtypes = (jnp.bfloat16, jnp.bfloat16)
+
+  def config(divergence, **hp):
+    return config_lib.build(checks.hyperparameters(divergence, temperature=1.0, **hp),
+                            divergence=divergence)[0]
+
+  assert pallas._tpu_plan(config("generalized_jsd"), 128256, dtypes) == (rows, stash)
+  assert pallas._tpu_plan(config("skew_reverse_kl"), 128256, dtypes) == (rows, stash)
+  assert pallas._tpu_plan(config("forward_kl"), 128256, dtypes) == (rows, False)
+  assert pallas._tpu_plan(config("generalized_jsd", beta=1.0), 128256, dtypes) == (rows, False)
+  assert pallas._tpu_plan(config("total_variation"), 128256, dtypes) == (rows, False)

@@ -57,6 +57,7 @@ from jax.experimental.pallas import triton as plt
 
 from kdjax._src import blocking, recipe
 from kdjax._src.config import Config
+from kdjax._src.divergences import DIVERGENCES
 
 Array = jax.Array
 
@@ -118,12 +119,31 @@ def _tpu_vmem_capacity() -> int:
     return TPU_DEFAULT_VMEM
 
 
-def _tpu_rows(vocab: int, dtypes) -> int | None:
-  """Rows per TPU block: as many as fit VMEM, a multiple of TPU_GROUP (which is a multiple of
-  the packed sublanes of 16-bit logits); None when not even TPU_GROUP rows fit."""
+def stashes(config: Config) -> bool:
+  """Whether the TPU kernel of ``config`` keeps a group's gradient in VMEM between its last two
+  walks (``recipe.Stash``): a mixture divergence (``divergences.MixtureValue``), whose last
+  walk then reads the student's logits alone and takes one ``exp2`` an entry."""
+  spec = DIVERGENCES[config.divergence]
+  hp = {**{name: None for name in spec.hyperparameters}, **dict(config.static_hp)}
+  return spec.online(hp) is None and spec.mixture(hp) is not None
+
+
+def _tpu_plan(config: Config, vocab: int, dtypes) -> tuple[int | None, bool]:
+  """Rows per TPU block (None: not even TPU_GROUP rows fit) and whether the kernel stashes:
+  only where the stash leaves the block as many rows (the estimate on a v5p, whose 64 MiB
+  would halve them, is slower than without; on v5e and v6e it costs none)."""
+  rows = _tpu_rows(vocab, dtypes)
+  if rows is None or not stashes(config):
+    return rows, False
+  return rows, _tpu_rows(vocab, dtypes, TPU_GROUP * vocab * 4) == rows
+
+
+def _tpu_rows(vocab: int, dtypes, stash_bytes: int = 0) -> int | None:
+  """Rows per TPU block: as many as fit VMEM with the stash, a multiple of TPU_GROUP (which is a
+  multiple of the packed sublanes of 16-bit logits); None when not even TPU_GROUP rows fit."""
   itemsizes = [jnp.dtype(d).itemsize for d in dtypes]
   row_bytes = 2 * vocab * (sum(itemsizes) + itemsizes[0])  # Two logits and the gradient.
-  budget = _tpu_vmem_capacity() - TPU_VMEM_RESERVE
+  budget = _tpu_vmem_capacity() - TPU_VMEM_RESERVE - stash_bytes
   rows = min(budget // row_bytes, TPU_MAX_ROWS) // TPU_GROUP * TPU_GROUP
   return rows or None
 
@@ -274,6 +294,7 @@ class _Refs(NamedTuple):
   hyperparameters: Any  # [k] float32: the traced hyperparameters by sorted name, else None.
   rows: tuple  # value, divergence, cross_entropy: [rows] float32.
   grad: Any  # [rows, vocab] in the logits' dtype (with the gradient only), else None.
+  stash: Any = None  # [group, vocab] float32 VMEM (recipe.Stash), else None.
 
 
 def _body(config: Config, names: tuple[str, ...], layout: _Layout, refs: _Refs) -> None:
@@ -292,6 +313,10 @@ def _body(config: Config, names: tuple[str, ...], layout: _Layout, refs: _Refs) 
       tiles.write(refs.grad, tile, grads)
       return carry
 
+    stash = None
+    if refs.stash is not None and refs.grad is not None:
+      stash = recipe.Stash(lambda tile, chunks: tiles.write(refs.stash, tile, chunks),
+                           lambda tile: tiles.read(refs.stash, tile))
     rows, _ = recipe.lanes(
         config, hp, tiles.fold, read,
         zeros=jnp.zeros((tiles.rows, tiles.lanes), jnp.float32), lane_width=tiles.lanes,
@@ -299,7 +324,8 @@ def _body(config: Config, names: tuple[str, ...], layout: _Layout, refs: _Refs) 
         labels=layout.read_rows(refs.labels) if config.cross_entropy else None,
         label_logits=(layout.read_rows(refs.label_logits) if config.cross_entropy else None),
         weights=None if refs.weights is None else layout.read_rows(refs.weights),
-        emit=None if refs.grad is None else write_grad, emit_init=0, arith=layout.arith)
+        emit=None if refs.grad is None else write_grad, emit_init=0, arith=layout.arith,
+        stash=stash)
     for ref, row in zip(refs.rows, rows, strict=True):
       layout.write_rows(ref, row)
 
@@ -316,7 +342,8 @@ def _body(config: Config, names: tuple[str, ...], layout: _Layout, refs: _Refs) 
 
     group(_Refs(at(refs.logits), at(refs.teacher), at(refs.labels), at(refs.label_logits),
                 at(refs.weights),
-                refs.hyperparameters, tuple(at(ref) for ref in refs.rows), at(refs.grad)))
+                refs.hyperparameters, tuple(at(ref) for ref in refs.rows), at(refs.grad),
+                refs.stash))
     return carry
 
   lax.fori_loop(0, num_groups, group_step, 0)
@@ -391,7 +418,8 @@ def gpu_tile(vocab: int, dtypes, tile: int = GPU_TILE, lanes: int = GPU_LANES) -
   return min(max(tile // 2, lanes) if wide else tile, pl.next_power_of_2(vocab))
 
 
-def _layout_and_params(variant: Variant, num_tokens: int, vocab: int, dtypes):
+def _layout_and_params(variant: Variant, config: Config, num_tokens: int, vocab: int, dtypes):
+  """The layout, the scalars' block spec, the compiler parameters and the scratch shapes."""
   if variant.backend == "triton":
     params: plt.CompilerParams | pltpu.CompilerParams = plt.CompilerParams(
         num_warps=GPU_WARPS, num_stages=GPU_STAGES)
@@ -402,10 +430,13 @@ def _layout_and_params(variant: Variant, num_tokens: int, vocab: int, dtypes):
     widen = None if variant.interpret else _gpu_widen
     return (_Layout(1, False, _Tiles(1, vocab, tile, lanes, masked=True, widen=widen), 1,
                     arith),
-            pl.BlockSpec(), params)
+            pl.BlockSpec(), params, ())
   if variant.backend != "mosaic":
     raise ValueError(f"unknown kernel backend {variant.backend!r}.")
-  rows = variant.rows or _tpu_rows(vocab, dtypes) or TPU_GROUP
+  planned, stash = _tpu_plan(config, vocab, dtypes)
+  if variant.rows:  # Given rows (tests): the stash wherever it applies.
+    planned, stash = variant.rows, stashes(config)
+  rows = planned or TPU_GROUP
   group = min(TPU_GROUP, rows)
   if num_tokens <= group:  # One block of the whole array.
     rows = group = num_tokens
@@ -413,14 +444,16 @@ def _layout_and_params(variant: Variant, num_tokens: int, vocab: int, dtypes):
     rows = min(rows, -(-num_tokens // group) * group)
   itemsizes = [jnp.dtype(d).itemsize for d in dtypes]
   blocks = 2 * rows * vocab * (sum(itemsizes) + itemsizes[0])
-  vmem_limit = min(_tpu_vmem_capacity(), blocks + TPU_VMEM_RESERVE)
+  stash_bytes = group * vocab * 4 if stash else 0
+  vmem_limit = min(_tpu_vmem_capacity(), blocks + stash_bytes + TPU_VMEM_RESERVE)
   lanes = min(variant.lanes or TPU_LANES, vocab)
   tile = max(lanes, min(variant.tile, vocab) // lanes * lanes)
   params = pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=vmem_limit)
   return (_Layout(rows, True, _Tiles(group, vocab, tile, lanes, masked=False,
                                      unroll=TPU_UNROLL), group,
                   variant.arith or recipe.JNP_ARITH),
-          pl.BlockSpec(memory_space=pltpu.SMEM), params)
+          pl.BlockSpec(memory_space=pltpu.SMEM), params,
+          (pltpu.VMEM((group, vocab), jnp.float32),) if stash else ())
 
 
 def _vary_alike(inputs: list[Array]):
@@ -440,8 +473,10 @@ def _call(variant: Variant, config: Config, traced: Mapping[str, Array], logits:
           with_grad: bool) -> tuple[Array, ...]:
   """``(value, divergence, cross_entropy[, grad])`` of ``[tokens, vocab]`` logits."""
   num_tokens, vocab = logits.shape
-  layout, scalar_spec, params = _layout_and_params(
-      variant, num_tokens, vocab, (logits.dtype, teacher_logits.dtype))
+  layout, scalar_spec, params, scratch_shapes = _layout_and_params(
+      variant, config, num_tokens, vocab, (logits.dtype, teacher_logits.dtype))
+  if not with_grad:
+    scratch_shapes = ()
   block_spec = pl.BlockSpec((layout.rows, vocab), lambda i: (i, 0))
   names = tuple(sorted(traced))
   inputs, in_specs = [logits, teacher_logits], [block_spec, block_spec]
@@ -479,14 +514,16 @@ def _call(variant: Variant, config: Config, traced: Mapping[str, Array], logits:
     label_logits_ref = ins.pop(0) if config.cross_entropy else None
     weights_ref = ins.pop(0) if weights is not None else None
     hp_ref = ins.pop(0) if names else None
+    num_outs = num_rows + bool(with_grad)
     refs = _Refs(logits_ref, teacher_ref, labels_ref, label_logits_ref, weights_ref, hp_ref,
-                 tuple(outs[:num_rows]), outs[num_rows] if with_grad else None)
+                 tuple(outs[:num_rows]), outs[num_rows] if with_grad else None,
+                 outs[num_outs] if scratch_shapes else None)
     _body(config, names, layout, refs)
 
   results = pl.pallas_call(
       kernel, out_shape=tuple(out_shape), grid=(pl.cdiv(num_tokens, layout.rows),),
       in_specs=in_specs, out_specs=tuple(out_specs), input_output_aliases=aliases,
-      compiler_params=params, interpret=variant.interpret,
+      scratch_shapes=scratch_shapes, compiler_params=params, interpret=variant.interpret,
       name=f"kdjax_{config.divergence}")(*inputs)
   return (*(r.reshape(num_tokens) for r in results[:num_rows]), *results[num_rows:])
 

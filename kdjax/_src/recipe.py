@@ -749,6 +749,13 @@ def _kernel_distribution(x: Array, side: _Side, scale, arith: Arith) -> tuple[di
   return div.Dist(log, exps * side.inverse_sum, has_mass, jnp.where(has_mass, log, 0.0)), exps
 
 
+class Stash(NamedTuple):
+  """float32 storage of a block's tiles: ``write(tile, chunks)``, ``read(tile) -> chunks``."""
+
+  write: Callable[[Any, tuple[Array, ...]], None]
+  read: Callable[[Any], tuple[Array, ...]]
+
+
 class _MixtureEntries(NamedTuple):
   """A chunk's entries of a mixture divergence (``divergences.MixtureValue``) in base 2, all
   relative to the teacher's normaliser ``S_t``: ``p = e_t / S_t``, ``q = e_s R / S_t`` with
@@ -868,14 +875,15 @@ def _mixture_sums(mixture: div.MixtureValue, sums: tuple[Array, Array, Array],
   return value, dlog_q + (mixture.student - mixture.mix_student * weighted * inverse_sum)
 
 
-def _mixture_grad(mixture: div.MixtureValue, scale: GradScale, sum_dlog_q: Array,
+def _mixture_grad(mixture: div.MixtureValue, scale: GradScale, sum_dlog_q: Array | None,
                   entries: _MixtureEntries, student: _Side, row: _MixtureRow,
                   arith: Arith) -> Array:
   """The divergence's share of a chunk's gradient, ``coefficient q (dlog_q / q - sum dlog_q)``:
   ``e_s (k_1 (y_s - log2 mixture) + k_2 ratio + k_0)`` with the rows' constants folded
   first."""
   coefficient = scale.divergence[:, None] * student.inverse_sum
-  constant = mixture.student - sum_dlog_q[:, None]
+  constant = (mixture.student if sum_dlog_q is None
+              else mixture.student - sum_dlog_q[:, None])  # None: its share left out
   if mixture.own_weights:
     constant = constant - mixture.mix_student
   inner = coefficient * constant
@@ -980,7 +988,7 @@ def _online_grad(online: div.OnlineValue, scale: GradScale, sum_dlog_q: Array,
 def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, lane_width: int,
           vocab_width: int, labels: Array | None = None, label_logits: Array | None = None,
           weights: Array | None = None, emit=None, emit_init: Any = None,
-          arith: Arith = JNP_ARITH) -> tuple[Rows, Any]:
+          arith: Arith = JNP_ARITH, stash: Stash | None = None) -> tuple[Rows, Any]:
   """The recipe over a block of rows whose vocabulary a kernel walks tile by tile, keeping
   statistics per lane and combining the lanes once per walk (:func:`reduce_lanes`).
 
@@ -1007,6 +1015,11 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
       in a walk.
     lane_width: the lanes of the per-lane statistics.
     arith: the kernel's ``exp2`` and multiply-add (:class:`Arith`).
+    stash: float32 storage of a block's ``[rows, vocab]`` (a TPU kernel's VMEM): with a
+      mixture divergence (``divergences.MixtureValue``) and the gradient, the terms' walk also
+      stores each entry's gradient but for the share of ``sum dlog_q`` (which is known only at
+      its end), and the last walk adds that share from the student's logits alone
+      (:class:`Stash`). None: the last walk recomputes the entries.
   """
   scale = inverse_temperature(hp) * _LOG2_E
   spec = div.DIVERGENCES[config.divergence]
@@ -1070,7 +1083,50 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
     p, _ = _kernel_distribution(x_teacher, teacher, scale, arith)
     return q, student_exps, terms(config, hp, p, q, arith.log)
 
+  def ce_arguments(label) -> dict[str, Any]:
+    if not config.cross_entropy:
+      return {}
+    assert label is not None and ce_stats is not None
+    return dict(labels=labels, vocab_size=vocab_width, cross_entropy_sum_exp=ce_stats.sum_exp)
+
+  def with_cross_entropy(grad_scale, start, x_student, student_exps, grad):
+    """The cross entropy's share of a chunk's gradient added, and tokens of weight 0 zeroed."""
+    if config.cross_entropy:
+      # (1 - kd_coef) (softmax(x) - onehot(label)) at T = 1.
+      assert grad_scale.cross_entropy is not None
+      if separate:
+        student_exps = arith.exp2(arith.scaled(x_student, ce_side.shift, _LOG2_E))
+      coefficient = grad_scale.cross_entropy[:, None]
+      grad = arith.madd(student_exps, coefficient * ce_side.inverse_sum, grad)
+      grad = grad - jnp.where(one_hot(labels, start, lane_width), coefficient, 0.0)
+    if grad_scale.live is not None and not one_row:
+      grad = jnp.where(grad_scale.live[:, None], grad, 0.0)
+    return grad
+
+  one_row = zeros.shape[0] == 1
   mixture_row = None if mixture is None else _mixture_row(student, teacher)
+  stashed = stash is not None and mixture is not None and emit is not None
+  early_scale = None
+  if stashed:
+    assert not config.cross_entropy or label_logits is not None, "stash: gather the labels"
+    # The gradient's coefficients do not read the sums: known before the terms' walk.
+    no_sums = jnp.zeros_like(rows.student.max)
+    _, early_scale = finish(config, hp, rows.student, rows.teacher,
+                            Sums(no_sums, no_sums, no_sums), weights=weights,
+                            **ce_arguments(no_sums))
+
+  def stash_tile(tile, xs, xt):
+    """The entries' gradient but for the share of ``sum dlog_q``, into the stash."""
+    assert stash is not None and mixture is not None and mixture_row is not None
+    assert early_scale is not None
+    grads = []
+    for start, x_student, x_teacher in zip(starts(tile), xs, xt, strict=True):
+      entries = _mixture_entries(mixture, x_student, x_teacher, student, teacher, mixture_row,
+                                 scale, arith)
+      grad = _mixture_grad(mixture, early_scale, None, entries, student, mixture_row, arith)
+      grads.append(with_cross_entropy(early_scale, start, x_student, entries.student_exps, grad))
+    stash.write(tile, tuple(grads))
+
   if online is not None:
     value, dlog_q = online_sums(online, rows)
     label = rows.label if label_logits is None else label_logits
@@ -1079,7 +1135,10 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
 
     def mixture_step(tile, partial):
       *folded, label = partial
-      xs, xt, masks = counted_chunks(tile, *read(tile)[:2])
+      raw = read(tile)[:2]
+      xs, xt, masks = counted_chunks(tile, *raw)
+      if stashed:  # every entry of the tile, those an earlier tile holds as well
+        stash_tile(tile, *raw)
       for x_student, x_teacher in zip(xs, xt, strict=True):
         entries = _mixture_entries(mixture, x_student, x_teacher, student, teacher,
                                    mixture_row, scale, arith)
@@ -1110,19 +1169,32 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
     if label_logits is not None:
       label = label_logits
   label_entry_sum = None
-  ce: dict[str, Any] = {}
+  ce = ce_arguments(label)
   if config.cross_entropy:
-    assert label is not None and ce_stats is not None
+    assert label is not None
     # x[label] - max as the sums see it: ln 2 (x c - m c) at T = 1. A label outside the
     # vocabulary matched no entry (0); finish makes its token NaN.
     label_entry_sum = arith.scaled(label, ce_side.shift[:, 0], _LOG2_E) * _LN_2
-    ce = dict(labels=labels, vocab_size=vocab_width, cross_entropy_sum_exp=ce_stats.sum_exp)
   sums = Sums(value, dlog_q if emit is not None else None, label_entry_sum)
   result, grad_scale = finish(config, hp, rows.student, rows.teacher, sums, weights=weights,
                               **ce)
   if emit is None:
     return result, None
   assert sums.dlog_q is not None
+
+  def stashed_step(tile, carry):
+    """The stashed entries plus the share of ``sum dlog_q``: ``-coefficient q sum dlog_q``."""
+    assert stash is not None and sums.dlog_q is not None
+    xs, _, context = read(tile)
+    share = grad_scale.divergence[:, None] * student.inverse_sum * -sums.dlog_q[:, None]
+    grads = []
+    for x_student, stashed_grad in zip(xs, stash.read(tile), strict=True):
+      student_exps = arith.exp2(arith.scaled(x_student, student.shift, scale))
+      grad = arith.madd(student_exps, share, stashed_grad)
+      if grad_scale.live is not None and not one_row:
+        grad = jnp.where(grad_scale.live[:, None], grad, 0.0)
+      grads.append(grad)
+    return emit(tile, context, tuple(grads), carry)
 
   def grad_step(tile, carry):
     xs, xt, context = read(tile)
@@ -1146,28 +1218,18 @@ def lanes(config: Config, hp: Mapping[str, Any], walk, read, *, zeros: Array, la
         # The divergence's share alone: the cross entropy's and the weights' follow.
         grad = student_grad(grad_scale._replace(cross_entropy=None, live=None),
                             entry_terms.dlog_q, q.prob, sums.dlog_q)
-      if config.cross_entropy:
-        # (1 - kd_coef) (softmax(x) - onehot(label)) at T = 1.
-        assert grad_scale.cross_entropy is not None
-        if separate:
-          student_exps = arith.exp2(arith.scaled(x_student, ce_side.shift, _LOG2_E))
-        coefficient = grad_scale.cross_entropy[:, None]
-        grad = arith.madd(student_exps, coefficient * ce_side.inverse_sum, grad)
-        grad = grad - jnp.where(one_hot(labels, start, lane_width), coefficient, 0.0)
-      if grad_scale.live is not None and not one_row:
-        grad = jnp.where(grad_scale.live[:, None], grad, 0.0)
-      grads.append(grad)
+      grads.append(with_cross_entropy(grad_scale, start, x_student, student_exps, grad))
     return emit(tile, context, tuple(grads), carry)
 
+  last_step = stashed_step if stashed else grad_step
   # One row (a GPU program): a token of weight 0 skips the arithmetic and writes zeros, rather
   # than selecting them entry by entry.
-  one_row = zeros.shape[0] == 1
   if grad_scale.live is None or not one_row:
-    return result, walk(grad_step, emit_init)
+    return result, walk(last_step, emit_init)
 
   def zero_step(tile, carry):
     zero = jnp.zeros_like(zeros)
     return emit(tile, None, (zero,) * (tile.width // lane_width), carry)
 
-  return result, lax.cond(grad_scale.live[0], lambda: walk(grad_step, emit_init),
+  return result, lax.cond(grad_scale.live[0], lambda: walk(last_step, emit_init),
                           lambda: walk(zero_step, emit_init))
