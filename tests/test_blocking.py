@@ -1,4 +1,5 @@
-"""Token blocking: every block layout, in-place overwriting, and its memory in a train step."""
+"""Token blocking: every block layout, in-place overwriting, compensated totals, and its memory in
+a train step."""
 
 import re
 
@@ -66,6 +67,54 @@ def test_sums_and_weights_match_numpy(tokens, block, strided):
   np.testing.assert_allclose(out, x * w[:, None], rtol=1e-6)
   np.testing.assert_allclose(total, (x * w[:, None]).sum(0), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(weight_sum, w.sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("tokens,block", LAYOUTS)
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_totals_match_numpy(tokens, block, overwrite):
+  """Per-row values summed in the loop, in every block layout (with ``overwrite``, the last
+  rows as a smaller block; without, an overlapping last block whose repeated rows get weight
+  0)."""
+  rng = np.random.default_rng(3 * tokens + block)
+  rows = jnp.asarray(rng.standard_normal((tokens, 6)), jnp.float32)
+  weights = jnp.asarray(rng.random(tokens) + 0.5, jnp.float32)
+  teacher = jnp.asarray(rng.standard_normal((tokens, 6)), jnp.float32)
+
+  def fn(r, w, t):
+    return -r, jnp.sum(r * t, axis=-1) * w
+
+  def run(r, w, t):
+    return blocking.map_token_blocks(
+        fn, (r, w, t), (r if overwrite else jnp.zeros_like(r),), totals=1, block=block,
+        overwrite={0: 0} if overwrite else None, weights=1)
+
+  out, lanes = jax.jit(run)(rows, weights, teacher)
+  x, w, t = (np.asarray(a, np.float64) for a in (rows, weights, teacher))
+  np.testing.assert_allclose(out, -x, rtol=1e-7)
+  assert lanes.shape == (min(block, tokens),) and lanes.dtype == jnp.float32
+  np.testing.assert_allclose(np.sum(np.asarray(lanes, np.float64)), np.sum((x * t).sum(-1) * w),
+                             rtol=1e-6)
+
+
+def test_totals_are_compensated_across_blocks():
+  """4096 one-row blocks: 1, then 4095 values each below half of 1's float32 spacing, which a
+  float32 running sum drops one by one; the compensated lanes keep them. An infinite or NaN
+  value is the total as it is."""
+  values = np.full(4096, 2e-8, np.float32)
+  values[0] = 1.0
+
+  def total(v):
+    (lanes,) = blocking.map_token_blocks(lambda b: (b,), (v,), (), totals=1, block=1)
+    return lanes[0]
+
+  got = float(jax.jit(total)(jnp.asarray(values)))
+  want = np.sum(values.astype(np.float64))
+  assert abs(got - want) <= np.spacing(np.float32(want)), (got, want)
+  assert float(jax.jit(total)(jnp.asarray(np.float32(1.0) + 0 * values))) == 4096.0
+  for bad in (np.inf, -np.inf, np.nan):
+    with_bad = values.copy()
+    with_bad[7] = bad
+    np.testing.assert_equal(float(jax.jit(total)(jnp.asarray(with_bad))), bad)
 
 
 def test_overwrite_needs_matching_output():

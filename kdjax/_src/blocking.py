@@ -2,9 +2,9 @@
 
 Engines never write their own loop over tokens: :func:`map_token_blocks` runs a function over
 blocks of rows so temporaries stay ``O(block * vocab)``, writes per-row results in place
-(optionally over an input, so a gradient can take the logits' buffer), and accumulates per-block
-sums (a kernel gradient, say). :func:`token_block` picks the block size for an engine's
-:class:`BlockPolicy`.
+(optionally over an input, so a gradient can take the logits' buffer), accumulates per-block
+sums (a kernel gradient, say), and adds up per-row values (a weighted loss) with compensation.
+:func:`token_block` picks the block size for an engine's :class:`BlockPolicy`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array = jax.Array
@@ -145,6 +146,7 @@ def map_token_blocks(
     block: int,
     overwrite: Mapping[int, int] | None = None,
     sums: Sequence[Array] = (),
+    totals: int = 0,
     strided: bool = True,
     weights: int | None = None,
     platform: str | None = None,
@@ -154,7 +156,15 @@ def map_token_blocks(
   Every array in ``inputs`` and ``outputs`` has the token axis first, of the same length ``n``.
   ``fn`` maps a block of ``block`` rows of each input to a block of rows of each output, followed
   by one increment per array of ``sums`` (accumulators of any shape, for example a kernel
-  gradient); rows are independent. Returns ``(*outputs, *sums)``.
+  gradient), then by ``totals`` float32 arrays of one value per row (``[rows]``, a weighted loss
+  per token, say) that are summed over all rows instead of written; rows are independent.
+  Returns ``(*outputs, *sums, *lanes)``: for each total, ``[block]`` float32 partial sums, lane
+  ``r`` the sum of row ``r`` of every block (with one block, the rows' values), to be added up
+  by the caller (``reductions.pairwise_sum``). The lanes are accumulated across blocks with
+  compensation (Neumaier's variant of Kahan summation), so their rounding error does not grow
+  with the number of blocks; a total thus costs XLA:CPU one kernel in the loop and one after it,
+  where writing ``[n]`` values and summing them after the loop costs a kernel for the initial
+  value, for the writes and for each level of the sum.
 
   When ``strided`` and ``block`` divides ``n``, block ``i`` holds the strided rows
   ``i, i + n // block, ...``: the token axis becomes the leading axis of a
@@ -162,11 +172,11 @@ def map_token_blocks(
   axis sharded over devices stays sharded (contiguous blocks would make the partitioner gather
   it). Otherwise the blocks are contiguous, and the ``n % block`` rows left over are either a
   last block that overlaps the one before it -- when nothing is overwritten and there are no
-  ``sums``, or ``weights`` names the input that weights each row's increments, which is then 0
-  for the rows computed before -- or one last, smaller block. The overlap recomputes a few rows;
-  the smaller block is compiled separately, and XLA does not share its temporaries with the
-  loop's. No padding copy of the inputs either way. ``outputs`` give the shapes and dtypes, and
-  are overwritten in place by XLA.
+  ``sums`` or ``totals``, or ``weights`` names the input that weights each row's increments and
+  totals, which is then 0 for the rows computed before -- or one last, smaller block. The
+  overlap recomputes a few rows; the smaller block is compiled separately, and XLA does not
+  share its temporaries with the loop's. No padding copy of the inputs either way. ``outputs``
+  give the shapes and dtypes, and are overwritten in place by XLA.
 
   ``overwrite`` maps an input's index to the index of an output of the same shape and dtype
   whose buffer it becomes: that input is the output's initial value, and each block of it is
@@ -190,7 +200,7 @@ def map_token_blocks(
   sources = {o: i for i, o in overwrite.items()}
   outputs = [inputs[sources[j]] if j in sources else o for j, o in enumerate(outputs)]
   loop = dict(block=block, overwrite=overwrite, strided=strided, num_outputs=len(outputs),
-              weights=weights)
+              weights=weights, totals=totals)
   if not any(x.dtype in _SIXTEEN_BIT_FLOATS for x in (*inputs, *outputs)):
     return _map_blocks(fn, inputs, outputs, sums, **loop)
   in_dtypes = [x.dtype for x in inputs]
@@ -260,45 +270,62 @@ def _from_bits(x: Array, dtype) -> Array:
   return x
 
 
-def _map_blocks(fn, inputs, outputs, sums, *, block, overwrite, strided, num_outputs, weights):
+def _map_blocks(fn, inputs, outputs, sums, *, block, overwrite, strided, num_outputs, weights,
+                totals):
   num_tokens = inputs[0].shape[0]
   block = max(1, min(block, num_tokens))
+  num_sums = len(sums)
   if num_tokens == 0:
-    return (*outputs, *sums)
+    return (*outputs, *sums, *(jnp.zeros((0,), jnp.float32),) * totals)
 
-  def apply(blocks, outs, acc, write):
-    results = fn(*blocks)
-    rows, increments = results[:num_outputs], results[num_outputs:]
-    return (tuple(write(o, r) for o, r in zip(outs, rows, strict=True)),
-            tuple(a + i for a, i in zip(acc, increments, strict=True)))
+  def split(results):  # rows, increments, per-row values to total
+    return (results[:num_outputs], results[num_outputs:num_outputs + num_sums],
+            results[num_outputs + num_sums:])
 
   if block == num_tokens:
-    outs, acc = apply(inputs, outputs, sums, lambda o, r: jnp.asarray(r).astype(o.dtype))
-    return (*outs, *acc)
+    rows, increments, values = split(fn(*inputs))
+    return (*(jnp.asarray(r).astype(o.dtype) for o, r in zip(outputs, rows, strict=True)),
+            *(a + i for a, i in zip(sums, increments, strict=True)),
+            *(jnp.asarray(v, jnp.float32) for v in values))
 
+  def apply(blocks, outs, acc, write):
+    rows, increments, values = split(fn(*blocks))
+    return (tuple(write(o, r) for o, r in zip(outs, rows, strict=True)),
+            (*(a + i for a, i in zip(acc[:num_sums], increments, strict=True)),
+             *(_add_compensated(a, v) for a, v in zip(acc[num_sums:], values, strict=True))))
+
+  def results(outs, acc):
+    return (*outs, *acc[:num_sums], *(_lane_totals(a) for a in acc[num_sums:]))
+
+  # Each lane's sum and compensation, from 0 and -0.0: a constant of more than one value stays a
+  # constant in XLA's program, where zeros would become a kernel of their own (a broadcast).
+  lanes = [jnp.asarray(np.array([[0.0] * block, [-0.0] * block], np.float32))] * totals
   num_blocks = num_tokens // block
   if strided and num_tokens % block == 0:
     def strided_view(x):
       return x.reshape((block, num_blocks) + x.shape[1:])
 
+    # Not lax.dynamic_index_in_dim: a nested jit, traced and lowered as a function per call.
     def read(x, i, k=None):
       del k
-      return lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)
+      return lax.squeeze(lax.dynamic_slice_in_dim(x, i, 1, axis=1), (1,))
 
     def write(o, b, i):
-      return lax.dynamic_update_index_in_dim(o, b.astype(o.dtype), i, axis=1)
+      return lax.dynamic_update_slice_in_dim(o, lax.expand_dims(b.astype(o.dtype), (1,)), i,
+                                             axis=1)
 
     outputs = _shard_like_inputs(outputs, inputs)
-    outputs, sums = _vary_like_blocks(outputs, sums, fn,
-                                      [read(strided_view(x), 0) for x in inputs])
+    outputs, sums, lanes = _vary_like_blocks(outputs, sums, lanes, fn,
+                                             [read(strided_view(x), 0) for x in inputs])
     outs, acc, _ = _block_loop(apply, [strided_view(x) for x in inputs],
-                               [strided_view(o) for o in outputs], sums, num_blocks, read, write,
-                               overwrite)
-    return (*(o.reshape((num_tokens,) + o.shape[2:]) for o in outs), *acc)
+                               [strided_view(o) for o in outputs], (*sums, *lanes), num_blocks,
+                               read, write, overwrite)
+    outs = [o.reshape((num_tokens,) + o.shape[2:]) for o in outs]
+    return results(outs, acc)
 
   remainder = num_tokens - num_blocks * block
-  outputs, sums = _vary_like_blocks(outputs, sums, fn, [x[:block] for x in inputs])
-  if remainder and not overwrite and (not sums or weights is not None):
+  outputs, sums, lanes = _vary_like_blocks(outputs, sums, lanes, fn, [x[:block] for x in inputs])
+  if remainder and not overwrite and (not (sums or lanes) or weights is not None):
     # Contiguous blocks, the last one overlapping the one before it.
     def start(i):
       return jnp.minimum(i * block, num_tokens - block)
@@ -317,9 +344,9 @@ def _map_blocks(fn, inputs, outputs, sums, *, block, overwrite, strided, num_out
       b = jnp.where(fresh(before, i), b.astype(o.dtype), before)
       return lax.dynamic_update_slice_in_dim(o, b, start(i), axis=0)
 
-    outs, acc, _ = _block_loop(apply, inputs, outputs, sums, num_blocks + 1, read, write,
-                               overwrite)
-    return (*outs, *acc)
+    outs, acc, _ = _block_loop(apply, inputs, outputs, (*sums, *lanes), num_blocks + 1, read,
+                               write, overwrite)
+    return results(outs, acc)
 
   # Contiguous blocks, and the remainder rows as one last, smaller block.
   def read(x, i, k=None):
@@ -331,20 +358,41 @@ def _map_blocks(fn, inputs, outputs, sums, *, block, overwrite, strided, num_out
 
   # A remainder of an overwritten input is read before the loop overwrites anything.
   tail = {k: inputs[k][num_tokens - remainder:] for k in overwrite}
-  outs, acc, tail = _block_loop(apply, inputs, outputs, sums, num_blocks, read, write, overwrite,
-                                tail)
-  if not remainder:
-    return (*outs, *acc)
-  blocks = [tail[k] if k in overwrite else x[num_tokens - remainder:]
-            for k, x in enumerate(inputs)]
-  outs, acc = apply(blocks, outs, acc, lambda o, r: lax.dynamic_update_slice_in_dim(
-      o, r.astype(o.dtype), num_tokens - remainder, axis=0))
-  return (*outs, *acc)
+  outs, acc, tail = _block_loop(apply, inputs, outputs, (*sums, *lanes), num_blocks, read, write,
+                                overwrite, tail)
+  if remainder:
+    blocks = [tail[k] if k in overwrite else x[num_tokens - remainder:]
+              for k, x in enumerate(inputs)]
+    outs, acc = apply(blocks, outs, acc, lambda o, r: lax.dynamic_update_slice_in_dim(
+        o, r.astype(o.dtype), num_tokens - remainder, axis=0))
+  return results(outs, acc)
 
 
-def _block_loop(apply, inputs, outputs, sums, num_blocks, read, write, overwrite, extra=None):
-  """``outputs[j] = write(outputs[j], fn(*blocks_i)[j], i)`` and ``sums += increments`` for each
-  block ``i``.
+def _add_compensated(acc: Array, values: Array) -> Array:
+  """``acc`` (``[2, lanes]``: each lane's sum and compensation) after adding ``values`` to the
+  lanes (Neumaier): the compensation gathers what each addition to the sum rounds away. A last,
+  smaller block adds to its first lanes. (``lax``, not ``jnp``: once per loop, but each ``jnp``
+  call would be traced and lowered as a function of its own.)"""
+  values = lax.convert_element_type(values, jnp.float32)
+  if values.shape[0] < acc.shape[1]:
+    values = lax.pad(values, np.float32(0), ((0, acc.shape[1] - values.shape[0], 0),))
+  total, compensation = (lax.index_in_dim(acc, i, keepdims=False) for i in (0, 1))
+  new = lax.add(total, values)
+  lost = lax.select(lax.ge(lax.abs(total), lax.abs(values)),
+                    lax.add(lax.sub(total, new), values), lax.add(lax.sub(values, new), total))
+  return lax.concatenate([lax.expand_dims(new, (0,)),
+                          lax.expand_dims(lax.add(compensation, lost), (0,))], 0)
+
+
+def _lane_totals(acc: Array) -> Array:
+  """Each lane's compensated sum; an infinite or NaN sum as it is (its compensation is NaN)."""
+  total, compensation = (lax.index_in_dim(acc, i, keepdims=False) for i in (0, 1))
+  return lax.select(lax.is_finite(total), lax.add(total, compensation), total)
+
+
+def _block_loop(apply, inputs, outputs, acc, num_blocks, read, write, overwrite, extra=None):
+  """``outputs[j] = write(outputs[j], fn(*blocks_i)[j], i)`` and ``acc = apply(..)`` (the
+  accumulators) for each block ``i``.
 
   An input that overwrites an output is read from that output's carry, one block ahead: the
   loop carries the next block, read right after the current block was written. XLA then sees
@@ -361,7 +409,7 @@ def _block_loop(apply, inputs, outputs, sums, num_blocks, read, write, overwrite
 
   ahead = {k: read(inputs[k], 0) for k in overwrite}
   outs, acc, _, extra = lax.fori_loop(
-      0, num_blocks, body, (tuple(outputs), tuple(sums), ahead, extra))
+      0, num_blocks, body, (tuple(outputs), tuple(acc), ahead, extra))
   return outs, acc, extra
 
 
@@ -383,31 +431,37 @@ def varying_zeros(shape, *like: Array | None) -> Array:
   return out
 
 
-def _vary_like_blocks(outputs: Sequence[Array], sums: Sequence[Array], fn,
-                      blocks: Sequence[Array]) -> tuple[list[Array], list[Array]]:
-  """Gives fresh ``outputs`` and ``sums`` the types of ``fn``'s results, where types say more
-  than shape and dtype.
+def _vary_like_blocks(outputs: Sequence[Array], sums: Sequence[Array], lanes: Sequence[Array],
+                      fn, blocks: Sequence[Array]
+                      ) -> tuple[list[Array], list[Array], list[Array]]:
+  """Gives fresh ``outputs``, ``sums`` and ``lanes`` (the totals' ``[2, block]`` accumulators)
+  the types of ``fn``'s results, where types say more than shape and dtype.
 
   A loop carry must keep its type. Under ``shard_map`` the type records the mesh axes a value
   varies over: zeros are replicated, a block computed from a vocabulary shard (an input, or an
   array ``fn`` closes over, such as a kernel slice) varies; ``pcast`` to varying only changes
   that record (no communication). With explicit sharding types, the ``sums`` take the sharding
-  of ``fn``'s increments (a per-device kernel gradient, say). Elsewhere this does nothing.
+  of ``fn``'s increments (a per-device kernel gradient, say), and the ``lanes`` that of its
+  per-row values along their second axis. Elsewhere this does nothing.
   """
   manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
-  explicit = sums and any(explicit_sharding(x) is not None for x in blocks)
+  explicit = (sums or lanes) and any(explicit_sharding(x) is not None for x in blocks)
   if not manual and not explicit:
-    return list(outputs), list(sums)
+    return list(outputs), list(sums), list(lanes)
   types = jax.eval_shape(fn, *blocks)
   result = []
-  for j, (out, block_type) in enumerate(zip((*outputs, *sums), types, strict=True)):
+  for j, (out, block_type) in enumerate(zip((*outputs, *sums, *lanes), types, strict=True)):
     if manual:
       missing = tuple(sorted(varying_axes(block_type) - varying_axes(jax.typeof(out)), key=str))
       out = lax.pcast(out, missing, to="varying") if missing else out
-    if explicit and j >= len(outputs):
+    if explicit and len(outputs) <= j < len(outputs) + len(sums):
       out = jax.sharding.reshard(out, block_type.sharding)
+    elif explicit and j >= len(outputs) + len(sums) and block_type.sharding is not None:
+      out = jax.sharding.reshard(out, jax.sharding.NamedSharding(
+          block_type.sharding.mesh, jax.sharding.PartitionSpec(None, *block_type.sharding.spec)))
     result.append(out)
-  return result[:len(outputs)], result[len(outputs):]
+  num_carried = len(outputs) + len(sums)
+  return result[:len(outputs)], result[len(outputs):num_carried], result[num_carried:]
 
 
 def _shard_like_inputs(outputs: Sequence[Array], inputs: Sequence[Array]) -> list[Array]:

@@ -16,8 +16,11 @@ respect to the student logits -- :func:`teacher_logits_block` here, the sparse o
 
 What walks the rows is pluggable: a :data:`Loop` returns the per-token rows and, asked for it,
 the gradient. :func:`blocked` makes the loop of a block function (token blocks sized by a
-``blocking.BlockPolicy``); the Pallas kernels (``pallas.py``) are loops too, and share this
-module's ``custom_vjp``.
+``blocking.BlockPolicy``); given token weights, it also adds up their weighted total as it goes
+(compensated across blocks, ``blocking.map_token_blocks``' ``totals``), which spares XLA:CPU the
+kernels of writing the per-token values and summing them after the loop. The Pallas kernels
+(``pallas.py``) are loops too, and share this module's ``custom_vjp``; their total is summed from
+their rows (:func:`loop_results`).
 
 Two entry points. :func:`weighted_sum` returns ``sum_i w_i value_i`` for token weights known in
 the forward pass (the mask and the mean's divisor, ``reductions.reduction_weights``): the stored
@@ -46,11 +49,30 @@ Array = jax.Array
 BlockFn = Callable[..., tuple[recipe.Rows | recipe.MetricRows, Array | None]]
 
 # loop(config, traced, logits, weights, others, *, with_grad)
-#   -> (value, divergence, cross_entropy[, metrics...][, gradient]): per-token float32 [tokens]
-#   rows (recipe.row_type(config)'s fields) of [tokens, vocab] logits and, with_grad, the
-#   gradient of sum(weights * value) (weights None: of sum(value)) with respect to the logits,
-#   in their dtype.
+#   -> (value, divergence, cross_entropy[, metrics...][, total][, gradient]): per-token float32
+#   [tokens] rows (recipe.row_type(config)'s fields) of [tokens, vocab] logits; given weights,
+#   optionally their weighted total sum(weights * value), a float32 scalar (loop_results); and,
+#   with_grad, the gradient of sum(weights * value) (weights None: of sum(value)) with respect
+#   to the logits, in their dtype.
 Loop = Callable[..., tuple[Array, ...]]
+
+
+def loop_results(config: Config, results, weights: Array | None, *, with_grad: bool,
+                 total: bool | None = None) -> tuple[Array, ...]:
+  """A loop's ``results`` with the weighted total (given ``weights``) when ``total``, without it
+  when not, as they come when None (the total is then there or not, as the loop chose).
+
+  A missing total is summed from the rows (``reductions.weighted_total``).
+  """
+  num_rows = len(recipe.row_type(config)._fields)
+  rows, rest = tuple(results[:num_rows]), tuple(results[num_rows:])
+  grad = rest[-1:] if with_grad else ()
+  has_total = weights is not None and len(rest) == len(grad) + 1
+  if total is None or weights is None or total == has_total:
+    return (*rows, *rest)
+  if not total:
+    return (*rows, *grad)
+  return (*rows, reductions.weighted_total(rows[0], weights), *grad)
 
 
 def teacher_logits_block(config: Config, hp: Mapping, logits: Array, teacher_logits: Array,
@@ -100,16 +122,39 @@ def _map_blocks(block_fn: BlockFn, config: Config, traced, logits, weights, othe
     block_weights, *block_others = rest if weights is not None else (None, *rest)
     rows, grad = block_fn(config, hp, logits, *block_others, weights=block_weights,
                           with_grad=with_grad)
-    return (*rows, grad.astype(logits.dtype)) if with_grad else tuple(rows)
+    results = (*rows, grad.astype(logits.dtype)) if with_grad else tuple(rows)
+    if block_weights is None:
+      return results
+    # The block's terms of the weighted total, which the loop adds up as it goes.
+    return (*results, reductions.weighted_values(rows.value, block_weights))
 
   inputs = (logits, *(() if weights is None else (weights,)), *others)
-  outputs = (jnp.zeros((num_tokens,), jnp.float32),) * len(recipe.row_type(config)._fields)
+  num_rows = len(recipe.row_type(config)._fields)
+  outputs = (jnp.zeros((num_tokens,), jnp.float32),) * num_rows
   overwrite = {}
   if with_grad:  # The gradient is written over the logits (see map_token_blocks).
     outputs += (logits,)
     overwrite = {0: len(outputs) - 1}
-  return blocking.map_token_blocks(fn, inputs, outputs, block=block, overwrite=overwrite,
-                                  platform=platform)
+  results = blocking.map_token_blocks(
+      fn, inputs, outputs, block=block, overwrite=overwrite, totals=int(weights is not None),
+      weights=None if weights is None else 1, platform=platform)
+  if weights is None:
+    return results
+  lanes = results[-1]
+  if lanes.shape[0] == num_tokens:  # one block: its lanes are its rows
+    total = reductions.pairwise_sum(lanes)
+  else:
+    # The lanes of several blocks are few: added in pairs all the way, or, where GSPMD may split
+    # them over devices, within each device's share (the shares' sums are added last, as one
+    # all-reduce, where pairs across devices would move lanes between them).
+    groups = blocking.mesh_devices(lanes)
+    sharding = blocking.explicit_sharding(lanes)
+    if sharding is not None:  # pairs of a sharded axis would not type-check: gather the lanes
+      lanes = jax.sharding.reshard(lanes, jax.sharding.NamedSharding(
+          sharding.mesh, jax.sharding.PartitionSpec()))
+      groups = 1
+    total = reductions.pairwise_sum(lanes, groups=groups)
+  return (*results[:num_rows], total, *results[num_rows:-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -135,15 +180,17 @@ _per_token.defvjp(_per_token_fwd, _per_token_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _weighted_sum(loop, config, traced, logits, weights, *others):
-  rows = recipe.row_type(config)(*loop(config, traced, logits, weights, others,
-                                        with_grad=False))
-  return reductions.weighted_total(rows.value, weights), rows
+  *row_arrays, total = loop_results(
+      config, loop(config, traced, logits, weights, others, with_grad=False), weights,
+      with_grad=False, total=True)
+  return total, recipe.row_type(config)(*row_arrays)
 
 
 def _weighted_sum_fwd(loop, config, traced, logits, weights, *others):
-  *row_arrays, grad = loop(config, traced, logits, weights, others, with_grad=True)
-  rows = recipe.row_type(config)(*row_arrays)
-  return ((reductions.weighted_total(rows.value, weights), rows),
+  *row_arrays, total, grad = loop_results(
+      config, loop(config, traced, logits, weights, others, with_grad=True), weights,
+      with_grad=True, total=True)
+  return ((total, recipe.row_type(config)(*row_arrays)),
           (grad, traced, len(others)))
 
 

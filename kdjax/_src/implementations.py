@@ -212,8 +212,11 @@ def _kernel_on_mesh(kernel: dense.Loop, blocked: dense.Loop, strict: bool, confi
 
   def local(traced, logits, *rest):
     local_weights, *local_others = rest if weights is not None else (None, *rest)
-    return tuple(kernel(config, traced, logits, local_weights, tuple(local_others),
-                        with_grad=with_grad))
+    # The rows alone (a fallback loop's total would be this device's share): the total is
+    # summed from the rows after.
+    return dense.loop_results(
+        config, kernel(config, traced, logits, local_weights, tuple(local_others),
+                       with_grad=with_grad), local_weights, with_grad=with_grad, total=False)
 
   num_rows = len(Rows._fields)
   out_specs = (rows,) * num_rows + ((block,) if with_grad else ())

@@ -31,7 +31,7 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
-from kdjax._src import blocking, dense, recipe
+from kdjax._src import blocking, dense, recipe, reductions
 from kdjax._src.config import Config
 
 Array = jax.Array
@@ -78,12 +78,14 @@ def _bind(default: Loop, platforms, jvp: Loop | None, config: Config,
 
 def _run(loop: Loop, *operands, config: Config, names, weighted: bool, num_others: int,
          with_grad: bool, **_) -> list[Array]:
-  """``loop`` on the primitive's flat operands."""
+  """``loop`` on the primitive's flat operands; given weights, with their weighted total."""
   logits, *rest = operands
   weights = rest.pop(0) if weighted else None
   others, values = rest[:num_others], rest[num_others:]
   traced = dict(zip(names, values, strict=True))
-  return list(loop(config, traced, logits, weights, tuple(others), with_grad=with_grad))
+  return list(dense.loop_results(
+      config, loop(config, traced, logits, weights, tuple(others), with_grad=with_grad),
+      weights, with_grad=with_grad, total=True))
 
 
 _loop_p = jex_core.Primitive("kdjax_loop")
@@ -106,19 +108,23 @@ def _with_varying(aval, axes: frozenset):
   return aval.update(vma=axes)
 
 
-def _abstract_eval(*avals, with_grad: bool, config: Config, **_):
+def _abstract_eval(*avals, with_grad: bool, config: Config, weighted: bool, **_):
   logits = avals[0]
   sharding = getattr(logits, "sharding", None)
-  row_sharding = None
+  row_sharding = total_sharding = None
   if sharding is not None and getattr(sharding, "mesh", None) is not None:
     token_spec = tuple(sharding.spec)[:1] or (None,)
     row_sharding = jax.sharding.NamedSharding(sharding.mesh,
                                               jax.sharding.PartitionSpec(*token_spec))
+    total_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
   varying = frozenset().union(*(blocking.varying_axes(a) for a in avals))
   row = logits.update(shape=logits.shape[:1], dtype=jax.numpy.float32, weak_type=False,
                       **({} if row_sharding is None else {"sharding": row_sharding}))
   # value, divergence, cross_entropy (and the metrics for config.metrics)
   outs = [_with_varying(row, varying)] * len(recipe.row_type(config)._fields)
+  if weighted:  # the weighted total
+    outs.append(_with_varying(row.update(
+        shape=(), **({} if total_sharding is None else {"sharding": total_sharding})), varying))
   if with_grad:
     outs.append(_with_varying(logits.update(weak_type=False), varying))
   return outs
@@ -161,7 +167,11 @@ def _batch(operands, dims, *, weighted: bool, num_others: int, **params):
     num_tokens = rows[0].shape[1]
     folded = [x.reshape((size * num_tokens,) + x.shape[2:]) for x in rows]
     outs = _loop_p.bind(*folded, *operands[num_rows:], **params)
-    return [o.reshape((size, num_tokens) + o.shape[1:]) for o in outs], [0] * len(outs)
+    outs = [o.reshape((size, num_tokens) + o.shape[1:]) if o.ndim else o for o in outs]
+    if weighted:  # the loop's total is the whole batch's: each batch entry's instead
+      num_fields = len(recipe.row_type(params["config"])._fields)
+      outs[num_fields] = jax.vmap(reductions.weighted_total)(outs[0], rows[1])
+    return outs, [0] * len(outs)
   batched = [batching.bdim_at_front(x, d, size) for x, d in zip(operands, dims, strict=True)]
   outs = lax.map(lambda xs: tuple(_loop_p.bind(*xs, **params)), tuple(batched))
   return list(outs), [0] * len(outs)

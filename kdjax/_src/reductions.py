@@ -127,19 +127,20 @@ def reduction_weights(mask: Array, *, reduction: str, normalizer: Array | None =
 _GROUPS = 64 * 3 * 5
 
 
-def pairwise_sum(x: Array) -> Array:
+def pairwise_sum(x: Array, *, groups: int = _GROUPS) -> Array:
   """``sum(x)``, added in pairs level by level: a rounding error growing like ``log n``.
 
   An XLA reduction of a float32 vector may run sequentially (XLA:CPU sums 1024 per-token losses
   with a relative error of 2e-7 where pairs give 7e-9), and XLA merges nested reductions into
   one, so the pairs are explicit additions. They run within contiguous groups of tokens (the
-  leading axis of a ``[groups, n / groups]`` view), which keeps a sharded token axis where it is
-  under GSPMD; the groups' sums are added last.
+  leading axis of a ``[g, n / g]`` view, ``g`` the largest divisor of ``n`` that divides
+  ``groups``), which keeps a sharded token axis where it is under GSPMD; the groups' sums are
+  added last. ``groups=1``: every level in pairs, for a few values (a blocked loop's lanes).
   """
   x = x.reshape(-1)
   if x.shape[0] == 0:
     return jnp.zeros((), x.dtype)
-  x = x.reshape(math.gcd(x.shape[0], _GROUPS), -1)
+  x = x.reshape(math.gcd(x.shape[0], groups), -1)
   while x.shape[1] > 1:
     if x.shape[1] % 2:
       x = jnp.pad(x, ((0, 0), (0, 1)))
@@ -148,9 +149,15 @@ def pairwise_sum(x: Array) -> Array:
   return jnp.sum(x)
 
 
+def weighted_values(values: Array, weights: Array) -> Array:
+  """``weights * values``, exactly 0 where a weight is 0, even for a NaN value: the terms of
+  :func:`weighted_total` (a blocked engine adds them up block by block)."""
+  return jnp.where(weights != 0, weights * values, 0.0)
+
+
 def weighted_total(values: Array, weights: Array) -> Array:
   """``sum_i weights[i] * values[i]``; a token of weight 0 adds exactly 0, even a NaN one."""
-  return pairwise_sum(jnp.where(weights != 0, weights * values, 0.0))
+  return pairwise_sum(weighted_values(values, weights))
 
 
 def reduce(values: Array, mask: Array, *, reduction: str, normalizer: Array | None = None,
